@@ -1,0 +1,63 @@
+"""Text generation with a KV cache: greedy, or sampling with temperature and top-p (nucleus).
+
+    prompts, left-padded ─► one forward over all prompt tokens (prefill: fills the cache)
+       └─► loop: choose the next token from the last position's logits ─► forward just that token
+                 (its keys/values join the cache) ─► stop at EOS or max_new_tokens
+"""
+
+import torch
+
+from .errors import MiniPeftError
+from .model import KVCache
+
+
+def choose_next(logits, temperature: float, top_p: float, generator):
+    """logits (B, vocab) -> token ids (B,)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside_nucleus = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the top token always stays
+    sorted_probs = sorted_probs.masked_fill(outside_nucleus, 0.0)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1), renormalised by multinomial
+    return order.gather(-1, choice).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed=None, eos_id=None):
+    """Continue each prompt (a list of token ids); return the new ids per prompt, without EOS.
+
+    Args:
+        prompts: a list of token-id lists, of any lengths (a batch is left-padded).
+        temperature: 0 for greedy decoding; otherwise sample from softmax(logits / temperature).
+        top_p: sample only from the smallest set of tokens whose probability adds up to top_p.
+        seed: makes sampling repeatable.
+        eos_id: generation of a sequence stops after this token (default: the model config's eos).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise MiniPeftError("generate: every prompt needs at least one token")
+    if not 0 < top_p <= 1:
+        raise MiniPeftError(f"generate: top_p must be in (0, 1], got {top_p}")
+    eos_id = model.config.eos_token_id if eos_id is None else eos_id
+    device = model.lm_head.weight.device
+    longest = max(len(p) for p in prompts)
+    input_ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+    attention_mask = torch.zeros(len(prompts), longest, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):  # left padding: every prompt ends at the last column
+        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
+        attention_mask[row, longest - len(prompt):] = True
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+
+    cache = KVCache(model.config.num_hidden_layers)
+    logits = model(input_ids, attention_mask, cache, last_only=True)[:, -1]  # (B, vocab)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    new_tokens = []
+    for _ in range(max_new_tokens):
+        next_ids = choose_next(logits, temperature, top_p, generator).masked_fill(finished, eos_id)  # (B,)
+        new_tokens.append(next_ids)
+        finished |= next_ids == eos_id
+        if finished.all():
+            break
+        logits = model(next_ids[:, None], cache=cache, last_only=True)[:, -1]
+    rows = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]

@@ -1,0 +1,140 @@
+"""Load a Hugging Face-layout Llama checkpoint, tensor by tensor, into full precision or 4-bit.
+
+    config.json ──► LlamaConfig ──► Llama on the meta device (shapes only, no memory)
+    *.safetensors ──► one tensor at a time ──► check name and shape ──► quantize or cast ──► into the model
+
+Peak memory stays near the final model plus one tensor: a 4-bit model never exists in full precision.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+
+from .config import LlamaConfig
+from .errors import MiniPeftError
+from .model import Llama
+from .quant import QUANTIZED_LINEARS, quantize_linear
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed, not learned; older checkpoints store it
+
+
+def build_model(config: LlamaConfig, device="meta") -> Llama:
+    """The model with uninitialised weights: on "meta" it costs no memory, for shape and count checks."""
+    with torch.device(device):
+        return Llama(config)
+
+
+def safetensors_files(weights_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files: one model.safetensors, or the shards an index lists."""
+    index = weights_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MiniPeftError(f"{index}: expected JSON with a 'weight_map' of tensor name -> shard file ({e!r})")
+        for shard in shards:
+            if not (weights_dir / shard).is_file():
+                raise MiniPeftError(f"{index}: names shard {shard!r}, which is not in {weights_dir}")
+        return [weights_dir / shard for shard in shards]
+    if (weights_dir / "model.safetensors").is_file():
+        return [weights_dir / "model.safetensors"]
+    raise MiniPeftError(f"{weights_dir}: no model.safetensors or model.safetensors.index.json found")
+
+
+def iterate_tensors(files):
+    """Yield (name, tensor) one at a time; only the tensor in hand is in memory."""
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise MiniPeftError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor):
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", double_quant=False) -> Llama:
+    """Build the Llama described by `weights_dir`/config.json and stream its weights in.
+
+    Args:
+        quantize: None for full precision, "nf4" or "fp4" for 4-bit linears (embeddings, norms and
+            lm_head stay in `dtype`).
+        dtype: parameter dtype, and the compute dtype of 4-bit linears.
+    """
+    weights_dir = Path(weights_dir)
+    if not weights_dir.is_dir():
+        raise MiniPeftError(f"{weights_dir}: weights directory not found")
+    if dtype not in DTYPES.values():
+        raise MiniPeftError(f"dtype: unsupported {dtype}; expected one of {', '.join(DTYPES)}")
+    if quantize not in (None, "nf4", "fp4"):
+        raise MiniPeftError(f"quantize: expected None, 'nf4' or 'fp4', got {quantize!r}")
+    config = LlamaConfig.from_json(weights_dir / "config.json")
+    files = safetensors_files(weights_dir)
+    model = build_model(config)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        del expected["lm_head.weight"]
+    seen, extra = set(), []
+
+    for name, tensor in iterate_tensors(files):
+        if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        if name not in expected:
+            extra.append(name)
+            continue
+        if tensor.shape != expected[name]:
+            raise MiniPeftError(f"{weights_dir}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                f"config.json implies {tuple(expected[name])}")
+        module_name = name.rsplit(".", 2)[-2]
+        if quantize and module_name in QUANTIZED_LINEARS:
+            parent, child = name.removesuffix(".weight").rsplit(".", 1)
+            layer = quantize_linear(tensor.to(dtype), quantize, dtype, double_quant, device)
+            setattr(model.get_submodule(parent), child, layer)
+        else:
+            set_tensor(model, name, tensor.to(device=device, dtype=dtype))
+        seen.add(name)
+        del tensor
+
+    missing = sorted(set(expected) - seen)
+    if missing or extra:
+        raise MiniPeftError(f"{weights_dir}: tensors do not match config.json: "
+                            f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+                            f"extra {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def load(weights_dir, quantize=None, dtype=torch.float32, device="cpu", double_quant=False):
+    """`model, tokenizer = minipeft.load(weights_dir)`: the one call a user needs."""
+    from .tokenizer import load_tokenizer
+
+    device = check_device(device)
+    model = load_model(weights_dir, quantize, dtype, device, double_quant)
+    tokenizer = load_tokenizer(weights_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise MiniPeftError(f"{weights_dir}: tokenizer has {tokenizer.vocab_size} tokens but config.json "
+                            f"vocab_size is {model.config.vocab_size}")
+    return model, tokenizer
+
+
+def check_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise MiniPeftError(f"device: {device!r} is not a device name (expected cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MiniPeftError(f"device: {device} requested but no CUDA GPU is available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise MiniPeftError(f"device: {device} is not supported; expected cpu or cuda")
+    return device

@@ -1,0 +1,206 @@
+"""Llama, written by hand: the decoder that every PEFT mechanism in minipeft wraps.
+
+Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models".
+
+    token ids ─► embed_tokens ─► [ Block ] x num_hidden_layers ─► norm ─► lm_head ─► logits
+                                     │
+                                     ├─ x = x + attention(rms_norm(x))   rotary positions, grouped-query heads
+                                     └─ x = x + mlp(rms_norm(x))         SwiGLU
+
+Module names follow the Hugging Face checkpoint layout, so `model.state_dict()` keys are the file's
+keys (`model.layers.0.self_attn.q_proj.weight`, ...). PEFT wrappers replace modules in place; this
+file never learns which one is on.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import checkpoint
+from .config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_cos_sin(positions, head_dim: int, theta: float, dtype):
+    """cos and sin of each position's rotation angles, in the rotate-half layout: (B, 1, T, head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (B, T, head_dim)
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate each (x[i], x[i + head_dim/2]) pair by its position's angle."""
+    first, second = x.chunk(2, dim=-1)
+    rotated_half = torch.cat([-second, first], dim=-1)
+    return x * cos + rotated_half * sin
+
+
+class KVCache:
+    """Keys and values of every position processed so far, per layer, and which positions are real tokens."""
+
+    def __init__(self, num_layers: int):
+        self.keys = [None] * num_layers
+        self.values = [None] * num_layers
+        self.mask = None  # (B, S) bool: False at padding
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def update(self, layer_index: int, k, v):
+        if self.keys[layer_index] is not None:
+            k = torch.cat([self.keys[layer_index], k], dim=2)  # (B, kv_heads, S, head_dim)
+            v = torch.cat([self.values[layer_index], v], dim=2)
+        self.keys[layer_index], self.values[layer_index] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)  # (B, KV, S, hd), S = past + T
+        # Grouped-query attention: each key/value head serves num_heads / num_kv_heads query heads.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def causal_padding_mask(key_mask, num_new: int):
+    """Boolean (B, 1, T, S) mask: a query sees real keys at or before its own position.
+
+    A padded query also sees itself, so no softmax row is empty (its output is never used)."""
+    S = key_mask.shape[1]
+    query_pos = torch.arange(S - num_new, S, device=key_mask.device)[:, None]  # (T, 1)
+    key_pos = torch.arange(S, device=key_mask.device)[None]  # (1, S)
+    mask = (key_pos <= query_pos) & key_mask[:, None, :]  # (B, T, S)
+    return (mask | (key_pos == query_pos))[:, None]
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, blocks and the final norm: token ids in, hidden states out."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False  # set by minipeft.enable_checkpointing
+
+    def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None):
+        past = cache.length if cache is not None else 0
+        if inputs_embeds is not None:
+            x = inputs_embeds  # (B, T, D)
+        elif past == 0:
+            # An embedding wrapper may prepend learned positions to a new sequence (prompt tuning does).
+            x = self.embed_tokens(input_ids)  # (B, prefix + T, D)
+        else:
+            # Continuing a cached sequence: any prepended positions are in the cache already.
+            x = F.embedding(input_ids, self.embed_tokens.weight)  # (B, T, D)
+        B, T = x.shape[:2]
+        new_mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if attention_mask is not None:  # covers the new tokens; prepended positions are always real
+            new_mask[:, T - attention_mask.shape[1]:] = attention_mask.bool()
+        key_mask = new_mask if past == 0 else torch.cat([cache.mask, new_mask], dim=1)  # (B, S)
+        if cache is not None:
+            cache.mask = key_mask
+        positions = (key_mask.long().cumsum(-1)[:, -T:] - 1).clamp(min=0)  # (B, T): padding does not count
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        padded = not bool(key_mask.all())
+        mask = causal_padding_mask(key_mask, T) if padded or (past > 0 and T > 1) else None  # None: plain causal
+
+        for layer in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(layer, x, cos, sin, mask)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        return self.norm(x)  # (B, T, D)
+
+
+class Llama(nn.Module):
+    """The causal language model: LlamaModel plus lm_head (tied to the embedding or not)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, last_only=False):
+        """Logits (B, T, vocab), or (B, 1, vocab) at the last position only when `last_only`."""
+        hidden = self.model(input_ids, attention_mask, cache, inputs_embeds)  # (B, T, D)
+        return self.lm_head(hidden[:, -1:] if last_only else hidden)
+
+    def loss(self, input_ids=None, labels=None, attention_mask=None, inputs_embeds=None):
+        """Mean next-token cross-entropy over positions whose label is not -100.
+
+        Logits are built only at labelled positions, 1024 rows at a time: a (B, T, vocab) tensor with a
+        32k-49k vocabulary is never formed."""
+        hidden = self.model(input_ids, attention_mask, None, inputs_embeds)  # (B, T', D)
+        labels = F.pad(labels, (hidden.shape[1] - labels.shape[1], 0), value=-100)  # prepended: unscored
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        scored = targets != -100  # (B, T'-1)
+        hidden, targets = hidden[:, :-1][scored], targets[scored]  # (N, D), (N,)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, len(targets), 1024):
+            logits = self.lm_head(hidden[start:start + 1024]).float()  # (<=1024, vocab)
+            total = total + F.cross_entropy(logits, targets[start:start + 1024], reduction="sum")
+        return total / max(len(targets), 1)

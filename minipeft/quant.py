@@ -1,0 +1,58 @@
+"""4-bit linears through bitsandbytes: the frozen base of QLoRA.
+
+Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs".
+
+Each block of 64 consecutive weights is stored as 4-bit codes plus one absmax scale:
+
+    w ≈ absmax(block) * codebook[code]        codebook: NF4 (normal-float, QLoRA's) or FP4
+
+Double quantization also quantizes the absmax scales (0.5 -> 0.127 bits per weight). Matmuls run in
+`compute_dtype` after dequantizing a weight on the fly, so a 7B base takes ~3.5 GB instead of 13.5.
+The embeddings, the norms and lm_head stay in full precision: they are small and sensitive.
+"""
+
+import logging
+
+import torch
+
+# bitsandbytes warns at import that the optional hub-downloaded `kernels` CPU gemm is missing; its
+# built-in CPU path is used instead, which is what we want offline.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+import bitsandbytes as bnb  # noqa: E402
+
+from .errors import MiniPeftError
+
+QUANT_TYPES = ("nf4", "fp4")
+# The linears that go 4-bit, by their Hugging Face names.
+QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantize_linear(weight, quant_type="nf4", compute_dtype=torch.float32, double_quant=False, device="cpu"):
+    """A bitsandbytes Linear4bit (no bias) holding `weight` (out, in), quantized on `device`."""
+    if quant_type not in QUANT_TYPES:
+        raise MiniPeftError(f"quantize: unknown quant type {quant_type!r}; expected one of {QUANT_TYPES}")
+    out_features, in_features = weight.shape
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
+                              compress_statistics=double_quant, quant_type=quant_type, device="meta")
+    layer.weight = bnb.nn.Params4bit(weight.detach(), requires_grad=False, compress_statistics=double_quant,
+                                     quant_type=quant_type, module=layer).to(device)  # .to() quantizes
+    return layer
+
+
+def is_4bit(layer) -> bool:
+    return isinstance(layer, bnb.nn.Linear4bit)
+
+
+def dequantize(layer) -> torch.Tensor:
+    """The (out, in) weight that a 4-bit layer really multiplies by, as bitsandbytes itself decodes it."""
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
+def requantize_(layer, weight) -> float:
+    """Store a new full-precision weight in a 4-bit layer; return the max abs rounding error it causes."""
+    state = layer.weight.quant_state
+    new = bnb.nn.Params4bit(weight.to(state.dtype), requires_grad=False, blocksize=state.blocksize,
+                            compress_statistics=layer.weight.compress_statistics, quant_type=state.quant_type,
+                            module=layer).to(weight.device)
+    layer.weight = new
+    return (dequantize(layer).float() - weight.float()).abs().max().item()
