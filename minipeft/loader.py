@@ -6,6 +6,7 @@
 Peak memory stays near the final model plus one tensor: a 4-bit model never exists in full precision.
 """
 
+import ctypes
 import json
 from pathlib import Path
 
@@ -20,6 +21,21 @@ from .quant import QUANTIZED_LINEARS, quantize_linear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed, not learned; older checkpoints store it
+
+
+def pin_malloc_mmap_threshold():
+    """Make glibc serve every allocation over 1 MiB with its own mmap, returned to the OS when freed.
+
+    Quantizing tensor by tensor frees large temporaries between small long-lived 4-bit tensors; with
+    glibc's default (a threshold that grows as big blocks are freed) they land in the heap, and the
+    freed space stays in the process: measured here, 0.5 GB of a 0.15 GB load, on some runs."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to pin
+
+
+pin_malloc_mmap_threshold()
 
 
 def build_model(config: LlamaConfig, device="meta") -> Llama:
@@ -47,12 +63,18 @@ def safetensors_files(weights_dir: Path) -> list[Path]:
 
 
 def iterate_tensors(files):
-    """Yield (name, tensor) one at a time; only the tensor in hand is in memory."""
+    """Yield (name, tensor) one at a time; only the tensor in hand is in memory.
+
+    safetensors memory-maps the file and hands out views into it. Opening it anew for each tensor
+    lets the mapping go once that tensor is consumed, so resident memory never holds the whole file."""
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+                names = list(f.keys())
+            for name in names:
+                with safe_open(str(path), framework="pt") as f:
+                    tensor = f.get_tensor(name)
+                yield name, tensor
         except SafetensorError as e:
             raise MiniPeftError(f"{path}: not a readable safetensors file ({e})") from None
 
@@ -101,7 +123,7 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
             layer = quantize_linear(tensor.to(dtype), quantize, dtype, double_quant, device)
             setattr(model.get_submodule(parent), child, layer)
         else:
-            set_tensor(model, name, tensor.to(device=device, dtype=dtype))
+            set_tensor(model, name, tensor.to(device=device, dtype=dtype, copy=True))  # a copy: no view into the file
         seen.add(name)
         del tensor
 

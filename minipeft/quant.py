@@ -36,6 +36,10 @@ def quantize_linear(weight, quant_type="nf4", compute_dtype=torch.float32, doubl
                               compress_statistics=double_quant, quant_type=quant_type, device="meta")
     layer.weight = bnb.nn.Params4bit(weight.detach(), requires_grad=False, compress_statistics=double_quant,
                                      quant_type=quant_type, module=layer).to(device)  # .to() quantizes
+    # On CPUs with AVX512-BF16, bitsandbytes repacks the weight on the first eval forward into a layout
+    # that computes in bf16 whatever compute_dtype says, and rewrites the stored weight. Keep the
+    # requested precision and a base that never changes.
+    layer.support_avx512bf16_for_cpu = False
     return layer
 
 

@@ -1,0 +1,35 @@
+# The two Quick start commands. Each sets up everything it needs from a fresh clone.
+#   make fox    train 16 soft prompts on the default model (CPU, a few minutes)
+#   make test   the whole test suite, with its reference oracles (transformers, peft, ...)
+
+PYTHON ?= python3
+# A CPU build of torch where the machine's pip finds one (it does here); an unpinned torch would pull
+# several GB of CUDA packages. On a CUDA machine: make TORCH="torch" ...
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+WEIGHTS := weights/smollm2-135m-instruct
+
+.PHONY: fox code test setup weights
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test,plot]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(WEIGHTS)/model.safetensors: | $(VENV)/.installed
+	$(PY) -m minipeft.default_model --out $(WEIGHTS)
+
+weights: $(WEIGHTS)/model.safetensors
+
+fox: setup weights
+	$(PY) train_fox.py
+
+code: setup weights
+	$(PY) train_code.py
+
+test: setup weights
+	$(PY) -m pytest -q
