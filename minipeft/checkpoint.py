@@ -49,3 +49,9 @@ def checkpoint(module, x, *args):
     """module(x, *args), keeping only x for backward. Only x and the module's parameters get gradients."""
     trainable = [p for p in module.parameters() if p.requires_grad]
     return CheckpointFunction.apply(module, args, x, *trainable)
+
+
+def enable_checkpointing(model, enabled=True):
+    """Recompute each decoder block in backward instead of keeping its activations (training only)."""
+    model.model.gradient_checkpointing = enabled
+    return model
