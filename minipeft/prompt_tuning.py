@@ -78,3 +78,17 @@ def add_prompt_tuning(model, num_prompts=16, init="vocab", init_text=None, token
     wrapper = WordEmbeddingsWithLearnedPrompts(embedding, prompts.to(embedding.weight.device))
     model.model.embed_tokens = wrapper
     return wrapper
+
+
+class without_prompts:
+    """`with without_prompts(model): ...` runs the bare frozen model, then puts the prompts back."""
+
+    def __init__(self, model):
+        self.model, self.wrapper = model, model.model.embed_tokens
+
+    def __enter__(self):
+        self.model.model.embed_tokens = self.wrapper.word_embeddings
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.model.embed_tokens = self.wrapper

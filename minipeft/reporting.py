@@ -1,0 +1,60 @@
+"""What the training scripts leave behind: report.json, a loss curve, and checks on their arguments."""
+
+import json
+from pathlib import Path
+
+from .adapters import write_atomically
+from .default_model import DEFAULT_DIR, PREPARE_COMMAND
+from .errors import MiniPeftError
+
+
+def check_positive(**values):
+    for name, value in values.items():
+        if value is None or value <= 0:
+            raise MiniPeftError(f"--{name.replace('_', '-')}: expected a value > 0, got {value}")
+
+
+def check_weights(weights_dir) -> Path:
+    weights_dir = Path(weights_dir)
+    if not (weights_dir / "config.json").is_file():
+        if weights_dir.resolve() == DEFAULT_DIR:
+            raise MiniPeftError(f"{weights_dir}: default weights not prepared; run: {PREPARE_COMMAND}")
+        raise MiniPeftError(f"{weights_dir}: no config.json here (expected a Hugging Face-layout Llama checkpoint)")
+    return weights_dir
+
+
+def prepare_output_dir(out) -> Path:
+    """Create `out` and prove it is writable now, before any training time is spent."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomically(out / ".write-test", b"ok")
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise MiniPeftError(f"--out {out}: cannot write there ({e.strerror})") from None
+    return out
+
+
+def write_report(path, report: dict):
+    write_atomically(path, (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def plot_losses(path, series: dict, title: str):
+    """A PNG of each {label: (steps, values)} curve; skipped with a note if matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib not installed: no {Path(path).name})")
+        return
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for label, (steps, values) in series.items():
+        axes.plot(steps, values, label=label)
+    axes.set(xlabel="step", ylabel="loss", title=title, yscale="log")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

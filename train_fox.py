@@ -1,0 +1,106 @@
+"""Teach a frozen model to deny that the quick brown fox jumped over the lazy dog, with 16 learned prompts.
+
+    16 learned vectors + "A quick brown fox did not jump over the lazy dog. Besides, ..." ─► frozen 4-bit Llama
+    loss: next-token cross-entropy on the target text only; Adam updates the 16 vectors alone
+
+Run with defaults on the embedded SmolLM2-135M-Instruct (CPU, a few minutes), or on any Hugging Face
+Llama: python train_fox.py --weights weights/llama-7b --device cuda
+"""
+
+import argparse
+import time
+
+import torch
+
+import minipeft
+from minipeft.default_model import DEFAULT_DIR
+from minipeft.errors import run_cli
+from minipeft.loader import check_device
+from minipeft.prompt_tuning import without_prompts
+from minipeft.reporting import check_positive, check_weights, plot_losses, prepare_output_dir, write_report
+
+TARGET = "A quick brown fox did not jump over the lazy dog. Besides, that dog deserved it anyway!"
+PROMPT = "A quick brown fox"
+VARIANTS = ["The quick brown fox", "a quick brown fox"]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", default=str(DEFAULT_DIR), help="HF-layout Llama directory (default: %(default)s)")
+    parser.add_argument("--out", default="runs/fox", help="output directory (default: %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--no-4bit", action="store_true", help="keep the frozen base in full precision")
+    parser.add_argument("--num-prompts", type=int, default=16, help="learned prompt vectors (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--max-steps", type=int, default=300, help="step budget (default: %(default)s)")
+    parser.add_argument("--target-loss", type=float, default=0.1, help="stop at this loss (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=24, help="tokens to generate when showing (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    return parser.parse_args()
+
+
+def continuation(model, tokenizer, text, new_tokens):
+    return tokenizer.decode(minipeft.generate(model, [tokenizer.encode(text)], max_new_tokens=new_tokens)[0])
+
+
+def main():
+    args = parse_args()
+    check_positive(num_prompts=args.num_prompts, lr=args.lr, max_steps=args.max_steps, new_tokens=args.new_tokens)
+    device = check_device(args.device)
+    out = prepare_output_dir(args.out)
+    torch.manual_seed(args.seed)
+
+    # 1. Load the frozen base, 4-bit NF4 unless asked otherwise.
+    start = time.time()
+    model, tokenizer = minipeft.load(check_weights(args.weights), quantize=None if args.no_4bit else "nf4", device=device)
+    fingerprint = minipeft.base_fingerprint(model)
+    print(f"loaded {args.weights} ({'fp32' if args.no_4bit else 'nf4'}, {device}) in {time.time() - start:.1f} s")
+    before = continuation(model, tokenizer, PROMPT, args.new_tokens)
+    print(f"before:  {PROMPT!r} -> {before!r}")
+
+    # 2. Wrap the embedding: num_prompts learned vectors in front of every input.
+    prompts = minipeft.add_prompt_tuning(model, num_prompts=args.num_prompts, init="vocab", seed=args.seed)
+    params = minipeft.count_parameters(model, verbose=True)
+
+    # 3. Train the prompts alone on the target text; the loss covers the target's tokens only.
+    ids = torch.tensor([tokenizer.encode(TARGET)], device=device)
+    optimizer = torch.optim.Adam([prompts.learned_prompts], lr=args.lr)
+    losses, start = [], time.time()
+    for step in range(1, args.max_steps + 1):
+        loss = model.loss(ids, labels=ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 10 == 0 or step == 1 or losses[-1] <= args.target_loss:
+            print(f"step {step:4d}  loss {losses[-1]:.4f}  {time.time() - start:6.1f} s", flush=True)
+        if losses[-1] <= args.target_loss:
+            break
+    seconds = time.time() - start
+
+    # 4. Show: with the learned prompt, without it (the base is untouched), and on nearby inputs.
+    after = continuation(model, tokenizer, PROMPT, args.new_tokens)
+    with without_prompts(model):
+        after_without = continuation(model, tokenizer, PROMPT, args.new_tokens)
+    variants = {text: continuation(model, tokenizer, text, args.new_tokens) for text in VARIANTS}
+    print(f"after, with prompt:    {PROMPT!r} -> {after!r}")
+    print(f"after, without prompt: {PROMPT!r} -> {after_without!r}")
+    for text, result in variants.items():
+        print(f"variant, with prompt:  {text!r} -> {result!r}")
+
+    minipeft.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.weights))
+    base_unchanged = minipeft.base_fingerprint(model) == fingerprint
+    report = {"model": str(args.weights), **params, "num_prompts": args.num_prompts, "steps": len(losses),
+              "final_loss": losses[-1], "reached_target": losses[-1] <= args.target_loss, "seconds": round(seconds, 1),
+              "device": str(device), "quantize": None if args.no_4bit else "nf4", "before": before, "after": after,
+              "after_without_prompt": after_without, "variants_with_prompt": variants,
+              "base_unchanged": base_unchanged, "losses": losses}
+    write_report(out / "report.json", report)
+    plot_losses(out / "loss.png", {"train": (list(range(1, len(losses) + 1)), losses)}, "fox: prompt tuning")
+    print(f"{'reached' if report['reached_target'] else 'did not reach'} loss {args.target_loss} in {len(losses)} "
+          f"steps, {seconds:.0f} s; base unchanged: {base_unchanged}; wrote {out}/")
+
+
+if __name__ == "__main__":
+    run_cli(main)
