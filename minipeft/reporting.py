@@ -58,3 +58,15 @@ def plot_losses(path, series: dict, title: str):
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def write_samples(path, rows):
+    """samples.md: a before/after table of generations. rows: (prompt, mode, before, after)."""
+    def cell(text):
+        text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "&#124;")
+        return "<code>" + text.replace("\n", "<br>").replace(" ", "&nbsp;") + "</code>"
+
+    lines = ["# Generations before and after LoRA training", "",
+             "| prompt | decoding | before | after |", "| --- | --- | --- | --- |"]
+    lines += [f"| {cell(repr(prompt))} | {mode} | {cell(before)} | {cell(after)} |" for prompt, mode, before, after in rows]
+    write_atomically(path, ("\n".join(lines) + "\n").encode())

@@ -1,0 +1,80 @@
+"""train_code.py on the real default model: a shortened run, its report, and exact resume after an interruption."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--seq-len", "48", "--accum", "2", "--warmup", "2", "--lr", "3e-3", "--new-tokens", "4"]
+
+
+@pytest.fixture(scope="module")
+def code_data(tmp_path_factory):
+    """A small codeparrot-style JSON-lines file made of real standard-library modules."""
+    import email
+    import json as json_package
+
+    path = tmp_path_factory.mktemp("data") / "code.jsonl"
+    files = sorted(Path(json_package.__file__).parent.glob("*.py")) + sorted(Path(email.__file__).parent.glob("*.py"))
+    path.write_text("".join(json.dumps({"content": f.read_text(), "path": str(f)}) + "\n" for f in files))
+    return path
+
+
+def train_code(*args, **popen):
+    command = [sys.executable, str(ROOT / "train_code.py"), *FAST, *args]
+    if popen:
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_lowers_loss_and_writes_every_field(default_weights, code_data, tmp_path):
+    result = train_code("--data", str(code_data), "--out", str(tmp_path), "--max-steps", "8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    for key in ["model", "trainable_params", "total_params", "trainable_percent", "steps", "tokens_seen", "seconds",
+                "tokens_per_second", "peak_memory_mb", "heldout_loss_before", "heldout_loss_after", "base_unchanged"]:
+        assert key in report, key
+    assert report["steps"] == 8 and report["base_unchanged"] is True
+    # r=8 on q, k, v and the three MLP projections of all 30 layers of SmolLM2-135M
+    assert report["trainable_params"] == 30 * 8 * ((576 + 576) + 2 * (576 + 192) + 2 * (576 + 1536) + (1536 + 576))
+    train = losses(tmp_path)
+    assert sum(train[-3:]) / 3 < sum(train[:3]) / 3
+    assert report["heldout_loss_after"] < report["heldout_loss_before"]
+    assert "| <code>'import'</code> | greedy |" in (tmp_path / "samples.md").read_text()
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+
+
+def test_interrupted_and_resumed_run_equals_straight_run(default_weights, code_data, tmp_path):
+    common = ["--data", str(code_data), "--max-steps", "6", "--save-every", "2"]
+    straight = train_code(*common, "--out", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    out = tmp_path / "interrupted"
+    process = train_code(*common, "--out", str(out), popen=True)
+    while not (out / "metrics.jsonl").is_file() or len(losses(out)) < 2:  # interrupt in the middle of training
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)  # Ctrl-C: finish the step, save a checkpoint, exit
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "checkpoint saved" in stdout and "Traceback" not in stderr
+    stopped_at = len(losses(out))
+    assert 2 <= stopped_at < 6
+
+    resumed = train_code(*common, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed at step {stopped_at}" in resumed.stdout
+    assert losses(out) == losses(tmp_path / "straight")  # bit for bit, on CPU with a fixed seed
+    final, reference = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, tmp_path / "straight"))
+    assert final.keys() == reference.keys() and all((final[k] == reference[k]).all() for k in final)

@@ -1,0 +1,199 @@
+"""Teach a frozen 4-bit Llama to write Python with LoRA and gradient checkpointing (QLoRA-style).
+
+    Python files (codeparrot-clean JSON lines, or the standard library by default)
+      ─► frozen NF4 base + LoRA r=8 on q, k, v and the MLP ─► AdamW on A and B alone, warmup + cosine,
+         micro-batch 1 x 4 accumulation steps, checkpointed blocks
+      ─► held-out loss before/after, samples.md, report.json, a peft-compatible adapter
+
+Checkpoints go to OUT/checkpoint.pt every --save-every steps and on Ctrl-C; --resume continues exactly.
+"""
+
+import argparse
+import json
+import math
+import signal
+import time
+
+import torch
+
+import minipeft
+from minipeft.data import Filters, describe, load_corpus
+from minipeft.default_model import DEFAULT_DIR
+from minipeft.errors import MiniPeftError, run_cli
+from minipeft.loader import check_device
+from minipeft.reporting import (check_positive, check_weights, plot_losses, prepare_output_dir, write_report,
+                                write_samples)
+from minipeft.training import (Batches, clip_and_check, heldout_loss, load_checkpoint, pad_batch, peak_memory_mb,
+                               save_checkpoint, warmup_cosine)
+
+PROMPTS = ["", "import", "from", "while", "try", "if", "for", "torch"]
+RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "r", "alpha", "dropout", "targets", "lr", "seq_len", "batch",
+                     "accum", "warmup", "max_steps", "seed", "bf16", "max_chars")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--weights", default=str(DEFAULT_DIR), help="HF-layout Llama directory (default: %(default)s)")
+    add("--data", nargs="+", help="JSON-lines files (.json/.jsonl[.gz], field 'content') or .py directories "
+                                  "(default: this Python's standard library)")
+    add("--heldout-data", nargs="+", help="held-out files (default: 10%% of --data, chosen by path hash)")
+    add("--out", default="runs/code", help="output directory (default: %(default)s)")
+    add("--max-steps", type=int, default=150, help="optimizer steps (default: %(default)s)")
+    add("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
+    add("--warmup", type=int, default=10, help="linear warmup steps before cosine decay (default: %(default)s)")
+    add("--r", type=int, default=8, help="LoRA rank (default: %(default)s)")
+    add("--alpha", type=float, default=16, help="LoRA alpha; the update is scaled by alpha / r (default: %(default)s)")
+    add("--dropout", type=float, default=0.05, help="LoRA dropout (default: %(default)s)")
+    add("--targets", default="q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj",
+        help="comma-separated modules to wrap (default: %(default)s)")
+    add("--seq-len", type=int, default=256, help="max tokens per sample; longer ones are cut (default: %(default)s)")
+    add("--batch", type=int, default=1, help="samples per micro-batch (default: %(default)s)")
+    add("--accum", type=int, default=4, help="micro-batches per optimizer step (default: %(default)s)")
+    add("--max-chars", type=int, default=512, help="characters kept from each file's start, 0 for all (default: %(default)s)")
+    add("--save-every", type=int, default=50, help="checkpoint every N steps (default: %(default)s)")
+    add("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)")
+    add("--bf16", action="store_true", help="bf16 autocast on CPU (always on for CUDA)")
+    add("--no-4bit", action="store_true", help="keep the frozen base in full precision")
+    add("--new-tokens", type=int, default=48, help="tokens per generated sample (default: %(default)s)")
+    add("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    return parser.parse_args()
+
+
+def generations(model, tokenizer, separator, new_tokens, seed):
+    """Greedy and sampled continuations of the course's prompts; '' starts from the document separator."""
+    prompts = [[separator] + tokenizer.encode(p) for p in PROMPTS]
+    greedy = minipeft.generate(model, prompts, max_new_tokens=new_tokens)
+    sampled = minipeft.generate(model, prompts, max_new_tokens=new_tokens, temperature=0.8, top_p=0.95, seed=seed)
+    return {"greedy": [p + tokenizer.decode(g) for p, g in zip(PROMPTS, greedy)],
+            "sampled": [p + tokenizer.decode(s) for p, s in zip(PROMPTS, sampled)]}
+
+
+def main():
+    args = parse_args()
+    check_positive(max_steps=args.max_steps, lr=args.lr, r=args.r, alpha=args.alpha, seq_len=args.seq_len,
+                   batch=args.batch, accum=args.accum, save_every=args.save_every, new_tokens=args.new_tokens)
+    device = check_device(args.device)
+    out = prepare_output_dir(args.out)
+    if args.resume and not (out / "checkpoint.pt").is_file():
+        raise MiniPeftError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}; run without --resume to start")
+    torch.manual_seed(args.seed)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" or args.bf16 else None
+    autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
+    # 1. The frozen base, in 4-bit NF4.
+    model, tokenizer = minipeft.load(check_weights(args.weights), quantize=None if args.no_4bit else "nf4",
+                                     dtype=autocast_dtype or torch.float32, device=device)
+    fingerprint = minipeft.base_fingerprint(model)
+    separator = tokenizer.eos_id  # ends every training file, and starts the '' prompt
+
+    # 2. The code: filtered, cut to its first characters, split, tokenized.
+    corpus = load_corpus(args.data, Filters(max_chars=args.max_chars), heldout_sources=args.heldout_data)
+    print(describe(corpus))
+    seq_len = min(args.seq_len, model.config.max_position_embeddings)
+    encode = lambda samples: [(tokenizer.encode(text) + [separator])[:seq_len] for _, text in samples]
+    train, heldout = encode(corpus.train), encode(corpus.heldout)
+    cut = sum(len(tokenizer.encode(text)) + 1 > seq_len for _, text in corpus.train + corpus.heldout)
+    if cut:
+        print(f"warning: {cut} samples longer than {seq_len} tokens were truncated")
+
+    # 3. Wrap: LoRA on the targets, checkpointing on.
+    targets = args.targets.split(",")
+    print(f"LoRA wrapped {minipeft.add_lora(model, targets, r=args.r, alpha=args.alpha, dropout=args.dropout)} layers")
+    minipeft.enable_checkpointing(model)
+    params = minipeft.count_parameters(model, verbose=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.warmup, args.max_steps))
+    batches = Batches(train, args.batch, args.seed)
+    settings = {k: getattr(args, k) for k in RESUME_MUST_MATCH}
+
+    # 4. Before training (or what the interrupted run measured then).
+    if args.resume:
+        state = load_checkpoint(out / "checkpoint.pt", model, optimizer, scheduler, batches, device)
+        changed = [k for k in RESUME_MUST_MATCH if state["settings"].get(k) != settings[k]]
+        if changed:
+            raise MiniPeftError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
+                                f"checkpoint's; use the same settings or a new --out")
+        step, tokens_seen, seconds, before = state["step"], state["tokens_seen"], state["seconds"], state["before"]
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                   if line.strip()] if (out / "metrics.jsonl").is_file() else []
+        metrics = [m for m in metrics if m["step"] <= step]  # drop steps logged after the checkpoint
+        print(f"resumed at step {step}")
+    else:
+        model.eval()
+        with autocast():
+            loss = heldout_loss(model, heldout, device, autocast_dtype=autocast_dtype)
+            before = {"heldout_loss": loss, "samples": generations(model, tokenizer, separator, args.new_tokens, args.seed)}
+        print(f"held-out loss before: {loss:.4f} (perplexity {math.exp(loss):.2f}) on {len(heldout)} samples")
+        step, tokens_seen, seconds, metrics = 0, 0, 0.0, []
+    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+    def checkpoint():
+        save_checkpoint(out / "checkpoint.pt", model, optimizer, scheduler, batches, device, step=step,
+                        tokens_seen=tokens_seen, seconds=seconds, before=before, settings=settings)
+
+    # 5. Train. Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and exits.
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(True) if not stop else (_ for _ in ()).throw(KeyboardInterrupt))
+    model.train()
+    started = time.time() - seconds
+    with open(out / "metrics.jsonl", "a") as log:
+        while step < args.max_steps and not stop:
+            step_loss, step_tokens = 0.0, 0
+            for _ in range(args.accum):
+                ids, mask, labels = pad_batch(batches.next(), device)
+                with autocast():
+                    loss = model.loss(ids, labels, attention_mask=mask) / args.accum
+                loss.backward()
+                step_loss, step_tokens = step_loss + loss.item(), step_tokens + int(mask.sum())
+            clip_and_check(step_loss, trainable, step + 1)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, tokens_seen, seconds = step + 1, tokens_seen + step_tokens, time.time() - started
+            record = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
+                      "tokens_per_second": tokens_seen / seconds, "seconds": round(seconds, 2)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            metrics.append(record)
+            eta = seconds / step * (args.max_steps - step) if step else 0
+            print(f"step {step:4d}/{args.max_steps}  loss {step_loss:.4f}  lr {record['lr']:.2e}  "
+                  f"{record['tokens_per_second']:.0f} tok/s  ETA {eta / 60:.1f} min", flush=True)
+            if step % args.save_every == 0 or step == args.max_steps:
+                checkpoint()
+    if stop:
+        checkpoint()
+        print(f"interrupted: checkpoint saved at step {step}; continue with --resume")
+        raise SystemExit(130)
+
+    # 6. After: the same held-out set and prompts, the adapter, the report.
+    model.eval()
+    with autocast():
+        loss_after = heldout_loss(model, heldout, device, autocast_dtype=autocast_dtype)
+        after = generations(model, tokenizer, separator, args.new_tokens, args.seed)
+    print(f"held-out loss: before {before['heldout_loss']:.4f} -> after {loss_after:.4f} "
+          f"(perplexity {math.exp(before['heldout_loss']):.2f} -> {math.exp(loss_after):.2f})")
+    minipeft.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.weights))
+    write_samples(out / "samples.md", [(p, mode, before["samples"][mode][i], after[mode][i])
+                                       for i, p in enumerate(PROMPTS) for mode in ("greedy", "sampled")])
+    for prompt, text in zip(PROMPTS, after["greedy"]):
+        print(f"--- after, greedy, {prompt!r}:\n{text}")
+    report = {"model": str(args.weights), **params, "steps": step, "tokens_seen": tokens_seen,
+              "seconds": round(seconds, 1), "tokens_per_second": tokens_seen / max(seconds, 1e-9),
+              "peak_memory_mb": round(peak_memory_mb(device), 1), "device": str(device),
+              "heldout_loss_before": before["heldout_loss"], "heldout_loss_after": loss_after,
+              "heldout_perplexity_before": math.exp(before["heldout_loss"]),
+              "heldout_perplexity_after": math.exp(loss_after), "heldout_samples": len(heldout),
+              "train_samples": len(train), "data_counts": dict(corpus.counts), "settings": settings,
+              "base_unchanged": minipeft.base_fingerprint(model) == fingerprint}
+    write_report(out / "report.json", report)
+    plot_losses(out / "loss.png", {"train": ([m["step"] for m in metrics], [m["loss"] for m in metrics])},
+                "code: QLoRA")
+    print(f"wrote {out}/ (adapter, report.json, samples.md, metrics.jsonl); base unchanged: {report['base_unchanged']}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
