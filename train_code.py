@@ -17,6 +17,7 @@ import time
 import torch
 
 import minipeft
+from minipeft.adapters import write_atomically
 from minipeft.data import Filters, describe, load_corpus
 from minipeft.default_model import DEFAULT_DIR
 from minipeft.errors import MiniPeftError, run_cli
@@ -61,6 +62,17 @@ def parse_args():
     return parser.parse_args()
 
 
+def read_metrics(path):
+    """metrics.jsonl as records; a last line cut short by a kill is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return records
+
+
 def generations(model, tokenizer, separator, new_tokens, seed):
     """Greedy and sampled continuations of the course's prompts; '' starts from the document separator."""
     prompts = [[separator] + tokenizer.encode(p) for p in PROMPTS]
@@ -75,7 +87,7 @@ def main():
     check_positive(max_steps=args.max_steps, lr=args.lr, r=args.r, alpha=args.alpha, seq_len=args.seq_len,
                    batch=args.batch, accum=args.accum, save_every=args.save_every, new_tokens=args.new_tokens)
     device = check_device(args.device)
-    out = prepare_output_dir(args.out)
+    out = prepare_output_dir(args.out, need_bytes=64 * 2**20)
     if args.resume and not (out / "checkpoint.pt").is_file():
         raise MiniPeftError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}; run without --resume to start")
     torch.manual_seed(args.seed)
@@ -92,6 +104,8 @@ def main():
     corpus = load_corpus(args.data, Filters(max_chars=args.max_chars), heldout_sources=args.heldout_data)
     print(describe(corpus))
     seq_len = min(args.seq_len, model.config.max_position_embeddings)
+    if seq_len < args.seq_len:
+        print(f"warning: --seq-len {args.seq_len} is beyond the model's context of {seq_len} tokens; using {seq_len}")
     encode = lambda samples: [(tokenizer.encode(text) + [separator])[:seq_len] for _, text in samples]
     train, heldout = encode(corpus.train), encode(corpus.heldout)
     cut = sum(len(tokenizer.encode(text)) + 1 > seq_len for _, text in corpus.train + corpus.heldout)
@@ -117,9 +131,7 @@ def main():
             raise MiniPeftError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
                                 f"checkpoint's; use the same settings or a new --out")
         step, tokens_seen, seconds, before = state["step"], state["tokens_seen"], state["seconds"], state["before"]
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-                   if line.strip()] if (out / "metrics.jsonl").is_file() else []
-        metrics = [m for m in metrics if m["step"] <= step]  # drop steps logged after the checkpoint
+        metrics = [m for m in read_metrics(out / "metrics.jsonl") if m["step"] <= step]  # drop steps after it
         print(f"resumed at step {step}")
     else:
         model.eval()
@@ -128,7 +140,7 @@ def main():
             before = {"heldout_loss": loss, "samples": generations(model, tokenizer, separator, args.new_tokens, args.seed)}
         print(f"held-out loss before: {loss:.4f} (perplexity {math.exp(loss):.2f}) on {len(heldout)} samples")
         step, tokens_seen, seconds, metrics = 0, 0, 0.0, []
-    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    write_atomically(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics).encode())
 
     def checkpoint():
         save_checkpoint(out / "checkpoint.pt", model, optimizer, scheduler, batches, device, step=step,
@@ -136,8 +148,14 @@ def main():
 
     # 5. Train. Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and exits.
     stop = []
+
+    def request_stop(signum, frame):
+        if stop:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop.append(signum)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(True) if not stop else (_ for _ in ()).throw(KeyboardInterrupt))
+        signal.signal(sig, request_stop)
     model.train()
     started = time.time() - seconds
     with open(out / "metrics.jsonl", "a") as log:

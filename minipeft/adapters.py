@@ -17,7 +17,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
@@ -101,16 +100,29 @@ def read_adapter(directory) -> tuple[dict, dict]:
         raise MiniPeftError(f"{config_path}: expected a JSON object")
     try:
         tensors = load_safetensors_bytes(weights_path.read_bytes())
-    except (SafetensorError, ValueError, RuntimeError) as e:
+    except Exception as e:  # any failure to parse these bytes means the same thing to the user
         raise MiniPeftError(f"{weights_path}: not a readable safetensors file ({e})") from None
     return config, tensors
 
 
-def require(config, key, kind, source):
-    value = config.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise MiniPeftError(f"{source}: key {key!r} should be {getattr(kind, '__name__', kind)}, got {value!r}")
+def require(config, key, kind, source, low=None, high=None, default=None):
+    """config[key], checked to be of `kind` and within [low, high]; a clear error otherwise."""
+    value = config.get(key, default)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not isinstance(value, kind) or isinstance(value, bool) or number and (
+            value != value or low is not None and value < low or high is not None and value > high):
+        expected = getattr(kind, "__name__", " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind)
+        limits = f" in [{low}, {high}]" if low is not None else ""
+        raise MiniPeftError(f"{source}: key {key!r} should be {expected}{limits}, got {value!r}")
     return value
+
+
+def require_pattern(config, key, kind, source, high):
+    """peft's rank_pattern / alpha_pattern: {module name: value}."""
+    pattern = require(config, key, dict, source, default={}) if config.get(key) is not None else {}
+    for name, value in pattern.items():
+        require({name: value}, name, kind, f"{source} ({key})", 1e-9, high)
+    return pattern
 
 
 def load_adapter(model, directory):
@@ -118,20 +130,21 @@ def load_adapter(model, directory):
     config, tensors = read_adapter(directory)
     source = Path(directory) / CONFIG_FILE
     peft_type = config.get("peft_type")
+    largest = max(model.config.hidden_size, model.config.intermediate_size, model.config.vocab_size)
     if peft_type == "PROMPT_TUNING":
-        num_prompts = require(config, "num_virtual_tokens", int, source)
-        if num_prompts <= 0:
-            raise MiniPeftError(f"{source}: num_virtual_tokens should be > 0, got {num_prompts}")
+        num_prompts = require(config, "num_virtual_tokens", int, source, 1, model.config.max_position_embeddings)
         wrapper = add_prompt_tuning(model, num_prompts, init="random")
         expected = {"prompt_embeddings": wrapper.learned_prompts}
     elif peft_type == "LORA":
-        r, alpha = require(config, "r", int, source), require(config, "lora_alpha", (int, float), source)
+        r = require(config, "r", int, source, 1, largest)
+        alpha = require(config, "lora_alpha", (int, float), source, -1e9, 1e9)
+        dropout = require(config, "lora_dropout", (int, float), source, 0, 0.999, default=0.0)
+        ranks = require_pattern(config, "rank_pattern", int, source, largest)
+        alphas = require_pattern(config, "alpha_pattern", (int, float), source, 1e9)
         targets = require(config, "target_modules", (list, str), source)
         targets = [targets] if isinstance(targets, str) else targets
-        ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-        dropout = config.get("lora_dropout", 0.0)
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        if not all(isinstance(t, str) for t in targets) or not set(targets) <= present:
+        if not targets or not all(isinstance(t, str) for t in targets) or not set(targets) <= present:
             raise MiniPeftError(f"{source}: target_modules {targets} are not all modules of this model")
         for target in targets:
             add_lora(model, [target], r, alpha, dropout)

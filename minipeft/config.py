@@ -1,6 +1,7 @@
 """The Llama shape, as a dataclass whose defaults are Llama-7B, filled from a Hugging Face config.json."""
 
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -52,12 +53,14 @@ class LlamaConfig:
         if not isinstance(raw, dict):
             raise MiniPeftError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         architectures = raw.get("architectures") or ["LlamaForCausalLM"]
+        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+            raise MiniPeftError(f"{source}: key 'architectures' should be a list of names, got {architectures!r}")
         if raw.get("model_type", "llama") != "llama" or not set(architectures) & set(SUPPORTED_ARCHITECTURES):
             raise MiniPeftError(f"{source}: unsupported architecture {architectures} / model_type "
                                 f"{raw.get('model_type')!r}; minipeft reads Llama checkpoints (LlamaForCausalLM)")
         raw = dict(raw)
         raw.setdefault("num_key_value_heads", raw.get("num_attention_heads"))
-        if isinstance(raw.get("eos_token_id"), list):  # Llama-3 lists several; the first ends generation
+        if isinstance(raw.get("eos_token_id"), list) and raw["eos_token_id"]:  # Llama-3 lists several
             raw["eos_token_id"] = raw["eos_token_id"][0]
         values = {}
         for field in fields(cls):
@@ -68,7 +71,7 @@ class LlamaConfig:
                 continue
             value, kind = raw[field.name], type(field.default)
             if kind is bool and not isinstance(value, bool) or kind is not bool and (
-                    isinstance(value, bool) or not isinstance(value, (int, float))
+                    isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
                     or kind is int and value != int(value)):
                 raise MiniPeftError(f"{source}: key {field.name!r} should be {kind.__name__}, got {value!r}")
             if kind is not bool and value <= 0 and field.name not in ("bos_token_id", "eos_token_id"):

@@ -1,6 +1,7 @@
 """What the training scripts leave behind: report.json, a loss curve, and checks on their arguments."""
 
 import json
+import shutil
 from pathlib import Path
 
 from .adapters import write_atomically
@@ -23,15 +24,19 @@ def check_weights(weights_dir) -> Path:
     return weights_dir
 
 
-def prepare_output_dir(out) -> Path:
-    """Create `out` and prove it is writable now, before any training time is spent."""
+def prepare_output_dir(out, need_bytes=16 * 2**20) -> Path:
+    """Create `out` and prove it is writable, with room for the run's files, before training time is spent."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_atomically(out / ".write-test", b"ok")
         (out / ".write-test").unlink()
     except OSError as e:
-        raise MiniPeftError(f"--out {out}: cannot write there ({e.strerror})") from None
+        raise MiniPeftError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    free = shutil.disk_usage(out).free
+    if free < need_bytes:
+        raise MiniPeftError(f"--out {out}: only {free / 2**20:.1f} MiB free, the run needs about "
+                            f"{need_bytes / 2**20:.0f} MiB for checkpoints and reports")
     return out
 
 

@@ -11,10 +11,10 @@ def write_hf_checkpoint(path, *, kv_heads=2, tied=False, sharded=False, seed=0, 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=kv_heads, vocab_size=256, max_position_embeddings=128,
-                         rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=tied,
-                         bos_token_id=1, eos_token_id=2, **overrides)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=kv_heads, vocab_size=256, max_position_embeddings=128, rms_norm_eps=1e-6,
+                 rope_theta=10000.0, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(**{**shape, **overrides})
     model = LlamaForCausalLM(config).float().eval()
     with torch.no_grad():  # the default init leaves norms at 1: make them matter
         for name, p in model.named_parameters():

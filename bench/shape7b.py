@@ -1,0 +1,84 @@
+"""QLoRA at the Llama-7B shape on a GPU (or a small shape on CPU): peak memory and tokens/s, both stacks.
+
+Speed and memory depend on shapes, not values, so the checkpoint is random: written once, shard by
+shard, in HF layout (13.5 GB in bf16 at 7B), then each stack loads it into 4-bit its own standard way.
+
+    .venv/bin/python bench/shape7b.py --shape 7b --device cuda --dtype bf16      # on a GPU
+    .venv/bin/python bench/shape7b.py --shape small --device cpu                 # anywhere (tested)
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from minipeft import LlamaConfig, build_model  # noqa: E402
+
+SHAPES = {
+    "7b": LlamaConfig(),  # the dataclass defaults are Llama-7B
+    "small": LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=2048, max_position_embeddings=1024),
+}
+
+
+def write_random_checkpoint(config: LlamaConfig, directory: Path, dtype, layers_per_shard=2):
+    """Random N(0, 0.02) weights in HF layout, one shard at a time: never the whole model in memory."""
+    raw = {k: getattr(config, k) for k in config.__dataclass_fields__}
+    (directory / "config.json").write_text(json.dumps({**raw, "architectures": ["LlamaForCausalLM"],
+                                                       "model_type": "llama", "torch_dtype": str(dtype)[6:]}))
+    shapes = build_model(config).state_dict()  # meta tensors: names and shapes only
+    groups = {}
+    for name in shapes:
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        layer = int(name.split(".")[2]) // layers_per_shard if name.startswith("model.layers.") else -1
+        groups.setdefault(layer, []).append(name)
+    weight_map = {}
+    for index, (_, names) in enumerate(sorted(groups.items())):
+        shard = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {n: (torch.ones(shapes[n].shape) if "norm" in n else torch.randn(shapes[n].shape) * 0.02).to(dtype)
+                   for n in names}
+        save_file(tensors, str(directory / shard), metadata={"format": "pt"})
+        weight_map.update({n: shard for n in names})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
+    parser.add_argument("--batches", default="1x512,4x512", help="comma-separated BxT (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--workdir", help="where the random checkpoint goes (default: a temporary directory)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+        write_random_checkpoint(SHAPES[args.shape], Path(workdir), torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+        rows = []
+        for batch in args.batches.split(","):
+            b, t = batch.split("x")
+            for stack in ("minipeft", "peer"):
+                command = [sys.executable, str(ROOT / "bench" / "worker.py"), "--stack", stack, "--task", "train",
+                           "--weights", workdir, "--dtype", args.dtype, "--device", args.device,
+                           "--steps", str(args.steps), "--batch", b, "--seq", t]
+                result = subprocess.run(command, capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise SystemExit(f"{stack} {batch} failed:\n{result.stderr[-3000:]}")
+                row = {"shape": args.shape, "batch": batch, **json.loads(result.stdout.strip().splitlines()[-1])}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print("\n| batch | stack | peak memory (MB) | tokens/s |\n| --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['batch']} | {row['stack']} | {row['peak_memory_mb']:.0f} | {row['tokens_per_second']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

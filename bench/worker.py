@@ -1,0 +1,137 @@
+"""One measurement of one stack in a fresh process; prints a JSON line. Driven by bench/run.py and bench/shape7b.py.
+
+Stacks, with the same settings on both sides:
+    minipeft  minipeft.load(quantize="nf4") + add_lora(q, k, v, r=8) + enable_checkpointing
+    peer      transformers + BitsAndBytesConfig(nf4) + peft LoraConfig(r=8, q, k, v)
+              + gradient_checkpointing_enable(use_reentrant=False)
+
+Tasks:
+    train     median seconds per optimizer step (AdamW, batch B x T, every position labelled)
+    generate  greedy tokens/s with the KV cache, 128 new tokens
+    load      seconds to load the checkpoint into 4-bit
+Every task also reports the process's peak memory (RSS on CPU, max_memory_allocated on CUDA).
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_minipeft(weights, dtype, device):
+    import minipeft
+
+    return minipeft.load_model(weights, quantize="nf4", dtype=dtype, device=device)
+
+
+def load_peer(weights, dtype, device):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(weights, quantization_config=quantization, dtype=dtype,
+                                                device_map={"": device}).eval()
+
+
+def train_steps(stack, model, args, dtype, device):
+    if stack == "minipeft":
+        import minipeft
+
+        minipeft.add_lora(model, ["q_proj", "k_proj", "v_proj"], r=8, alpha=16)
+        minipeft.enable_checkpointing(model)
+        loss_of = lambda ids: model.loss(ids, labels=ids)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"],
+                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+        loss_of = lambda ids: model(input_ids=ids, labels=ids).loss
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    times = []
+    for step in range(args.steps + 1):  # the first step warms up and is not counted
+        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=generator).to(device)
+        start = sync(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = loss_of(ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step:
+            times.append(sync(device) - start)
+    seconds = statistics.median(times)
+    return {"step_seconds": seconds, "tokens_per_second": args.batch * args.seq / seconds, "loss": loss.item()}
+
+
+@torch.no_grad()
+def generate(stack, model, args, device):
+    prompt = torch.tensor([[1, 563, 7071, 30, 78, 711]], device=device)  # any fixed ids
+    if stack == "minipeft":
+        import minipeft
+
+        run = lambda n: minipeft.generate(model, prompt.tolist(), max_new_tokens=n, eos_id=-1)[0]
+    else:
+        run = lambda n: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                       min_new_tokens=n, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    run(8)  # warm-up
+    times, tokens = [], None
+    for _ in range(args.repeats):
+        start = sync(device)
+        tokens = run(args.new_tokens)
+        times.append(sync(device) - start)
+    return {"tokens_per_second": args.new_tokens / statistics.median(times), "tokens": tokens[:16]}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stack", choices=["minipeft", "peer"], required=True)
+    parser.add_argument("--task", choices=["train", "generate", "load"], required=True)
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = sync(device)
+    model = (load_minipeft if args.stack == "minipeft" else load_peer)(args.weights, dtype, device)
+    result = {"stack": args.stack, "task": args.task, "load_seconds": sync(device) - start}
+    if args.task == "train":
+        result.update(train_steps(args.stack, model, args, dtype, device))
+    elif args.task == "generate":
+        result.update(generate(args.stack, model, args, device))
+    result["peak_memory_mb"] = peak_memory_mb(device)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
