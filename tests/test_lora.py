@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import minipeft
 from minipeft import LoRALayer, add_lora, base_fingerprint, load_adapter, load_model, merge, save_adapter, unmerge
-from tests.conftest import write_hf_checkpoint
+from tests.conftest import train_steps, write_hf_checkpoint
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -144,13 +144,7 @@ def test_base_bit_identical_after_training(pair):
     add_lora(ours, ALL_TARGETS, r=8)
     optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 256, (2, 12))
-    losses = []
-    for _ in range(5):
-        loss = ours.loss(ids, ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(ours, optimizer, ids, 5)
     assert losses[-1] < losses[0]
     assert base_fingerprint(ours) == fingerprint
     assert minipeft.count_parameters(ours)["trainable_params"] == sum(

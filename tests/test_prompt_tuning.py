@@ -5,7 +5,7 @@ import torch
 
 import minipeft
 from minipeft import add_prompt_tuning, generate, load_adapter, load_model, save_adapter
-from tests.conftest import write_hf_checkpoint
+from tests.conftest import train_steps, write_hf_checkpoint
 
 
 @pytest.fixture()
@@ -73,13 +73,7 @@ def test_only_prompts_train_and_base_is_unchanged(pair):
     assert [n for n, p in ours.named_parameters() if p.requires_grad] == ["model.embed_tokens.learned_prompts"]
     optimizer = torch.optim.Adam([wrapper.learned_prompts], lr=0.05)
     ids = torch.randint(3, 256, (1, 12))
-    losses = []
-    for _ in range(10):
-        loss = ours.loss(ids, ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(ours, optimizer, ids, 10)
     assert losses[-1] < losses[0]
     assert minipeft.base_fingerprint(ours) == fingerprint
     assert minipeft.count_parameters(ours)["trainable_params"] == 5 * 64

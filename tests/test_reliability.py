@@ -20,7 +20,7 @@ import minipeft
 from minipeft import MiniPeftError, load, load_adapter, load_model, save_adapter
 from minipeft.config import LlamaConfig
 from minipeft.reporting import prepare_output_dir
-from tests.conftest import write_hf_checkpoint
+from tests.conftest import train_steps, write_hf_checkpoint
 from tests.test_train_code import FAST, code_data, losses, train_code  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -317,10 +317,7 @@ def test_base_bit_identical_to_the_checkpoint_after_fox_and_code_style_training(
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.tensor([tokenizer.encode("def add(a, b):\n    return a + b\n")])
     model.train()
-    for _ in range(3):
-        model.loss(ids, ids).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(model, optimizer, ids, 3)
     assert prompts.learned_prompts.grad is None  # set_to_none by zero_grad: it did train
     assert minipeft.base_fingerprint(model) == fresh
 
