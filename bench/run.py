@@ -57,7 +57,7 @@ def main():
     runs = {}
     for task in args.tasks.split(","):
         for round_ in range(args.rounds):
-            for stack in ("minipeft", "peer"):
+            for stack in ("minipeft", "peer") + (("peer-fp32",) if task == "generate" else ()):
                 result = measure(stack, task, args)
                 print(f"round {round_ + 1} {task:8s} {stack:8s} {json.dumps(result)}", flush=True)
                 runs.setdefault((task, stack), []).append(result)
@@ -73,6 +73,10 @@ def main():
         ours = statistics.median(r[figure] for r in runs[(task, "minipeft")])
         theirs = statistics.median(r[figure] for r in runs[(task, "peer")])
         print(f"| {task}: {figure} | {ours:.2f} | {theirs:.2f} | {ours / theirs:.2f}x |")
+        if (task, "peer-fp32") in runs and figure == "tokens_per_second":
+            fp32 = statistics.median(r[figure] for r in runs[(task, "peer-fp32")])
+            print(f"| {task}: {figure}, peer without its bf16 CPU kernel | {ours:.2f} | {fp32:.2f} | "
+                  f"{ours / fp32:.2f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps({f"{t}/{s}": r for (t, s), r in runs.items()}, indent=2))
 

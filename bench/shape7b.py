@@ -41,14 +41,16 @@ def write_random_checkpoint(config: LlamaConfig, directory: Path, dtype, layers_
             continue
         layer = int(name.split(".")[2]) // layers_per_shard if name.startswith("model.layers.") else -1
         groups.setdefault(layer, []).append(name)
-    weight_map = {}
+    weight_map, total_size = {}, 0
     for index, (_, names) in enumerate(sorted(groups.items())):
         shard = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
         tensors = {n: (torch.ones(shapes[n].shape) if "norm" in n else torch.randn(shapes[n].shape) * 0.02).to(dtype)
                    for n in names}
         save_file(tensors, str(directory / shard), metadata={"format": "pt"})
         weight_map.update({n: shard for n in names})
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
 def main():

@@ -33,12 +33,18 @@ def load_minipeft(weights, dtype, device):
     return minipeft.load_model(weights, quantize="nf4", dtype=dtype, device=device)
 
 
-def load_peer(weights, dtype, device):
+def load_peer(weights, dtype, device, fp32_kernels=False):
+    import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(weights, quantization_config=quantization, dtype=dtype,
-                                                device_map={"": device}).eval()
+    model = AutoModelForCausalLM.from_pretrained(weights, quantization_config=quantization, dtype=dtype,
+                                                 device_map={"": device}).eval()
+    if fp32_kernels:  # bitsandbytes' default eval path on AVX512-BF16 CPUs repacks weights and computes in bf16
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def train_steps(stack, model, args, dtype, device):
@@ -107,7 +113,8 @@ def peak_memory_mb(device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stack", choices=["minipeft", "peer"], required=True)
+    parser.add_argument("--stack", choices=["minipeft", "peer", "peer-fp32"], required=True,
+                        help="peer-fp32: the peer with bitsandbytes' bf16 CPU inference kernel switched off")
     parser.add_argument("--task", choices=["train", "generate", "load"], required=True)
     parser.add_argument("--weights", required=True)
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
@@ -123,7 +130,10 @@ def main():
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = sync(device)
-    model = (load_minipeft if args.stack == "minipeft" else load_peer)(args.weights, dtype, device)
+    if args.stack == "minipeft":
+        model = load_minipeft(args.weights, dtype, device)
+    else:
+        model = load_peer(args.weights, dtype, device, fp32_kernels=args.stack == "peer-fp32")
     result = {"stack": args.stack, "task": args.task, "load_seconds": sync(device) - start}
     if args.task == "train":
         result.update(train_steps(args.stack, model, args, dtype, device))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .checkpoint import checkpoint
 from .config import LlamaConfig
+from .loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -192,15 +193,15 @@ class Llama(nn.Module):
     def loss(self, input_ids=None, labels=None, attention_mask=None, inputs_embeds=None):
         """Mean next-token cross-entropy over positions whose label is not -100.
 
-        Logits are built only at labelled positions, 1024 rows at a time: a (B, T, vocab) tensor with a
-        32k-49k vocabulary is never formed."""
+        Logits are built only at labelled positions, and through a frozen lm_head only a chunk at a time
+        (minipeft/loss.py): a (B, T, vocab) tensor with a 32k-49k vocabulary is never formed."""
         hidden = self.model(input_ids, attention_mask, None, inputs_embeds)  # (B, T', D)
         labels = F.pad(labels, (hidden.shape[1] - labels.shape[1], 0), value=-100)  # prepended: unscored
         targets = labels[:, 1:]  # position t predicts token t + 1
         scored = targets != -100  # (B, T'-1)
         hidden, targets = hidden[:, :-1][scored], targets[scored]  # (N, D), (N,)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, len(targets), 1024):
-            logits = self.lm_head(hidden[start:start + 1024]).float()  # (<=1024, vocab)
-            total = total + F.cross_entropy(logits, targets[start:start + 1024], reduction="sum")
+        if isinstance(self.lm_head, nn.Linear) and not self.lm_head.weight.requires_grad:
+            total = linear_cross_entropy(hidden, self.lm_head.weight, targets)
+        else:  # lm_head has its own adapter: the plain way
+            total = F.cross_entropy(self.lm_head(hidden).float(), targets, reduction="sum")
         return total / max(len(targets), 1)

@@ -130,3 +130,22 @@ def test_bf16_load(tmp_path):
         diff = (model(ids).float() - reference(ids).logits).abs().max().item()
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert diff < 0.1
+
+
+def test_chunked_loss_equals_plain_cross_entropy(tmp_path):
+    """The fused lm_head + cross-entropy gives the loss and gradients of F.cross_entropy on full logits."""
+    import torch.nn.functional as F
+
+    write_hf_checkpoint(tmp_path)
+    model = load_model(tmp_path)
+    ids = torch.randint(0, 256, (3, 40))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    hidden = torch.randn(3, 40, 64, requires_grad=True)
+    loss = model.loss(labels=labels, inputs_embeds=hidden)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    logits = model(inputs_embeds=hidden)
+    reference = F.cross_entropy(logits[:, :-1].reshape(-1, 256), labels[:, 1:].reshape(-1), ignore_index=-100)
+    (reference_grad,) = torch.autograd.grad(reference, hidden)
+    assert abs(loss.item() - reference.item()) < 1e-5
+    assert (grad - reference_grad).abs().max().item() < 1e-6

@@ -1,0 +1,21 @@
+"""The 7B-shape benchmark script runs end to end on CPU at a small shape, for both stacks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shape_benchmark_runs_both_stacks_on_cpu(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "shape7b.py"), "--shape", "small", "--device", "cpu",
+                             "--dtype", "fp32", "--batches", "1x64", "--steps", "1", "--workdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["stack"] for r in rows] == ["minipeft", "peer"]
+    for row in rows:
+        assert row["tokens_per_second"] > 0 and row["peak_memory_mb"] > 0
+    # Same random checkpoint, same LoRA init of B = 0: both stacks start from the same loss.
+    assert abs(rows[0]["loss"] - rows[1]["loss"]) < 0.05 * rows[1]["loss"]
