@@ -106,9 +106,10 @@ def main():
     seq_len = min(args.seq_len, model.config.max_position_embeddings)
     if seq_len < args.seq_len:
         print(f"warning: --seq-len {args.seq_len} is beyond the model's context of {seq_len} tokens; using {seq_len}")
-    encode = lambda samples: [(tokenizer.encode(text) + [separator])[:seq_len] for _, text in samples]
-    train, heldout = encode(corpus.train), encode(corpus.heldout)
-    cut = sum(len(tokenizer.encode(text)) + 1 > seq_len for _, text in corpus.train + corpus.heldout)
+    train, heldout = ([tokenizer.encode(text) + [separator] for _, text in split]
+                      for split in (corpus.train, corpus.heldout))
+    cut = sum(len(ids) > seq_len for ids in train + heldout)
+    train, heldout = [ids[:seq_len] for ids in train], [ids[:seq_len] for ids in heldout]
     if cut:
         print(f"warning: {cut} samples longer than {seq_len} tokens were truncated")
 

@@ -18,6 +18,7 @@ from .config import LlamaConfig
 from .errors import MiniPeftError
 from .model import Llama
 from .quant import QUANTIZED_LINEARS, quantize_linear
+from .tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed, not learned; older checkpoints store it
@@ -139,8 +140,6 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
 
 def load(weights_dir, quantize=None, dtype=torch.float32, device="cpu", double_quant=False):
     """`model, tokenizer = minipeft.load(weights_dir)`: the one call a user needs."""
-    from .tokenizer import load_tokenizer
-
     device = check_device(device)
     model = load_model(weights_dir, quantize, dtype, device, double_quant)
     tokenizer = load_tokenizer(weights_dir)

@@ -43,15 +43,17 @@ class Batches:
         self.epoch, self.cursor = epoch, cursor
 
     def order(self):
-        return torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        if getattr(self, "order_epoch", None) != self.epoch:  # one shuffle per epoch
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            self.shuffled, self.order_epoch = torch.randperm(len(self.samples), generator=generator).tolist(), self.epoch
+        return self.shuffled
 
     def next(self):
-        order, batch = self.order(), []
+        batch = []
         while len(batch) < self.batch_size:
-            if self.cursor == len(order):
+            if self.cursor == len(self.samples):
                 self.epoch, self.cursor = self.epoch + 1, 0
-                order = self.order()
-            batch.append(self.samples[order[self.cursor]])
+            batch.append(self.samples[self.order()[self.cursor]])
             self.cursor += 1
         return batch
 
