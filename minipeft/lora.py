@@ -101,7 +101,11 @@ def lora_layers(model) -> dict[str, LoRALayer]:
 
 def merge(model) -> float:
     """Fold every adapter into its base weight; return the worst rounding error (4-bit bases only)."""
-    return max((layer.merge() for layer in lora_layers(model).values()), default=0.0)
+    layers = lora_layers(model)
+    if "lm_head" in layers and model.config.tie_word_embeddings:
+        raise MiniPeftError("merge: lm_head shares its weight with the input embedding (tie_word_embeddings); "
+                            "merging its LoRA would change the embedding too. Keep that adapter unmerged")
+    return max((layer.merge() for layer in layers.values()), default=0.0)
 
 
 def unmerge(model) -> float:

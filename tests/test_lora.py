@@ -157,3 +157,14 @@ def test_llama_7b_lora_counts_on_meta():
     report = minipeft.count_parameters(model)
     assert report["trainable_params"] == 6_291_456
     assert report["total_params"] == 6_738_415_616 + 6_291_456
+
+
+def test_merge_refuses_a_tied_lm_head(tmp_path):
+    write_hf_checkpoint(tmp_path, tied=True)
+    model = load_model(tmp_path)
+    add_lora(model, ["lm_head"], r=4)
+    randomize_lora(model)
+    embedding = model.model.embed_tokens.weight.clone()
+    with pytest.raises(minipeft.MiniPeftError, match="tie_word_embeddings"):
+        merge(model)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
