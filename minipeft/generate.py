@@ -39,7 +39,7 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed
     if not 0 < top_p <= 1:
         raise MiniPeftError(f"generate: top_p must be in (0, 1], got {top_p}")
     eos_id = model.config.eos_token_id if eos_id is None else eos_id
-    device = model.lm_head.weight.device
+    device = model.model.norm.weight.device  # lm_head may be wrapped by an adapter
     longest = max(len(p) for p in prompts)
     input_ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
     attention_mask = torch.zeros(len(prompts), longest, dtype=torch.bool, device=device)

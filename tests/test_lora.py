@@ -168,3 +168,12 @@ def test_merge_refuses_a_tied_lm_head(tmp_path):
     with pytest.raises(minipeft.MiniPeftError, match="tie_word_embeddings"):
         merge(model)
     assert torch.equal(model.model.embed_tokens.weight, embedding)
+
+
+def test_generation_with_lora_on_lm_head(pair):
+    """An untouched adapter on every target, lm_head included, generates exactly the base model's tokens."""
+    ours, _, _ = pair
+    prompts = [[5, 17, 99], [8, 200, 4, 4]]
+    base = minipeft.generate(ours, prompts, max_new_tokens=6, eos_id=-1)
+    add_lora(ours, [*ALL_TARGETS, "lm_head"], r=4)
+    assert minipeft.generate(ours, prompts, max_new_tokens=6, eos_id=-1) == base

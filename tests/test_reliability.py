@@ -1,7 +1,6 @@
 """Bad input gets a one-line error that names the thing; killed runs lose nothing; the base never changes."""
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -21,7 +20,7 @@ from minipeft import MiniPeftError, load, load_adapter, load_model, save_adapter
 from minipeft.config import LlamaConfig
 from minipeft.reporting import prepare_output_dir
 from tests.conftest import train_steps, write_hf_checkpoint
-from tests.test_train_code import FAST, code_data, losses, train_code  # noqa: F401 (fixture)
+from tests.test_train_code import code_data, losses, train_code  # noqa: F401 (code_data is a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
