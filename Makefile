@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 $(WEIGHTS)/model.safetensors: | $(VENV)/.installed
-	$(PY) -m minipeft.default_model --out $(WEIGHTS)
+	$(PY) -m minipeft.llama.default_model --out $(WEIGHTS)
 
 weights: $(WEIGHTS)/model.safetensors
 

@@ -17,15 +17,16 @@ import time
 import torch
 
 import minipeft
-from minipeft.adapters import write_atomically
-from minipeft.data import Filters, describe, load_corpus
-from minipeft.default_model import DEFAULT_DIR
 from minipeft.errors import MiniPeftError, run_cli
-from minipeft.loader import check_device
-from minipeft.reporting import (check_positive, check_weights, plot_losses, prepare_output_dir, write_report,
-                                write_samples)
-from minipeft.training import (Batches, clip_and_check, heldout_loss, load_checkpoint, pad_batch, peak_memory_mb,
-                               save_checkpoint, warmup_cosine)
+from minipeft.files import write_atomically
+from minipeft.llama.default_model import DEFAULT_DIR
+from minipeft.llama.loader import check_device
+from minipeft.train.batches import Batches, pad_batch
+from minipeft.train.data import Filters, describe, load_corpus
+from minipeft.train.loop import accumulate_gradients, clip_and_check, heldout_loss, peak_memory_mb, warmup_cosine
+from minipeft.train.reporting import (check_positive, check_weights, plot_losses, prepare_output_dir, write_report,
+                                      write_samples)
+from minipeft.train.run_state import load_checkpoint, save_checkpoint
 
 PROMPTS = ["", "import", "from", "while", "try", "if", "for", "torch"]
 RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "r", "alpha", "dropout", "targets", "lr", "seq_len", "batch",
@@ -161,13 +162,8 @@ def main():
     started = time.time() - seconds
     with open(out / "metrics.jsonl", "a") as log:
         while step < args.max_steps and not stop:
-            step_loss, step_tokens = 0.0, 0
-            for _ in range(args.accum):
-                ids, mask, labels = pad_batch(batches.next(), device)
-                with autocast():
-                    loss = model.loss(ids, labels, attention_mask=mask) / args.accum
-                loss.backward()
-                step_loss, step_tokens = step_loss + loss.item(), step_tokens + int(mask.sum())
+            micro_batches = [pad_batch(batches.next(), device) for _ in range(args.accum)]
+            step_loss, step_tokens = accumulate_gradients(model, micro_batches, autocast)  # every token weighs the same
             clip_and_check(step_loss, trainable, step + 1)
             optimizer.step()
             scheduler.step()

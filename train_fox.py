@@ -13,11 +13,10 @@ import time
 import torch
 
 import minipeft
-from minipeft.default_model import DEFAULT_DIR
 from minipeft.errors import run_cli
-from minipeft.loader import check_device
-from minipeft.prompt_tuning import without_prompts
-from minipeft.reporting import check_positive, check_weights, plot_losses, prepare_output_dir, write_report
+from minipeft.llama.default_model import DEFAULT_DIR
+from minipeft.llama.loader import check_device
+from minipeft.train.reporting import check_positive, check_weights, plot_losses, prepare_output_dir, write_report
 
 TARGET = "A quick brown fox did not jump over the lazy dog. Besides, that dog deserved it anyway!"
 PROMPT = "A quick brown fox"
@@ -81,7 +80,7 @@ def main():
 
     # 4. Show: with the learned prompt, without it (the base is untouched), and on nearby inputs.
     after = continuation(model, tokenizer, PROMPT, args.new_tokens)
-    with without_prompts(model):
+    with minipeft.disabled(model):
         after_without = continuation(model, tokenizer, PROMPT, args.new_tokens)
     variants = {text: continuation(model, tokenizer, text, args.new_tokens) for text in VARIANTS}
     print(f"after, with prompt:    {PROMPT!r} -> {after!r}")

@@ -40,7 +40,7 @@ def versions():
 
 
 def main():
-    from minipeft.default_model import DEFAULT_DIR
+    from minipeft.llama.default_model import DEFAULT_DIR
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=str(DEFAULT_DIR))

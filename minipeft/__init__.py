@@ -1,21 +1,31 @@
 """minipeft: parameter-efficient fine-tuning of Llama, from scratch.
 
-    weights ─► loader (4-bit) ─► model ─► PEFT wrappers (prompt tuning, LoRA, checkpointing) ─► train ─► adapter file
+    llama/      weights ─► config ─► loader (4-bit) ─► model ─► loss, generate        (tokenizers beside)
+                                                         ▲
+    methods/    prompt tuning, LoRA, ... put their modules into the model's slots (contract: llama/model.py);
+                freezing, counting and fingerprints ask those modules (wrappers.py)
+                                                         │
+    adapter_files.py   each method's tensors and config ─► peft-layout files, and back
+                                                         │
+    train/      data ─► batches ─► the loop's pieces ─► resumable run state, reports
+
+Imports run one way, down this picture: llama/ knows nothing of methods/ or train/, and methods/
+nothing of train/.
 """
 
-from .adapters import load_adapter, save_adapter
-from .checkpoint import enable_checkpointing
-from .config import LlamaConfig
+from .adapter_files import load_adapter, save_adapter
 from .errors import MiniPeftError
-from .generate import generate
-from .loader import build_model, load, load_model
-from .lora import LoRALayer, add_lora, merge, unmerge
-from .model import KVCache, Llama
-from .parameters import base_fingerprint, count_parameters
-from .prompt_tuning import WordEmbeddingsWithLearnedPrompts, add_prompt_tuning
-from .tokenizer import load_tokenizer
+from .llama.config import LlamaConfig
+from .llama.generate import generate
+from .llama.gradient_checkpointing import enable_checkpointing
+from .llama.loader import build_model, load, load_model
+from .llama.model import KVCache, Llama
+from .llama.tokenizer import load_tokenizer
+from .methods.lora import LoRALayer, add_lora, merge, unmerge
+from .methods.prompt_tuning import WordEmbeddingsWithLearnedPrompts, add_prompt_tuning
+from .methods.wrappers import base_fingerprint, count_parameters, disabled
 
 __all__ = ["KVCache", "Llama", "LlamaConfig", "LoRALayer", "MiniPeftError", "WordEmbeddingsWithLearnedPrompts",
-           "add_lora", "add_prompt_tuning", "base_fingerprint", "build_model", "count_parameters",
+           "add_lora", "add_prompt_tuning", "base_fingerprint", "build_model", "count_parameters", "disabled",
            "enable_checkpointing", "generate", "load", "load_adapter", "load_model", "load_tokenizer", "merge",
            "save_adapter", "unmerge"]

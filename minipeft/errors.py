@@ -1,4 +1,5 @@
-"""One exception type for mistakes in what the user gave us (files, keys, arguments).
+"""One exception type for mistakes in what the user gave us (files, keys, arguments), and the checks
+that raise it.
 
 Scripts catch it and print its one-line message with exit code 2, no traceback. Anything else that
 escapes is a bug in minipeft and keeps its traceback.
@@ -7,6 +8,21 @@ escapes is a bug in minipeft and keeps its traceback.
 
 class MiniPeftError(Exception):
     """A user-facing error: the message names the file, key or argument and what was expected."""
+
+
+def require(config: dict, key, kind, source, low=None, high=None, default=None):
+    """config[key], checked to be of `kind` (a type or a tuple of types) and within [low, high].
+
+    `source` names the file in the error; a missing key takes `default`, which must pass the same checks."""
+    value = config.get(key, default)
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    right_kind = isinstance(value, kind) and not isinstance(value, bool)
+    in_range = not is_number or (value == value and (low is None or value >= low) and (high is None or value <= high))
+    if not (right_kind and in_range):
+        expected = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+        limits = f" in [{low}, {high}]" if low is not None else ""
+        raise MiniPeftError(f"{source}: key {key!r} should be {expected}{limits}, got {value!r}")
+    return value
 
 
 def run_cli(main):

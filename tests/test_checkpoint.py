@@ -4,7 +4,7 @@ import torch
 
 import minipeft
 from minipeft import add_lora, add_prompt_tuning, enable_checkpointing, load_model
-from tests.conftest import write_hf_checkpoint
+from tests.helpers import write_hf_checkpoint
 
 
 def gradients(weights_dir, wrap, checkpointing, quantize=None):
@@ -31,7 +31,7 @@ def assert_same(weights_dir, wrap, quantize=None):
 def randomized_lora(model, **kwargs):
     add_lora(model, ["q", "k", "v", "o", "gate", "up", "down"], r=4, **kwargs)
     with torch.no_grad():
-        for layer in minipeft.lora.lora_layers(model).values():
+        for layer in minipeft.methods.lora.lora_layers(model).values():
             layer.lora_B.weight.normal_(0, 0.05)
 
 

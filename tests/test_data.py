@@ -6,7 +6,7 @@ import json
 import pytest
 
 from minipeft import MiniPeftError
-from minipeft.data import Filters, default_sources, load_corpus
+from minipeft.train.data import Filters, default_sources, load_corpus
 
 GOOD = "import os\n\n\ndef main():\n    print(os.getcwd())\n"
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import minipeft
 from minipeft import LoRALayer, add_lora, base_fingerprint, load_adapter, load_model, merge, save_adapter, unmerge
-from tests.conftest import train_steps, write_hf_checkpoint
+from tests.helpers import train_steps, write_hf_checkpoint
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -15,7 +15,7 @@ def randomize_lora(model, seed=0):
     """Trained-looking adapters: B is zero at init, which would hide every bug in the side path."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in minipeft.lora.lora_layers(model).values():
+        for layer in minipeft.methods.lora.lora_layers(model).values():
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.05)
 
 
@@ -82,7 +82,7 @@ def test_peft_adapter_loads_in_minipeft(pair):
                 p.normal_(0, 0.05)
     theirs.save_pretrained(tmp_path / "peft_adapter")
     config = load_adapter(ours, tmp_path / "peft_adapter")
-    assert config["peft_type"] == "LORA" and len(minipeft.lora.lora_layers(ours)) == 6
+    assert config["peft_type"] == "LORA" and len(minipeft.methods.lora.lora_layers(ours)) == 6
     ids = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         diff = (ours(ids) - theirs(input_ids=ids).logits).abs().max().item()
@@ -148,7 +148,7 @@ def test_base_bit_identical_after_training(pair):
     assert losses[-1] < losses[0]
     assert base_fingerprint(ours) == fingerprint
     assert minipeft.count_parameters(ours)["trainable_params"] == sum(
-        8 * (m.base_layer.in_features + m.base_layer.out_features) for m in minipeft.lora.lora_layers(ours).values())
+        8 * (m.base_layer.in_features + m.base_layer.out_features) for m in minipeft.methods.lora.lora_layers(ours).values())
 
 
 def test_llama_7b_lora_counts_on_meta():

@@ -5,8 +5,8 @@ import torch
 
 import minipeft
 from minipeft import LlamaConfig, build_model, generate, load_model
-from minipeft.quant import QUANTIZED_LINEARS
-from tests.conftest import write_hf_checkpoint
+from minipeft.llama.quant import QUANTIZED_LINEARS
+from tests.helpers import write_hf_checkpoint
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])

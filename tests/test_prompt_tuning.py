@@ -5,7 +5,7 @@ import torch
 
 import minipeft
 from minipeft import add_prompt_tuning, generate, load_adapter, load_model, save_adapter
-from tests.conftest import train_steps, write_hf_checkpoint
+from tests.helpers import train_steps, write_hf_checkpoint
 
 
 @pytest.fixture()

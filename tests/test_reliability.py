@@ -17,10 +17,9 @@ from safetensors.torch import load_file, save_file
 
 import minipeft
 from minipeft import MiniPeftError, load, load_adapter, load_model, save_adapter
-from minipeft.config import LlamaConfig
-from minipeft.reporting import prepare_output_dir
-from tests.conftest import train_steps, write_hf_checkpoint
-from tests.test_train_code import code_data, losses, train_code  # noqa: F401 (code_data is a fixture)
+from minipeft.llama.config import LlamaConfig
+from minipeft.train.reporting import prepare_output_dir
+from tests.helpers import losses, train_code, train_steps, write_hf_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -289,7 +288,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(defau
 
 
 def test_default_model_preparation_is_idempotent_and_redoes_a_half_conversion(tmp_path):
-    from minipeft.default_model import prepare
+    from minipeft.llama.default_model import prepare
 
     target = tmp_path / "smollm2"
     partial = tmp_path / "smollm2.partial"
@@ -322,12 +321,12 @@ def test_base_bit_identical_to_the_checkpoint_after_fox_and_code_style_training(
 
 
 def test_loading_an_adapter_leaves_the_base_until_merge(default_weights, tmp_path):
-    from minipeft.quant import dequantize
+    from minipeft.llama.quant import dequantize
 
     model, _ = load(default_weights, quantize="nf4")
     minipeft.add_lora(model, ["q_proj", "k_proj", "v_proj"], r=8)
     with torch.no_grad():
-        for layer in minipeft.lora.lora_layers(model).values():
+        for layer in minipeft.methods.lora.lora_layers(model).values():
             layer.lora_B.weight.normal_(0, 0.02)
     save_adapter(model, tmp_path / "adapter")
 

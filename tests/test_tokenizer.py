@@ -3,7 +3,7 @@
 import pytest
 
 from minipeft import MiniPeftError, load_tokenizer
-from minipeft.tokenizer import BPETokenizer, SentencePieceTokenizer
+from minipeft.llama.tokenizer import BPETokenizer, SentencePieceTokenizer
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog. It's what they'd've done, isn't it?",

@@ -2,39 +2,11 @@
 
 import json
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import pytest
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--seq-len", "48", "--accum", "2", "--warmup", "2", "--lr", "3e-3", "--new-tokens", "4"]
-
-
-@pytest.fixture(scope="module")
-def code_data(tmp_path_factory):
-    """A small codeparrot-style JSON-lines file made of real standard-library modules."""
-    import email
-    import json as json_package
-
-    path = tmp_path_factory.mktemp("data") / "code.jsonl"
-    files = sorted(Path(json_package.__file__).parent.glob("*.py")) + sorted(Path(email.__file__).parent.glob("*.py"))
-    path.write_text("".join(json.dumps({"content": f.read_text(), "path": str(f)}) + "\n" for f in files))
-    return path
-
-
-def train_code(*args, **popen):
-    command = [sys.executable, str(ROOT / "train_code.py"), *FAST, *args]
-    if popen:
-        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-
-
-def losses(out):
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+from tests.helpers import losses, train_code
 
 
 def test_short_run_lowers_loss_and_writes_every_field(default_weights, code_data, tmp_path):

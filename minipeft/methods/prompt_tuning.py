@@ -8,25 +8,33 @@ Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning".
 
 Trains num_prompts x hidden_size numbers: 16 x 4096 = 65,536 on Llama-7B (0.001% of 6.7B). The
 decoder treats the P prepended positions as always attended, never scored; with a KV cache they are
-processed once, at prefill.
+processed once, at prefill (contract 2 in llama/model.py).
+
+On disk (peft's layout): adapter_config.json {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": P,
+"prompt_tuning_init", ...} and one tensor, prompt_embeddings (P, D).
 """
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from .errors import MiniPeftError
-from .parameters import freeze_base
+from ..errors import MiniPeftError, require
+from .wrappers import freeze_base, record_settings
 
-INITS = ("random", "vocab", "text")
+PEFT_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}  # ours -> peft's prompt_tuning_init
 
 
 class WordEmbeddingsWithLearnedPrompts(nn.Module):
     """Wraps the frozen token embedding and prepends `num_prompts` learned vectors to every sequence."""
+    trainable_names, wrapped = ("learned_prompts",), "word_embeddings"
 
     def __init__(self, word_embeddings: nn.Embedding, learned_prompts: torch.Tensor):
         super().__init__()
         self.word_embeddings = word_embeddings
         self.learned_prompts = nn.Parameter(learned_prompts.detach().clone().float())  # (P, D)
+        self.enabled = True
 
     @property
     def num_prompts(self) -> int:
@@ -38,8 +46,19 @@ class WordEmbeddingsWithLearnedPrompts(nn.Module):
 
     def forward(self, input_ids):
         tokens = self.word_embeddings(input_ids)  # (B, T, D)
+        if not self.enabled:
+            return tokens
         prompts = self.learned_prompts.to(tokens.dtype).expand(len(input_ids), -1, -1)  # (B, P, D)
         return torch.cat([prompts, tokens], dim=1)  # (B, P + T, D)
+
+
+@dataclass
+class PromptTuningSettings:
+    """What add_prompt_tuning was asked for; saved as peft's PromptTuningConfig."""
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
+    num_prompts: int
+    init: str
+    init_text: str | None = None
 
 
 def initial_prompts(embedding, num_prompts, init, init_text, tokenizer, generator):
@@ -67,28 +86,36 @@ def add_prompt_tuning(model, num_prompts=16, init="vocab", init_text=None, token
     """
     if not isinstance(num_prompts, int) or num_prompts <= 0:
         raise MiniPeftError(f"num_prompts: expected a positive integer, got {num_prompts!r}")
-    if init not in INITS:
-        raise MiniPeftError(f"add_prompt_tuning: init must be one of {INITS}, got {init!r}")
+    if init not in PEFT_INITS:
+        raise MiniPeftError(f"add_prompt_tuning: init must be one of {tuple(PEFT_INITS)}, got {init!r}")
     if isinstance(model.model.embed_tokens, WordEmbeddingsWithLearnedPrompts):
         raise MiniPeftError("add_prompt_tuning: the model already has learned prompts")
-    freeze_base(model)
     embedding = model.model.embed_tokens
     generator = torch.Generator().manual_seed(seed)
     prompts = initial_prompts(embedding, num_prompts, init, init_text, tokenizer, generator)
     wrapper = WordEmbeddingsWithLearnedPrompts(embedding, prompts.to(embedding.weight.device))
     model.model.embed_tokens = wrapper
+    record_settings(model, PromptTuningSettings(num_prompts, init, init_text if init == "text" else None))
+    freeze_base(model)
     return wrapper
 
 
-class without_prompts:
-    """`with without_prompts(model): ...` runs the bare frozen model, then puts the prompts back."""
+# ---- the adapter file, in peft's layout ------------------------------------------------------------------
 
-    def __init__(self, model):
-        self.model, self.wrapper = model, model.model.embed_tokens
+def to_peft(model, settings: PromptTuningSettings) -> tuple[dict, dict]:
+    """peft's PromptTuningConfig and the one tensor, prompt_embeddings (P, D)."""
+    shape = model.config
+    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": settings.num_prompts,
+              "token_dim": shape.hidden_size, "num_transformer_submodules": 1,
+              "num_attention_heads": shape.num_attention_heads, "num_layers": shape.num_hidden_layers,
+              "prompt_tuning_init": PEFT_INITS[settings.init], "prompt_tuning_init_text": settings.init_text}
+    return config, {"prompt_embeddings": model.model.embed_tokens.learned_prompts}
 
-    def __enter__(self):
-        self.model.model.embed_tokens = self.wrapper.word_embeddings
-        return self.model
 
-    def __exit__(self, *exc):
-        self.model.model.embed_tokens = self.wrapper
+def from_peft(model, config: dict, source) -> dict:
+    """Put learned prompts in front of `model` as the PromptTuningConfig says; return {file key: parameter}."""
+    num_prompts = require(config, "num_virtual_tokens", int, source, 1, model.config.max_position_embeddings)
+    init = {peft: ours for ours, peft in PEFT_INITS.items()}.get(config.get("prompt_tuning_init"), "random")
+    wrapper = add_prompt_tuning(model, num_prompts, init="random")  # the file's values replace these
+    model.peft_settings["PROMPT_TUNING"] = PromptTuningSettings(num_prompts, init, config.get("prompt_tuning_init_text"))
+    return {"prompt_embeddings": wrapper.learned_prompts}

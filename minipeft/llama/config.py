@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import MiniPeftError
+from ..errors import MiniPeftError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
+from ..errors import MiniPeftError
 from .config import LlamaConfig
-from .errors import MiniPeftError
 from .model import Llama
 from .quant import QUANTIZED_LINEARS, quantize_linear
 from .tokenizer import load_tokenizer

@@ -20,7 +20,7 @@ import torch
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import bitsandbytes as bnb  # noqa: E402
 
-from .errors import MiniPeftError
+from ..errors import MiniPeftError
 
 QUANT_TYPES = ("nf4", "fp4")
 # The linears that go 4-bit, by their Hugging Face names.

@@ -4,9 +4,9 @@ import json
 import shutil
 from pathlib import Path
 
-from .adapters import write_atomically
-from .default_model import DEFAULT_DIR, PREPARE_COMMAND
-from .errors import MiniPeftError
+from ..errors import MiniPeftError
+from ..files import write_atomically
+from ..llama.default_model import DEFAULT_DIR, PREPARE_COMMAND
 
 
 def check_positive(**values):

@@ -7,7 +7,7 @@
 
 import torch
 
-from .errors import MiniPeftError
+from ..errors import MiniPeftError
 from .model import KVCache
 
 

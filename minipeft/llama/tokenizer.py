@@ -14,7 +14,7 @@ from pathlib import Path
 
 import regex
 
-from .errors import MiniPeftError
+from ..errors import MiniPeftError
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 

@@ -9,7 +9,10 @@ Memory for activations drops from every intermediate of every block to one (B, T
 block, for one extra forward pass. The block's trainable parameters are passed to the autograd
 Function as inputs: that is what makes its output require grad even when x does not (LoRA-only
 training on a frozen embedding), the case where other stacks fail with "element 0 of tensors does not
-require grad".
+require grad". Tensors the block reads from outside (a learned past in the KV cache) are passed the
+same way, so they get their gradients too.
+
+Not to be confused with a training checkpoint (the state a run resumes from): minipeft/train/run_state.py.
 """
 
 import torch
@@ -17,8 +20,9 @@ import torch
 
 class CheckpointFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, module, args, x, *trainable):
-        ctx.module, ctx.args = module, args
+    def forward(ctx, module, args, num_outside, x, *differentiable):
+        ctx.module, ctx.args, ctx.num_outside = module, args, num_outside
+        ctx.outside = differentiable[:num_outside]  # views of tensors that live on (the learned past)
         ctx.cpu_rng = torch.get_rng_state()  # so dropout draws the same mask when recomputed
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         device = x.device.type
@@ -31,7 +35,8 @@ class CheckpointFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         (x,) = ctx.saved_tensors
         trainable = [p for p in ctx.module.parameters() if p.requires_grad]
-        x = x.detach().requires_grad_(ctx.needs_input_grad[2])
+        outside = [t for t, needed in zip(ctx.outside, ctx.needs_input_grad[4:]) if needed]
+        x = x.detach().requires_grad_(ctx.needs_input_grad[3])
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
@@ -39,16 +44,19 @@ class CheckpointFunction(torch.autograd.Function):
             device, dtype, enabled = ctx.autocast  # recompute under the forward's autocast setting
             with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 y = ctx.module(x, *ctx.args)  # the recompute
-        inputs = ([x] if x.requires_grad else []) + trainable
-        grads = list(torch.autograd.grad(y, inputs, grad_output, allow_unused=True))
-        grad_x = grads.pop(0) if x.requires_grad else None
-        return (None, None, grad_x, *grads)
+        inputs = ([x] if x.requires_grad else []) + outside + trainable
+        grads = iter(torch.autograd.grad(y, inputs, grad_output, allow_unused=True))
+        grad_x = next(grads) if x.requires_grad else None
+        grad_outside = [next(grads) if needed else None for needed in ctx.needs_input_grad[4:4 + ctx.num_outside]]
+        return (None, None, None, grad_x, *grad_outside, *grads)
 
 
-def checkpoint(module, x, *args):
-    """module(x, *args), keeping only x for backward. Only x and the module's parameters get gradients."""
+def checkpoint(module, x, *args, also_differentiate=()):
+    """module(x, *args), keeping only x for backward. x, the module's parameters and the tensors in
+    `also_differentiate` (which the module reads through `args`) get gradients."""
     trainable = [p for p in module.parameters() if p.requires_grad]
-    return CheckpointFunction.apply(module, args, x, *trainable)
+    outside = list(also_differentiate)
+    return CheckpointFunction.apply(module, args, len(outside), x, *outside, *trainable)
 
 
 def enable_checkpointing(model, enabled=True):

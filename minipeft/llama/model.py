@@ -1,4 +1,4 @@
-"""Llama, written by hand: the decoder that every PEFT mechanism in minipeft wraps.
+"""Llama, written by hand: the decoder that every PEFT method in minipeft wraps.
 
 Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models".
 
@@ -8,16 +8,36 @@ Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models".
                                      └─ x = x + mlp(rms_norm(x))         SwiGLU
 
 Module names follow the Hugging Face checkpoint layout, so `model.state_dict()` keys are the file's
-keys (`model.layers.0.self_attn.q_proj.weight`, ...). PEFT wrappers replace modules in place; this
-file never learns which one is on.
+keys (`model.layers.0.self_attn.q_proj.weight`, ...).
+
+The contract with PEFT methods. A method changes the model only by putting a module of its own into one
+of three slots, and the decoder only calls what it finds there; it never asks which method is on.
+
+1. A linear: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj` or `lm_head` may
+   be replaced by any module that maps (..., in) to (..., out). (LoRA.)
+2. `model.embed_tokens` may be replaced by a module that, for a new sequence, returns (B, P + T, D):
+   P learned positions in front of the T tokens. The decoder then
+   - treats the P positions as real tokens: always attended, whatever `attention_mask` says of the text;
+   - numbers the text's rotary positions from P;
+   - never scores them: `Llama.loss` puts label -100 in front of the labels for them;
+   - keeps them in the KV cache from prefill on: a continuing step looks up only its new ids, in
+     `embed_tokens.weight`, so the wrapper exposes the vocabulary matrix under that name. (Prompt tuning.)
+3. `model.learned_past` may hold a module that, called with the batch size, returns the keys and values
+   of P positions for every layer: two lists of (B, num_key_value_heads, P, head_dim) tensors. Every new
+   sequence then starts from a KV cache pre-filled with them (`KVCache.fill`). The decoder
+   attends to them as to any cached position: never rotated (they are keys as given), always attended,
+   and the text numbered from P. In training they are a fixed past that gets gradients, under
+   gradient checkpointing too. (Learned keys and values in every layer: prefix tuning.)
+
+Beyond those slots a method may only add parameters to a module it put there.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import checkpoint
 from .config import LlamaConfig
+from .gradient_checkpointing import checkpoint
 from .loss import linear_cross_entropy
 
 
@@ -52,12 +72,24 @@ def apply_rotary(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every position processed so far, per layer, and which positions are real tokens."""
+    """Keys and values of the positions before the new tokens, per layer, and which of them are real.
 
-    def __init__(self, num_layers: int):
+    It starts empty (generation), or pre-filled with learned positions (contract 3 above). A cache that
+    does not `grow` is a fixed past: each layer joins it to its new keys and values but stores nothing,
+    so a recompute in backward sees the same past."""
+
+    def __init__(self, num_layers: int, grow: bool = True):
         self.keys = [None] * num_layers
         self.values = [None] * num_layers
         self.mask = None  # (B, S) bool: False at padding
+        self.grow = grow
+
+    def fill(self, keys, values) -> "KVCache":
+        """Start the cache with P positions per layer: keys[i], values[i] are (B, KV, P, hd), all real."""
+        self.keys, self.values = list(keys), list(values)
+        B, _, P, _ = keys[0].shape
+        self.mask = torch.ones(B, P, dtype=torch.bool, device=keys[0].device)
+        return self
 
     @property
     def length(self) -> int:
@@ -67,7 +99,8 @@ class KVCache:
         if self.keys[layer_index] is not None:
             k = torch.cat([self.keys[layer_index], k], dim=2)  # (B, kv_heads, S, head_dim)
             v = torch.cat([self.values[layer_index], v], dim=2)
-        self.keys[layer_index], self.values[layer_index] = k, v
+        if self.grow:
+            self.keys[layer_index], self.values[layer_index] = k, v
         return k, v
 
 
@@ -142,33 +175,40 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.learned_past = None  # contract 3: a module returning per-layer keys and values, or None
         self.gradient_checkpointing = False  # set by minipeft.enable_checkpointing
 
     def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None):
-        past = cache.length if cache is not None else 0
+        """Hidden states (B, T', D). `cache` (generation) is continued and grows; without one, a learned
+        past, if any, is a fixed cache that keeps nothing. T' = T plus any positions embed_tokens prepends."""
+        new_sequence = cache is None or cache.length == 0
         if inputs_embeds is not None:
             x = inputs_embeds  # (B, T, D)
-        elif past == 0:
-            # An embedding wrapper may prepend learned positions to a new sequence (prompt tuning does).
-            x = self.embed_tokens(input_ids)  # (B, prefix + T, D)
-        else:
-            # Continuing a cached sequence: any prepended positions are in the cache already.
+        elif new_sequence:
+            x = self.embed_tokens(input_ids)  # (B, P + T, D): contract 2
+        else:  # continuing a cached sequence: any prepended positions are in the cache already
             x = F.embedding(input_ids, self.embed_tokens.weight)  # (B, T, D)
         B, T = x.shape[:2]
+        if new_sequence and self.learned_past is not None:  # contract 3
+            cache = (cache if cache is not None else KVCache(len(self.layers), grow=False)).fill(*self.learned_past(B))
+        past = cache.length if cache is not None else 0
+
         new_mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
         if attention_mask is not None:  # covers the new tokens; prepended positions are always real
             new_mask[:, T - attention_mask.shape[1]:] = attention_mask.bool()
         key_mask = new_mask if past == 0 else torch.cat([cache.mask, new_mask], dim=1)  # (B, S)
-        if cache is not None:
+        if cache is not None and cache.grow:
             cache.mask = key_mask
         positions = (key_mask.long().cumsum(-1)[:, -T:] - 1).clamp(min=0)  # (B, T): padding does not count
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         padded = not bool(key_mask.all())
         mask = causal_padding_mask(key_mask, T) if padded or (past > 0 and T > 1) else None  # None: plain causal
 
-        for layer in self.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
-                x = checkpoint(layer, x, cos, sin, mask)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled() and (cache is None or not cache.grow)
+        for i, layer in enumerate(self.layers):
+            if recompute:  # a fixed past is read by the block, so it is handed to the recompute as an input
+                past_tensors = (cache.keys[i], cache.values[i]) if cache is not None else ()
+                x = checkpoint(layer, x, cos, sin, mask, cache, also_differentiate=past_tensors)
             else:
                 x = layer(x, cos, sin, mask, cache)
         return self.norm(x)  # (B, T, D)
@@ -190,11 +230,12 @@ class Llama(nn.Module):
         hidden = self.model(input_ids, attention_mask, cache, inputs_embeds)  # (B, T, D)
         return self.lm_head(hidden[:, -1:] if last_only else hidden)
 
-    def loss(self, input_ids=None, labels=None, attention_mask=None, inputs_embeds=None):
-        """Mean next-token cross-entropy over positions whose label is not -100.
+    def loss(self, input_ids=None, labels=None, attention_mask=None, inputs_embeds=None, reduction="mean"):
+        """Next-token cross-entropy over positions whose label is not -100: their mean, or their sum
+        (`reduction="sum"`, for accumulating micro-batches in which every token weighs the same).
 
         Logits are built only at labelled positions, and through a frozen lm_head only a chunk at a time
-        (minipeft/loss.py): a (B, T, vocab) tensor with a 32k-49k vocabulary is never formed."""
+        (loss.py): a (B, T, vocab) tensor with a 32k-49k vocabulary is never formed."""
         hidden = self.model(input_ids, attention_mask, None, inputs_embeds)  # (B, T', D)
         labels = F.pad(labels, (hidden.shape[1] - labels.shape[1], 0), value=-100)  # prepended: unscored
         targets = labels[:, 1:]  # position t predicts token t + 1
@@ -204,4 +245,4 @@ class Llama(nn.Module):
             total = linear_cross_entropy(hidden, self.lm_head.weight, targets)
         else:  # lm_head has its own adapter: the plain way
             total = F.cross_entropy(self.lm_head(hidden).float(), targets, reduction="sum")
-        return total / max(len(targets), 1)
+        return total if reduction == "sum" else total / max(len(targets), 1)

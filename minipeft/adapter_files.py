@@ -1,0 +1,90 @@
+"""Adapter files: only the trained tensors plus a small JSON config, in the peft library's layout.
+
+    adapter_config.json          {"peft_type": "LORA", ...} or {"peft_type": "PROMPT_TUNING", ...}
+    adapter_model.safetensors    the method's tensors, named as peft names them
+
+Each method writes and reads its own config and tensor names (`to_peft` / `from_peft` in its file);
+this module finds the method by `peft_type` in one table, checks that the tensors fit the base, and
+writes atomically, so an adapter trained here loads in peft (and the serving stacks that read peft's
+files), and one trained with peft loads here.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from .errors import MiniPeftError
+from .files import write_atomically
+from .methods import lora, prompt_tuning
+
+METHODS = {"LORA": lora, "PROMPT_TUNING": prompt_tuning}  # peft_type -> the method's file
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+def adapter_state(model) -> tuple[dict, dict]:
+    """The peft config and tensors of the one PEFT method the model carries."""
+    settings = getattr(model, "peft_settings", {})
+    if not settings:
+        raise MiniPeftError("save_adapter: the model has no PEFT method on it (add_lora, add_prompt_tuning, ...)")
+    if len(settings) > 1:
+        raise MiniPeftError(f"save_adapter: the model carries {' and '.join(settings)}; peft's format holds one")
+    (peft_type, method_settings), = settings.items()
+    return METHODS[peft_type].to_peft(model, method_settings)
+
+
+def save_adapter(model, directory, base_model_name_or_path=None):
+    """Write adapter_config.json and adapter_model.safetensors (trainable tensors only) into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config, tensors = adapter_state(model)
+    config["base_model_name_or_path"] = base_model_name_or_path
+    config["inference_mode"] = True
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    write_atomically(directory / WEIGHTS_FILE, save_safetensors_bytes(tensors, metadata={"format": "pt"}))
+    write_atomically(directory / CONFIG_FILE, json.dumps(config, indent=2).encode())
+
+
+def read_adapter(directory) -> tuple[dict, dict]:
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise MiniPeftError(f"{path}: not found (an adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise MiniPeftError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise MiniPeftError(f"{config_path}: expected a JSON object")
+    try:
+        tensors = load_safetensors_bytes(weights_path.read_bytes())
+    except Exception as e:  # any failure to parse these bytes means the same thing to the user
+        raise MiniPeftError(f"{weights_path}: not a readable safetensors file ({e})") from None
+    return config, tensors
+
+
+def load_adapter(model, directory):
+    """Attach the adapter in `directory` (minipeft's or peft's) to `model`, checking it fits the base."""
+    config, tensors = read_adapter(directory)
+    source, weights_path = Path(directory) / CONFIG_FILE, Path(directory) / WEIGHTS_FILE
+    peft_type = config.get("peft_type")
+    method = METHODS.get(peft_type) if isinstance(peft_type, str) else None
+    if method is None:
+        raise MiniPeftError(f"{source}: peft_type {peft_type!r} is not supported; "
+                            f"expected one of {sorted(METHODS)}")
+    expected = method.from_peft(model, config, source)  # {file key: parameter}, after wrapping the model
+
+    tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}  # peft's in-memory names
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise MiniPeftError(f"{weights_path}: tensors do not fit the base model: missing {missing[:4]} extra {extra[:4]}")
+    with torch.no_grad():
+        for key, parameter in expected.items():
+            if tensors[key].shape != parameter.shape:
+                raise MiniPeftError(f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, "
+                                    f"the base model needs {tuple(parameter.shape)}")
+            parameter.copy_(tensors[key])
+    return config

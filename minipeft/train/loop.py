@@ -1,0 +1,66 @@
+"""The pieces of one training loop that are not PEFT: schedule, token-weighted accumulation, evaluation.
+
+Gradient accumulation weighs every labelled token the same, as one big batch would: each micro-batch
+adds its summed loss, divided by the labelled tokens of the whole step. (Dividing each micro-batch's
+mean by the number of micro-batches would make a short sample's tokens weigh more.)
+"""
+
+import math
+import resource
+
+import torch
+
+from ..errors import MiniPeftError
+from .batches import pad_batch
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def scored_tokens(labels) -> int:
+    """How many positions a batch's loss covers: each predicts the next token, where it is labelled."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def accumulate_gradients(model, micro_batches, autocast) -> tuple[float, int]:
+    """Backward through each (ids, mask, labels) micro-batch, every labelled token weighted the same.
+
+    Returns the step's mean loss per token and the number of tokens it covers (padding excluded)."""
+    total_scored = max(sum(scored_tokens(labels) for _, _, labels in micro_batches), 1)
+    step_loss, step_tokens = 0.0, 0
+    for ids, mask, labels in micro_batches:
+        with autocast():
+            loss = model.loss(ids, labels, attention_mask=mask, reduction="sum") / total_scored
+        loss.backward()
+        step_loss, step_tokens = step_loss + loss.item(), step_tokens + int(mask.sum())
+    return step_loss, step_tokens
+
+
+@torch.no_grad()
+def heldout_loss(model, samples, device, batch_size=8, autocast_dtype=None) -> float:
+    """Mean next-token NLL over every held-out token."""
+    total, count = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        ids, mask, labels = pad_batch(samples[start:start + batch_size], device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model.loss(ids, labels, attention_mask=mask)
+        tokens = scored_tokens(labels)
+        total, count = total + loss.item() * tokens, count + tokens
+    return total / count
+
+
+def clip_and_check(loss_value, parameters, step, max_norm=1.0):
+    if not math.isfinite(loss_value):
+        raise MiniPeftError(f"loss became {loss_value} at step {step}; stopped, the last checkpoint is kept")
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm).item()
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -1,0 +1,55 @@
+"""Helpers shared by the tests (fixtures live in conftest.py): checkpoints written by transformers itself,
+a plain training loop, and train_code.py run as a user runs it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--seq-len", "48", "--accum", "2", "--warmup", "2", "--lr", "3e-3", "--new-tokens", "4"]
+
+
+def write_hf_checkpoint(path, *, kv_heads=2, tied=False, sharded=False, seed=0, **overrides):
+    """A random Llama checkpoint saved by transformers' own save_pretrained, in HF layout."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=kv_heads, vocab_size=256, max_position_embeddings=128, rms_norm_eps=1e-6,
+                 rope_theta=10000.0, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(**{**shape, **overrides})
+    model = LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():  # the default init leaves norms at 1: make them matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path, max_shard_size="60KB" if sharded else "10GB")
+    return model
+
+
+def train_steps(model, optimizer, ids, steps):
+    """A plain training loop on one batch; returns the losses."""
+    losses = []
+    for _ in range(steps):
+        loss = model.loss(ids, ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def train_code(*args, **popen):
+    """train_code.py in a subprocess with short settings; `popen=True` returns the running process."""
+    command = [sys.executable, str(ROOT / "train_code.py"), *FAST, *args]
+    if popen:
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def losses(out):
+    """The training losses a train_code.py run logged in OUT/metrics.jsonl."""
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]

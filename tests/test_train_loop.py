@@ -1,0 +1,49 @@
+"""Gradient accumulation weighs every labelled token the same: micro-batches of different lengths give the
+gradient of the one big batch they make together."""
+
+import contextlib
+
+import torch
+from torch.testing import assert_close
+
+from minipeft import add_lora, load_model
+from minipeft.train.batches import pad_batch
+from minipeft.train.loop import accumulate_gradients
+from tests.helpers import write_hf_checkpoint
+
+
+def lora_gradients(weights_dir, run):
+    torch.manual_seed(0)
+    model = load_model(weights_dir)
+    add_lora(model, ["q", "v", "down"], r=4)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    run(model)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(tmp_path):
+    write_hf_checkpoint(tmp_path)
+    generator = torch.Generator().manual_seed(3)
+    samples = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in (5, 31, 12, 3)]
+    micro_batches = [pad_batch(samples[:1], "cpu"), pad_batch(samples[1:3], "cpu"), pad_batch(samples[3:], "cpu")]
+
+    def one_big_batch(model):
+        ids, mask, labels = pad_batch(samples, "cpu")
+        model.loss(ids, labels, attention_mask=mask).backward()
+
+    def accumulated(model):
+        loss, tokens = accumulate_gradients(model, micro_batches, contextlib.nullcontext)
+        assert tokens == sum(map(len, samples))
+
+    def mean_per_micro_batch(model):  # the old way: each micro-batch's mean, divided by their count
+        for ids, mask, labels in micro_batches:
+            (model.loss(ids, labels, attention_mask=mask) / len(micro_batches)).backward()
+
+    reference = lora_gradients(tmp_path, one_big_batch)
+    ours = lora_gradients(tmp_path, accumulated)
+    for name in reference:
+        assert_close(ours[name], reference[name], rtol=0, atol=1e-6)
+    old = lora_gradients(tmp_path, mean_per_micro_batch)
+    assert max((old[n] - reference[n]).abs().max() for n in reference) > 1e-3  # the test can tell them apart
