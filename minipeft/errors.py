@@ -25,6 +25,14 @@ def require(config: dict, key, kind, source, low=None, high=None, default=None):
     return value
 
 
+def require_mapping(config: dict, key, kind, source, high):
+    """config[key] as {name: value}, each value of `kind` in (0, high]; absent or null is {}."""
+    mapping = require(config, key, dict, source, default={}) if config.get(key) is not None else {}
+    for name, value in mapping.items():
+        require({name: value}, name, kind, f"{source} ({key})", 1e-9, high)
+    return mapping
+
+
 def run_cli(main):
     """Run a command-line entry point: a MiniPeftError becomes `error: ...` on stderr and exit code 2."""
     import sys

@@ -3,6 +3,7 @@ loading the same converted directory."""
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 import minipeft
 
@@ -42,9 +43,9 @@ def test_logits_equal_transformers(ours, reference):
     model, tokenizer = ours
     ids = torch.tensor([tokenizer.encode(PASSAGE)])
     with torch.no_grad():
-        diff = (model(ids) - reference(ids).logits).abs().max().item()
-    print(f"default model logits max abs diff vs transformers: {diff:.2e}")
-    assert diff <= 1e-4
+        ours, theirs = model(ids), reference(ids).logits
+    print(f"default model logits max abs diff vs transformers: {(ours - theirs).abs().max().item():.2e}")
+    assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 
 def test_passage_nll_matches_transformers(ours, reference):
@@ -55,7 +56,7 @@ def test_passage_nll_matches_transformers(ours, reference):
         nll = model.loss(ids, ids).item()
         reference_nll = reference(ids, labels=ids).loss.item()
     print(f"mean NLL: minipeft {nll:.4f}, transformers {reference_nll:.4f}")
-    assert abs(nll - reference_nll) < 1e-4
+    assert_close(nll, reference_nll, rtol=0, atol=1e-4)
     assert nll < 2.5
 
 

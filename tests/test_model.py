@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 import minipeft
 from minipeft import LlamaConfig, build_model, generate, load_model
@@ -18,9 +19,9 @@ def test_logits_equal_transformers(tmp_path, kv_heads, tied, sharded):
     model = load_model(tmp_path)
     ids = torch.randint(0, 256, (3, 17))
     with torch.no_grad():
-        diff = (model(ids) - reference(ids).logits).abs().max().item()
-    print(f"max abs diff vs transformers: {diff:.2e}")
-    assert diff <= 1e-5
+        ours, theirs = model(ids), reference(ids).logits
+    print(f"max abs diff vs transformers: {(ours - theirs).abs().max().item():.2e}")
+    assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -39,9 +40,8 @@ def test_padded_batch_equals_transformers(tmp_path, side):
         ours = model(ids, attention_mask=mask)
         theirs = reference(ids, attention_mask=mask, position_ids=positions).logits
     real = mask.bool()
-    diff = (ours[real] - theirs[real]).abs().max().item()
-    print(f"padded ({side}) max abs diff: {diff:.2e}")
-    assert diff <= 1e-5
+    print(f"padded ({side}) max abs diff: {(ours[real] - theirs[real]).abs().max().item():.2e}")
+    assert_close(ours[real], theirs[real], rtol=0, atol=1e-5)
 
 
 def test_kv_cache_matches_full_forward(tmp_path):
@@ -52,9 +52,8 @@ def test_kv_cache_matches_full_forward(tmp_path):
     with torch.no_grad():
         full = model(ids)
         steps = [model(ids[:, :6], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(6, 10)]
-    diff = (torch.cat(steps, dim=1) - full).abs().max().item()
     assert cache.length == 10
-    assert diff <= 1e-5
+    assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
 
 
 def test_greedy_generation_equals_transformers_generate(tmp_path):
@@ -103,9 +102,10 @@ def test_4bit_equals_bitsandbytes_dequantization(tmp_path):
                 original = full.get_submodule(name).weight
                 errors.append(((weight - original).norm() / original.norm()).item())
         with torch.no_grad():
-            diff = (quantized(ids) - decoded(ids)).abs().max().item()
+            ours, theirs = quantized(ids), decoded(ids)
+        diff = (ours - theirs).abs().max().item()
         print(f"{quant_type} dq={double_quant}: logits diff {diff:.2e}, weight error {max(errors):.3f} (relative)")
-        assert diff <= 1e-5
+        assert_close(ours, theirs, rtol=0, atol=1e-5)
         worst[quant_type] = max(errors)
     assert worst["nf4"] < 0.10 and worst["fp4"] < 0.14  # measured: 0.094 and 0.124 on Gaussian weights
     assert worst["nf4"] < worst["fp4"]  # QLoRA's point: NF4 fits normally distributed weights better
@@ -127,9 +127,9 @@ def test_bf16_load(tmp_path):
     model = load_model(tmp_path, dtype=torch.bfloat16)
     ids = torch.randint(0, 256, (1, 8))
     with torch.no_grad():
-        diff = (model(ids).float() - reference(ids).logits).abs().max().item()
+        ours, theirs = model(ids).float(), reference(ids).logits
     assert model.lm_head.weight.dtype == torch.bfloat16
-    assert diff < 0.1
+    assert_close(ours, theirs, rtol=0, atol=0.1)
 
 
 def test_chunked_loss_equals_plain_cross_entropy(tmp_path):
@@ -147,5 +147,5 @@ def test_chunked_loss_equals_plain_cross_entropy(tmp_path):
     logits = model(inputs_embeds=hidden)
     reference = F.cross_entropy(logits[:, :-1].reshape(-1, 256), labels[:, 1:].reshape(-1), ignore_index=-100)
     (reference_grad,) = torch.autograd.grad(reference, hidden)
-    assert abs(loss.item() - reference.item()) < 1e-5
-    assert (grad - reference_grad).abs().max().item() < 1e-6
+    assert_close(loss, reference, rtol=0, atol=1e-5)
+    assert_close(grad, reference_grad, rtol=0, atol=1e-6)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 import minipeft
 from minipeft import add_prompt_tuning, generate, load_adapter, load_model, save_adapter
@@ -38,8 +39,8 @@ def test_logits_and_loss_equal_peft(pair):
     real = torch.cat([torch.ones(2, 6, dtype=torch.bool), mask.bool()], dim=1)
     diff = (ours_logits[real] - their_out.logits[real]).abs().max().item()
     print(f"prompt tuning vs peft: logits diff {diff:.2e}, loss diff {abs(ours_loss - their_out.loss):.2e}")
-    assert diff < 1e-5
-    assert abs(ours_loss.item() - their_out.loss.item()) < 1e-5
+    assert_close(ours_logits[real], their_out.logits[real], rtol=0, atol=1e-5)
+    assert_close(ours_loss, their_out.loss, rtol=0, atol=1e-5)
 
 
 def test_generation_with_prompt_uses_cache_correctly(pair):
@@ -100,7 +101,7 @@ def test_adapter_round_trips_with_peft(pair):
     theirs = PeftModel.from_pretrained(reference, tmp_path / "ours")
     ids = torch.randint(3, 256, (2, 7))
     with torch.no_grad():
-        assert (ours(ids) - theirs(input_ids=ids).logits).abs().max().item() < 1e-5
+        assert_close(ours(ids), theirs(input_ids=ids).logits, rtol=0, atol=1e-5)
     theirs.save_pretrained(tmp_path / "theirs")
     again = load_model(tmp_path / "base")
     assert load_adapter(again, tmp_path / "theirs")["peft_type"] == "PROMPT_TUNING"

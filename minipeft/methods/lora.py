@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..errors import MiniPeftError, require
+from ..errors import MiniPeftError, require, require_mapping
 from ..llama.quant import dequantize, is_4bit, requantize_
 from .wrappers import freeze_base, record_settings
 
@@ -165,14 +165,6 @@ def to_peft(model, settings: LoRASettings) -> tuple[dict, dict]:
     return config, tensors
 
 
-def require_pattern(config, key, kind, source, high):
-    """peft's rank_pattern / alpha_pattern: {module name: value}."""
-    pattern = require(config, key, dict, source, default={}) if config.get(key) is not None else {}
-    for name, value in pattern.items():
-        require({name: value}, name, kind, f"{source} ({key})", 1e-9, high)
-    return pattern
-
-
 def from_peft(model, config: dict, source) -> dict:
     """Wrap `model` as the LoraConfig says; return {file key: parameter} for the tensors to load."""
     shape = model.config
@@ -180,8 +172,8 @@ def from_peft(model, config: dict, source) -> dict:
     r = require(config, "r", int, source, 1, largest)
     alpha = require(config, "lora_alpha", (int, float), source, -1e9, 1e9)
     dropout = require(config, "lora_dropout", (int, float), source, 0, 0.999, default=0.0)
-    ranks = require_pattern(config, "rank_pattern", int, source, largest)
-    alphas = require_pattern(config, "alpha_pattern", (int, float), source, 1e9)
+    ranks = require_mapping(config, "rank_pattern", int, source, largest)
+    alphas = require_mapping(config, "alpha_pattern", (int, float), source, 1e9)
     targets = require(config, "target_modules", (list, str), source)
     targets = [targets] if isinstance(targets, str) else targets
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
