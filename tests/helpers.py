@@ -22,10 +22,12 @@ def write_hf_checkpoint(path, *, kv_heads=2, tied=False, sharded=False, seed=0, 
                  rope_theta=10000.0, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
     config = LlamaConfig(**{**shape, **overrides})
     model = LlamaForCausalLM(config).float().eval()
-    with torch.no_grad():  # the default init leaves norms at 1: make them matter
+    with torch.no_grad():  # the default init leaves norms at 1 and biases at 0: make them matter
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.1)
     model.save_pretrained(path, max_shard_size="60KB" if sharded else "10GB")
     return model
 

@@ -5,6 +5,8 @@
                  (its keys/values join the cache) ─► stop at EOS or max_new_tokens
 """
 
+import itertools
+
 import torch
 
 from ..errors import MiniPeftError
@@ -32,13 +34,14 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed
         temperature: 0 for greedy decoding; otherwise sample from softmax(logits / temperature).
         top_p: sample only from the smallest set of tokens whose probability adds up to top_p.
         seed: makes sampling repeatable.
-        eos_id: generation of a sequence stops after this token (default: the model config's eos).
+        eos_id: generation of a sequence stops at this token, or at any of a list of them (default: the
+            model config's eos_token_id, which Llama 3 instruct gives as a list).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise MiniPeftError("generate: every prompt needs at least one token")
     if not 0 < top_p <= 1:
         raise MiniPeftError(f"generate: top_p must be in (0, 1], got {top_p}")
-    eos_id = model.config.eos_token_id if eos_id is None else eos_id
+    stop_ids = model.config.eos_token_ids if eos_id is None else eos_id if isinstance(eos_id, list) else [eos_id]
     device = model.model.norm.weight.device  # lm_head may be wrapped by an adapter
     longest = max(len(p) for p in prompts)
     input_ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
@@ -50,14 +53,15 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed
 
     cache = KVCache(model.config.num_hidden_layers)
     logits = model(input_ids, attention_mask, cache, last_only=True)[:, -1]  # (B, vocab)
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     new_tokens = []
     for _ in range(max_new_tokens):
-        next_ids = choose_next(logits, temperature, top_p, generator).masked_fill(finished, eos_id)  # (B,)
-        new_tokens.append(next_ids)
-        finished |= next_ids == eos_id
+        next_ids = choose_next(logits, temperature, top_p, generator)  # (B,)
+        new_tokens.append(next_ids.masked_fill(finished, -1))  # -1: after this row's end
+        finished |= torch.isin(next_ids, stop)
         if finished.all():
             break
         logits = model(next_ids[:, None], cache=cache, last_only=True)[:, -1]
     rows = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
-    return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
+    return [list(itertools.takewhile(lambda token: token not in stop_ids and token != -1, row)) for row in rows]

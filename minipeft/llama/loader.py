@@ -118,11 +118,12 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
             raise MiniPeftError(f"{weights_dir}: tensor {name} has shape {tuple(tensor.shape)}, "
                                 f"config.json implies {tuple(expected[name])}")
         module_name = name.rsplit(".", 2)[-2]
-        if quantize and module_name in QUANTIZED_LINEARS:
+        if quantize and module_name in QUANTIZED_LINEARS and name.endswith(".weight"):
             parent, child = name.removesuffix(".weight").rsplit(".", 1)
-            layer = quantize_linear(tensor.to(dtype), quantize, dtype, double_quant, device)
+            bias = model.get_submodule(parent).get_submodule(child).bias  # loaded already, still to come, or None
+            layer = quantize_linear(tensor.to(dtype), quantize, dtype, double_quant, device, bias)
             setattr(model.get_submodule(parent), child, layer)
-        else:
+        else:  # full-precision tensors, and the biases of 4-bit linears
             set_tensor(model, name, tensor.to(device=device, dtype=dtype, copy=True))  # a copy: no view into the file
         seen.add(name)
         del tensor

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .config import LlamaConfig
 from .gradient_checkpointing import checkpoint
 from .loss import linear_cross_entropy
+from .rotary import apply_rotary, inverse_frequencies, rotary_cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -54,21 +55,6 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-def rotary_cos_sin(positions, head_dim: int, theta: float, dtype):
-    """cos and sin of each position's rotation angles, in the rotate-half layout: (B, 1, T, head_dim)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (B, T, head_dim)
-    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
-
-
-def apply_rotary(x, cos, sin):
-    """Rotate each (x[i], x[i + head_dim/2]) pair by its position's angle."""
-    first, second = x.chunk(2, dim=-1)
-    rotated_half = torch.cat([-second, first], dim=-1)
-    return x * cos + rotated_half * sin
 
 
 class KVCache:
@@ -110,10 +96,11 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
@@ -134,9 +121,10 @@ class MLP(nn.Module):
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -200,7 +188,8 @@ class LlamaModel(nn.Module):
         if cache is not None and cache.grow:
             cache.mask = key_mask
         positions = (key_mask.long().cumsum(-1)[:, -T:] - 1).clamp(min=0)  # (B, T): padding does not count
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        inv_freq = inverse_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling, x.device)
+        cos, sin = rotary_cos_sin(positions, inv_freq, x.dtype)
         padded = not bool(key_mask.all())
         mask = causal_padding_mask(key_mask, T) if padded or (past > 0 and T > 1) else None  # None: plain causal
 

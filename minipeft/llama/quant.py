@@ -27,8 +27,9 @@ QUANT_TYPES = ("nf4", "fp4")
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def quantize_linear(weight, quant_type="nf4", compute_dtype=torch.float32, double_quant=False, device="cpu"):
-    """A bitsandbytes Linear4bit (no bias) holding `weight` (out, in), quantized on `device`."""
+def quantize_linear(weight, quant_type="nf4", compute_dtype=torch.float32, double_quant=False, device="cpu",
+                    bias=None):
+    """A bitsandbytes Linear4bit holding `weight` (out, in), quantized on `device`; `bias` stays as given."""
     if quant_type not in QUANT_TYPES:
         raise MiniPeftError(f"quantize: unknown quant type {quant_type!r}; expected one of {QUANT_TYPES}")
     out_features, in_features = weight.shape
@@ -40,6 +41,7 @@ def quantize_linear(weight, quant_type="nf4", compute_dtype=torch.float32, doubl
     # that computes in bf16 whatever compute_dtype says, and rewrites the stored weight. Keep the
     # requested precision and a base that never changes.
     layer.support_avx512bf16_for_cpu = False
+    layer.bias = bias  # full precision (attention_bias / mlp_bias checkpoints); None for Llama
     return layer
 
 
