@@ -1,5 +1,7 @@
 """Tokenizers against their own references: HF `tokenizers` for the hand-written BPE, sentencepiece itself."""
 
+from pathlib import Path
+
 import pytest
 
 from minipeft import MiniPeftError, load_tokenizer
@@ -110,3 +112,165 @@ def test_bpe_class_reads_plain_bytelevel(tmp_path):
     ours = BPETokenizer(tmp_path / "tokenizer.json")
     for text in TEXTS.values():
         assert ours.encode(text) == reference.encode(text).ids
+
+
+# ---- the kinds of tokenizer Llama-family checkpoints ship, each built by its own library --------------------
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+WHOLE_WORD = " quickbrownfox"  # put in the vocabulary with no merges that build it: only ignore_merges finds it
+VARIED = [*TEXTS.values(), "  leading spaces and 1234567 digits in groups", WHOLE_WORD + " jumps",
+          "<|begin_of_text|>system\n<|eot_id|>", "x = [i ** 2 for i in range(10_000)]\n"]
+
+
+def write_llama3_style(directory, ignore_merges=True, tokenizer_config=None):
+    """A Llama 3 style tokenizer.json trained by `tokenizers`: a Split regex that groups digits by 1-3, ByteLevel
+    without its own regex, ignore_merges, and a template that prepends <|begin_of_text|>."""
+    import inspect
+    import json
+    import json as json_package
+    from pathlib import Path
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<|begin_of_text|>", "<|eot_id|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    sources = [p.read_text() for p in sorted(Path(json_package.__file__).parent.glob("*.py"))] + [inspect.getsource(json)]
+    tokenizer.train_from_iterator(sources, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                             special_tokens=[("<|begin_of_text|>", 0)])
+    spec = json.loads(tokenizer.to_str())
+    spec["model"]["vocab"]["Ġquickbrownfox"] = len(spec["model"]["vocab"])
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.json").write_text(json.dumps(spec))
+    (directory / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1]}))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+         **(tokenizer_config or {})}))
+    return directory
+
+
+@pytest.mark.parametrize("ignore_merges", [True, False])
+def test_llama3_style_bpe_equals_hf(tmp_path, ignore_merges):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    directory = write_llama3_style(tmp_path, ignore_merges)
+    ours = load_tokenizer(directory)
+    reference, auto = Tokenizer.from_file(str(directory / "tokenizer.json")), AutoTokenizer.from_pretrained(directory)
+    for text in VARIED:
+        ids = ours.encode(text)
+        assert ids == reference.encode(text).ids == auto(text)["input_ids"], text
+        assert ids[0] == 0  # <|begin_of_text|>, from the template
+        assert ours.decode(ids[1:]) == text
+    whole = ours.encode(WHOLE_WORD, add_bos=False)
+    assert (len(whole) == 1) == ignore_merges
+
+
+@pytest.mark.parametrize("flag", [None, True, False])
+def test_bos_follows_the_template_of_tokenizer_json_as_in_transformers(tmp_path, default_weights, flag):
+    """transformers 5 lets a tokenizer.json's template decide and ignores add_bos_token beside it; so do we."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    extra = {} if flag is None else {"add_bos_token": flag}
+    llama3 = write_llama3_style(tmp_path / "llama3", tokenizer_config=extra)
+    smollm = tmp_path / "smollm"
+    smollm.mkdir()
+    for name in ("tokenizer.json", "config.json"):
+        shutil.copy(default_weights / name, smollm)
+    (smollm / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", **extra}))
+    for directory, bos in ((llama3, 0), (smollm, None)):
+        ids = load_tokenizer(directory).encode("Hello world 12")
+        assert ids == AutoTokenizer.from_pretrained(directory)("Hello world 12")["input_ids"]
+        assert (ids[0] == 0) == (bos == 0)
+
+
+def test_add_bos_token_decides_for_sentencepiece(converted_sentencepiece, tmp_path):
+    import json
+    import shutil
+
+    shutil.copy(converted_sentencepiece / "tokenizer.model", tmp_path)
+    assert load_tokenizer(tmp_path).encode("Hi")[0] == 1  # Llama's default
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "add_eos_token": True}))
+    ids = load_tokenizer(tmp_path).encode("Hi")
+    assert ids[0] != 1 and ids[-1] == 2
+
+
+@pytest.fixture(scope="module")
+def converted_sentencepiece(tmp_path_factory):
+    """mistral-common's Llama tokenizer.model, and the tokenizer.json transformers' own converter makes of it:
+    what Llama 2 and TinyLlama repositories ship side by side."""
+    import json
+    import shutil
+
+    import mistral_common
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("llama2_tokenizer")
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", directory / "tokenizer.model")
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+         "eos_token": "</s>", "unk_token": "<unk>"}))
+    AutoTokenizer.from_pretrained(directory).save_pretrained(directory)
+    assert (directory / "tokenizer.json").is_file()
+    return directory
+
+
+def test_sentencepiece_conversion_is_read_from_its_tokenizer_model(converted_sentencepiece):
+    import sentencepiece
+    from tokenizers import Tokenizer
+
+    ours = load_tokenizer(converted_sentencepiece)
+    assert isinstance(ours, SentencePieceTokenizer)
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(converted_sentencepiece / "tokenizer.model"))
+    converted = Tokenizer.from_file(str(converted_sentencepiece / "tokenizer.json"))
+    agree = 0
+    for text in VARIED:
+        ids = ours.encode(text)
+        assert ids == [1] + reference.encode(text)  # BOS, as tokenizer_config.json says
+        assert ours.decode(ids) == reference.decode(ids)
+        agree += converted.encode(text).ids == ids
+    print(f"transformers' converted tokenizer.json agrees with sentencepiece on {agree} of {len(VARIED)} texts")
+
+
+def test_sentencepiece_conversion_alone_is_refused(converted_sentencepiece, tmp_path):
+    import shutil
+
+    shutil.copy(converted_sentencepiece / "tokenizer.json", tmp_path)
+    with pytest.raises(MiniPeftError, match="tokenizer.json: a sentencepiece tokenizer converted to JSON"):
+        load_tokenizer(tmp_path)
+
+
+def test_ids_beyond_the_vocabulary_decode_to_nothing(bpe_pair, converted_sentencepiece):
+    ours, reference = bpe_pair
+    ids = ours.encode("fox") + [ours.vocab_size, ours.vocab_size + 1000]
+    assert ours.decode(ids) == reference.decode(ids) == "fox"
+    spm = load_tokenizer(converted_sentencepiece)
+    assert spm.decode(spm.encode("fox") + [spm.vocab_size + 5]) == "fox"
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"normalizer": {"type": "NFKC"}}, "normalizer 'NFKC'"),
+    ({"pre_tokenizer": {"type": "Whitespace"}}, "pre-tokenizer step"),
+    ({"pre_tokenizer": {"type": "Split", "pattern": {"Regex": "a"}, "behavior": "MergedWithNext", "invert": False}},
+     "pre-tokenizer step"),
+    ({"post_processor": {"type": "RobertaProcessing"}}, "post-processor 'RobertaProcessing'"),
+])
+def test_tokenizer_parts_it_cannot_honour_are_refused_by_name(tmp_path, change, named):
+    import json
+
+    directory = write_llama3_style(tmp_path)
+    spec = json.loads((directory / "tokenizer.json").read_text())
+    (directory / "tokenizer.json").write_text(json.dumps({**spec, **change}))
+    with pytest.raises(MiniPeftError, match="tokenizer.json") as error:
+        load_tokenizer(directory)
+    assert named in str(error.value) and "\n" not in str(error.value)

@@ -1,11 +1,20 @@
-"""Tokenizers that real Llama-family checkpoints ship: sentencepiece `tokenizer.model` (Llama-1/2,
-Mistral) and byte-level BPE `tokenizer.json` (SmolLM, GPT-2 style), the BPE written by hand.
+"""Tokenizers that real Llama-family checkpoints ship, chosen by what the files say:
+
+    tokenizer.json, byte-level BPE     SmolLM2 / GPT-2 style and Llama 3 style: the BPE written by hand,
+                                       with the pre-tokenizer the file gives (Split regex, Digits, ByteLevel)
+    tokenizer.model, sentencepiece     Llama 1/2, TinyLlama, Mistral: sentencepiece itself. Preferred when
+                                       both exist: those repositories' tokenizer.json is a conversion of it
 
 Byte-level BPE (Sennrich et al. 2016; Radford et al. 2019), encode:
 
-    text ─► split out special tokens ─► pre-tokenize (digits, then the GPT-2 regex)
-         ─► each piece's UTF-8 bytes as printable chars ─► merge the best-ranked adjacent pair until none
-            is in the merge list ─► ids
+    text ─► split out added tokens ─► pre-tokenize as the file says ─► each piece's UTF-8 bytes as printable
+         chars ─► (ignore_merges: a piece already in the vocabulary is one token) ─► merge the best-ranked
+         adjacent pair until none is in the merge list ─► ids
+
+BOS and EOS are added as the checkpoint says, as transformers does: a tokenizer.json's post-processor
+template decides for it (Llama 3 prepends <|begin_of_text|>, SmolLM2 nothing; transformers ignores
+add_bos_token there), and tokenizer_config.json's add_bos_token / add_eos_token for a tokenizer.model
+(Llama 2 prepends <s>).
 """
 
 import json
@@ -17,6 +26,8 @@ import regex
 from ..errors import MiniPeftError
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Marks of a tokenizer.json converted from sentencepiece (Llama 2, TinyLlama): not byte-level BPE.
+SENTENCEPIECE_MARKS = ("Metaspace", "Prepend", "ByteFallback", "Replace")
 
 
 @lru_cache
@@ -32,51 +43,103 @@ def bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
+def split_isolated(pattern):
+    """tokenizers' Split(behavior="Isolated"): every match a piece, and every stretch between matches."""
+    def split(piece):
+        pieces, start = [], 0
+        for match in pattern.finditer(piece):
+            pieces += [piece[start:match.start()], match.group()]
+            start = match.end()
+        return [p for p in pieces + [piece[start:]] if p]
+    return split
+
+
+def pre_tokenizer_steps(spec, path) -> list:
+    """The file's pre-tokenizer as a list of functions, each splitting one piece into pieces."""
+    steps = spec.get("pretokenizers", []) if spec and spec.get("type") == "Sequence" else [spec] if spec else []
+    functions = []
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Digits":
+            digits = regex.compile(r"\p{N}|[^\p{N}]+" if step.get("individual_digits") else r"\p{N}+|[^\p{N}]+")
+            functions.append(digits.findall)
+        elif kind == "ByteLevel" and not step.get("add_prefix_space", False):
+            if step.get("use_regex", True):
+                functions.append(regex.compile(GPT2_PATTERN).findall)
+        elif kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert", False):
+            pattern = step.get("pattern", {})
+            text = pattern.get("Regex") if "Regex" in pattern else regex.escape(pattern.get("String", ""))
+            functions.append(split_isolated(regex.compile(text)))
+        else:
+            raise MiniPeftError(f"{path}: pre-tokenizer step {json.dumps(step)[:120]} is not supported (expected "
+                                f"Digits, ByteLevel without add_prefix_space, or Split with behavior Isolated)")
+    return functions
+
+
+def special_template(post_processor, path) -> tuple[list[int], list[int]]:
+    """The ids tokenizer.json's TemplateProcessing puts before and after a single sequence."""
+    processors = (post_processor or {}).get("processors", [post_processor]) if post_processor else []
+    before, after, seen_sequence = [], [], False
+    for processor in processors:
+        kind = processor.get("type")
+        if kind == "ByteLevel":
+            continue  # only adjusts offsets
+        if kind != "TemplateProcessing":
+            raise MiniPeftError(f"{path}: post-processor {kind!r} is not supported (expected TemplateProcessing)")
+        for item in processor["single"]:
+            if "Sequence" in item:
+                seen_sequence = True
+            else:
+                ids = processor["special_tokens"][item["SpecialToken"]["id"]]["ids"]
+                (after if seen_sequence else before).extend(ids)
+    return before, after
+
+
 class BPETokenizer:
     def __init__(self, path, bos_id=None, eos_id=None):
         spec = json.loads(Path(path).read_text(encoding="utf-8"))
         model = spec["model"]
         if model.get("type") != "BPE":
             raise MiniPeftError(f"{path}: model type {model.get('type')!r} is not supported; expected 'BPE'")
+        if spec.get("normalizer") is not None:
+            raise MiniPeftError(f"{path}: normalizer {spec['normalizer'].get('type')!r} is not supported "
+                                f"(byte-level BPE tokenizers have none)")
+        for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+            if model.get(key):
+                raise MiniPeftError(f"{path}: BPE option {key}={model[key]!r} is not supported")
         self.vocab = model["vocab"]
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         self.merge_rank = {pair: rank for rank, pair in enumerate(merges)}
-        self.special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        self.ignore_merges = bool(model.get("ignore_merges", False))  # Llama 3: whole words in the vocab stay whole
+        added = spec.get("added_tokens", [])
+        stripping = [t["content"] for t in added if t.get("lstrip") or t.get("rstrip") or t.get("single_word")]
+        if stripping:
+            raise MiniPeftError(f"{path}: added token {stripping[0]!r} has lstrip/rstrip/single_word, not supported")
+        self.special = {t["content"]: t["id"] for t in added}
         self.id_to_token = {i: t for t, i in {**self.vocab, **self.special}.items()}
         self.vocab_size = max(self.id_to_token) + 1
-        self.split_digits, self.split_regex = self.read_pre_tokenizer(spec.get("pre_tokenizer"), path)
+        self.pre_tokenizer = pre_tokenizer_steps(spec.get("pre_tokenizer"), path)
         self.special_pattern = regex.compile("(" + "|".join(map(regex.escape, sorted(self.special, key=len,
                                                                                       reverse=True))) + ")")
         self.byte_chars = bytes_to_unicode()
         self.char_bytes = {c: b for b, c in self.byte_chars.items()}
+        self.before, self.after = special_template(spec.get("post_processor"), path)  # BOS / EOS, if any
         self.bos_id, self.eos_id = bos_id, eos_id
         self.pad_id = eos_id
         self.cache = {}
 
-    @staticmethod
-    def read_pre_tokenizer(spec, path):
-        steps = spec.get("pretokenizers", []) if spec and spec.get("type") == "Sequence" else [spec] if spec else []
-        split_digits, split_regex = False, False
-        for step in steps:
-            if step["type"] == "Digits" and step.get("individual_digits"):
-                split_digits = True
-            elif step["type"] == "ByteLevel" and not step.get("add_prefix_space", False):
-                split_regex = step.get("use_regex", True)
-            else:
-                raise MiniPeftError(f"{path}: pre-tokenizer {step} is not supported "
-                                    f"(expected Digits(individual_digits) and ByteLevel)")
-        return split_digits, split_regex
-
     def pre_tokenize(self, text) -> list[str]:
-        pieces = regex.findall(r"\p{N}|[^\p{N}]+", text) if self.split_digits else [text]
-        if self.split_regex:
-            pieces = [p for piece in pieces for p in regex.findall(GPT2_PATTERN, piece)]
+        pieces = [text]
+        for step in self.pre_tokenizer:
+            pieces = [p for piece in pieces for p in step(piece)]
         return pieces
 
     def bpe(self, piece: str) -> list[int]:
         if piece in self.cache:
             return self.cache[piece]
         word = [self.byte_chars[b] for b in piece.encode("utf-8")]
+        if self.ignore_merges and "".join(word) in self.vocab:
+            word = ["".join(word)]
         while len(word) > 1:
             ranks = [self.merge_rank.get(pair, float("inf")) for pair in zip(word, word[1:])]
             best = min(range(len(ranks)), key=ranks.__getitem__)
@@ -95,19 +158,23 @@ class BPETokenizer:
         ids = self.cache[piece] = [self.vocab[token] for token in word]
         return ids
 
-    def encode(self, text: str, add_bos=False, add_eos=False) -> list[int]:
-        ids = [self.bos_id] if add_bos else []
+    def encode(self, text: str, add_bos=None, add_eos=None) -> list[int]:
+        """Token ids; BOS/EOS as the checkpoint says, unless add_bos / add_eos say otherwise."""
+        ids = list(self.before) if add_bos is None else [self.bos_id] if add_bos else []
         for chunk in self.special_pattern.split(text) if self.special else [text]:
             if chunk in self.special:
                 ids.append(self.special[chunk])
             else:
                 ids.extend(i for piece in self.pre_tokenize(chunk) for i in self.bpe(piece))
-        return ids + ([self.eos_id] if add_eos else [])
+        return ids + (list(self.after) if add_eos is None else [self.eos_id] if add_eos else [])
 
     def decode(self, ids) -> str:
+        """Text of the ids; an id outside the vocabulary (config vocab_size may be larger) decodes to nothing."""
         out, pending = [], bytearray()
         for i in ids:
-            token = self.id_to_token[int(i)]
+            token = self.id_to_token.get(int(i))
+            if token is None:
+                continue
             if token in self.special:
                 out.append(pending.decode("utf-8", errors="replace") + token)
                 pending = bytearray()
@@ -117,9 +184,9 @@ class BPETokenizer:
 
 
 class SentencePieceTokenizer:
-    """A thin wrapper over sentencepiece itself: BOS is added by default, as Llama expects."""
+    """A thin wrapper over sentencepiece itself: BOS is added unless tokenizer_config.json says otherwise."""
 
-    def __init__(self, path):
+    def __init__(self, path, add_bos=None, add_eos=None):
         import sentencepiece
 
         self.processor = sentencepiece.SentencePieceProcessor()
@@ -130,25 +197,63 @@ class SentencePieceTokenizer:
         self.vocab_size = self.processor.get_piece_size()
         self.bos_id, self.eos_id = self.processor.bos_id(), self.processor.eos_id()
         self.pad_id = self.processor.pad_id() if self.processor.pad_id() >= 0 else self.eos_id
+        self.add_bos = True if add_bos is None else add_bos
+        self.add_eos = bool(add_eos)
 
-    def encode(self, text: str, add_bos=True, add_eos=False) -> list[int]:
+    def encode(self, text: str, add_bos=None, add_eos=None) -> list[int]:
+        add_bos = self.add_bos if add_bos is None else add_bos
+        add_eos = self.add_eos if add_eos is None else add_eos
         return [self.bos_id] * add_bos + self.processor.encode(text) + [self.eos_id] * add_eos
 
     def decode(self, ids) -> str:
-        return self.processor.decode([int(i) for i in ids])
+        """Text of the ids; an id outside the vocabulary decodes to nothing."""
+        return self.processor.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+
+def read_json(path, what):
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (UnicodeDecodeError, ValueError) as e:
+        raise MiniPeftError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise MiniPeftError(f"{path}: expected a JSON object ({what})")
+    return value
+
+
+def tokenizer_flags(weights_dir) -> tuple:
+    """add_bos_token / add_eos_token from tokenizer_config.json (None where it does not say)."""
+    path = weights_dir / "tokenizer_config.json"
+    config = read_json(path, "tokenizer settings")
+    flags = config.get("add_bos_token"), config.get("add_eos_token")
+    if not all(flag is None or isinstance(flag, bool) for flag in flags):
+        raise MiniPeftError(f"{path}: add_bos_token / add_eos_token should be true or false, got {flags}")
+    return flags
+
+
+def is_sentencepiece_conversion(spec) -> bool:
+    text = json.dumps({k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "decoder")})
+    return spec.get("model", {}).get("byte_fallback") is True or any(f'"{m}"' in text for m in SENTENCEPIECE_MARKS)
 
 
 def load_tokenizer(weights_dir):
-    """The tokenizer a checkpoint ships: tokenizer.json (byte-level BPE) or tokenizer.model (sentencepiece)."""
+    """The tokenizer a checkpoint ships, picked by what its files say (see the module docstring)."""
     weights_dir = Path(weights_dir)
-    if (weights_dir / "tokenizer.json").is_file():
-        path = weights_dir / "tokenizer.json"
-        config = weights_dir / "config.json"
+    json_path, model_path = weights_dir / "tokenizer.json", weights_dir / "tokenizer.model"
+    add_bos, add_eos = tokenizer_flags(weights_dir)
+    if json_path.is_file():
+        spec = read_json(json_path, "a Hugging Face tokenizer")
+        if is_sentencepiece_conversion(spec):
+            if model_path.is_file():
+                return SentencePieceTokenizer(model_path, add_bos, add_eos)
+            raise MiniPeftError(f"{json_path}: a sentencepiece tokenizer converted to JSON (Metaspace / byte_fallback) "
+                                f"is read from its tokenizer.model, which is not in {weights_dir}")
+        ids = read_json(weights_dir / "config.json", "the model config")
+        bos, eos = ids.get("bos_token_id"), ids.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
         try:
-            ids = json.loads(config.read_text()) if config.is_file() else {}
-            return BPETokenizer(path, ids.get("bos_token_id"), ids.get("eos_token_id"))
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise MiniPeftError(f"{path}: not a readable byte-level BPE tokenizer.json ({e!r})") from None
-    if (weights_dir / "tokenizer.model").is_file():
-        return SentencePieceTokenizer(weights_dir / "tokenizer.model")
+            return BPETokenizer(json_path, bos, eos)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, IndexError, regex.error) as e:
+            raise MiniPeftError(f"{json_path}: not a readable byte-level BPE tokenizer.json ({e!r})") from None
+    if model_path.is_file():
+        return SentencePieceTokenizer(model_path, add_bos, add_eos)
     raise MiniPeftError(f"{weights_dir}: no tokenizer.json or tokenizer.model found")
