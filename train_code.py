@@ -5,7 +5,7 @@
          micro-batch 1 x 4 accumulation steps, checkpointed blocks
       ─► held-out loss before/after, samples.md, report.json, a peft-compatible adapter
 
-Checkpoints go to OUT/checkpoint.pt every --save-every steps and on Ctrl-C; --resume continues exactly.
+Checkpoints go to OUT/checkpoint.safetensors every --save-every steps and on Ctrl-C; --resume continues exactly.
 """
 
 import argparse
@@ -21,19 +21,22 @@ from minipeft.errors import MiniPeftError, run_cli
 from minipeft.files import write_atomically
 from minipeft.llama.default_model import DEFAULT_DIR
 from minipeft.llama.loader import check_device
+from minipeft.methods.wrappers import fingerprint_digest
 from minipeft.train.batches import Batches, pad_batch
 from minipeft.train.data import Filters, describe, load_corpus
 from minipeft.train.loop import accumulate_gradients, clip_and_check, heldout_loss, peak_memory_mb, warmup_cosine
 from minipeft.train.reporting import (check_positive, check_weights, plot_losses, prepare_output_dir, write_report,
                                       write_samples)
-from minipeft.train.run_state import load_checkpoint, save_checkpoint
+from minipeft.train.run_state import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 
 PROMPTS = ["", "import", "from", "while", "try", "if", "for", "torch"]
+# Every setting that changes the result: a resume with any of them changed is refused by name.
 RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "r", "alpha", "dropout", "targets", "lr", "seq_len", "batch",
-                     "accum", "warmup", "max_steps", "seed", "bf16", "max_chars")
+                     "accum", "warmup", "max_steps", "seed", "bf16", "no_4bit", "device", "max_chars")
+FREE_ON_RESUME = ("out", "resume", "save_every", "new_tokens")  # where files go, and the samples shown after
 
 
-def parse_args():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--weights", default=str(DEFAULT_DIR), help="HF-layout Llama directory (default: %(default)s)")
@@ -54,13 +57,13 @@ def parse_args():
     add("--accum", type=int, default=4, help="micro-batches per optimizer step (default: %(default)s)")
     add("--max-chars", type=int, default=512, help="characters kept from each file's start, 0 for all (default: %(default)s)")
     add("--save-every", type=int, default=50, help="checkpoint every N steps (default: %(default)s)")
-    add("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    add("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)")
     add("--bf16", action="store_true", help="bf16 autocast on CPU (always on for CUDA)")
     add("--no-4bit", action="store_true", help="keep the frozen base in full precision")
     add("--new-tokens", type=int, default=48, help="tokens per generated sample (default: %(default)s)")
     add("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    return parser.parse_args()
+    return parser
 
 
 def read_metrics(path):
@@ -84,13 +87,13 @@ def generations(model, tokenizer, separator, new_tokens, seed):
 
 
 def main():
-    args = parse_args()
+    args = build_parser().parse_args()
     check_positive(max_steps=args.max_steps, lr=args.lr, r=args.r, alpha=args.alpha, seq_len=args.seq_len,
                    batch=args.batch, accum=args.accum, save_every=args.save_every, new_tokens=args.new_tokens)
     device = check_device(args.device)
     out = prepare_output_dir(args.out, need_bytes=64 * 2**20)
-    if args.resume and not (out / "checkpoint.pt").is_file():
-        raise MiniPeftError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}; run without --resume to start")
+    if args.resume and not (out / CHECKPOINT_FILE).is_file():
+        raise MiniPeftError(f"--resume: no checkpoint at {out / CHECKPOINT_FILE}; run without --resume to start")
     torch.manual_seed(args.seed)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" or args.bf16 else None
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -123,15 +126,11 @@ def main():
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.warmup, args.max_steps))
     batches = Batches(train, args.batch, args.seed)
-    settings = {k: getattr(args, k) for k in RESUME_MUST_MATCH}
+    settings = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH}, "base_fingerprint": fingerprint_digest(fingerprint)}
 
     # 4. Before training (or what the interrupted run measured then).
     if args.resume:
-        state = load_checkpoint(out / "checkpoint.pt", model, optimizer, scheduler, batches, device)
-        changed = [k for k in RESUME_MUST_MATCH if state["settings"].get(k) != settings[k]]
-        if changed:
-            raise MiniPeftError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
-                                f"checkpoint's; use the same settings or a new --out")
+        state = load_checkpoint(out / CHECKPOINT_FILE, model, optimizer, scheduler, batches, device, settings)
         step, tokens_seen, seconds, before = state["step"], state["tokens_seen"], state["seconds"], state["before"]
         metrics = [m for m in read_metrics(out / "metrics.jsonl") if m["step"] <= step]  # drop steps after it
         print(f"resumed at step {step}")
@@ -145,7 +144,7 @@ def main():
     write_atomically(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics).encode())
 
     def checkpoint():
-        save_checkpoint(out / "checkpoint.pt", model, optimizer, scheduler, batches, device, step=step,
+        save_checkpoint(out / CHECKPOINT_FILE, model, optimizer, scheduler, batches, device, step=step,
                         tokens_seen=tokens_seen, seconds=seconds, before=before, settings=settings)
 
     # 5. Train. Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and exits.

@@ -19,6 +19,7 @@ import minipeft
 from minipeft import MiniPeftError, load, load_adapter, load_model, save_adapter
 from minipeft.llama.config import LlamaConfig
 from minipeft.train.reporting import prepare_output_dir
+from minipeft.train.run_state import CHECKPOINT_FILE, read_checkpoint
 from tests.helpers import losses, train_code, train_steps, write_hf_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,7 +257,7 @@ def test_kill_9_at_random_points_loses_nothing(default_weights, code_data, tmp_p
     assert straight.returncode == 0, straight.stderr[-2000:]
     out, rng, kills = tmp_path / "killed", random.Random(1), 0
     while True:
-        resume = ["--resume"] if (out / "checkpoint.pt").is_file() else []
+        resume = ["--resume"] if (out / CHECKPOINT_FILE).is_file() else []
         process = train_code(*common, "--out", str(out), *resume, popen=True)
         if kills < 4:
             time.sleep(rng.uniform(2.0, 9.0))
@@ -264,8 +265,8 @@ def test_kill_9_at_random_points_loses_nothing(default_weights, code_data, tmp_p
                 process.send_signal(signal.SIGKILL)
                 kills += 1
             process.communicate()
-            if (out / "checkpoint.pt").is_file():  # what a kill leaves is always a complete checkpoint
-                state = torch.load(out / "checkpoint.pt", weights_only=False)
+            if (out / CHECKPOINT_FILE).is_file():  # what a kill leaves is always a complete checkpoint
+                state, _ = read_checkpoint(out / CHECKPOINT_FILE)
                 assert 1 <= state["step"] <= 8
             continue
         stdout, stderr = process.communicate(timeout=600)
@@ -283,8 +284,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(defau
                         "--lr", "1e30", "--warmup", "1")
     assert result.returncode == 2
     assert "loss became" in result.stderr and "at step 2;" in result.stderr and "Traceback" not in result.stderr
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)  # the last good one, step 1, stays
-    assert state["step"] == 1 and all(torch.isfinite(t).all() for t in state["trainable"].values())
+    state, tensors = read_checkpoint(tmp_path / CHECKPOINT_FILE)  # the last good one, step 1, stays
+    trainable = [t for name, t in tensors.items() if name.startswith("trainable/")]
+    assert state["step"] == 1 and trainable and all(torch.isfinite(t).all() for t in trainable)
 
 
 def test_default_model_preparation_is_idempotent_and_redoes_a_half_conversion(tmp_path):

@@ -11,6 +11,7 @@ and each method records what it was asked for (a small settings dataclass with i
 """
 
 import hashlib
+import json
 
 import torch
 
@@ -88,6 +89,11 @@ def base_fingerprint(model) -> dict[str, str]:
             digest.update(part.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         digests[base_name(name, wrapped_paths)] = digest.hexdigest()
     return digests
+
+
+def fingerprint_digest(fingerprint: dict[str, str]) -> str:
+    """One sha256 for a whole base_fingerprint: a training checkpoint keeps it to refuse another base."""
+    return hashlib.sha256(json.dumps(sorted(fingerprint.items())).encode()).hexdigest()
 
 
 class disabled:

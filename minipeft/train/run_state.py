@@ -1,55 +1,103 @@
 """Resumable run state (a training checkpoint): what a run needs to continue exactly where it stopped.
 
-One file, `checkpoint.pt`, written atomically (temp file, fsync, rename): the trainable tensors,
-optimizer and scheduler state, every RNG state and the data position. Resuming from it replays the
-run exactly: same batches, same dropout masks, same losses.
+One file, `checkpoint.safetensors`, written atomically (temp file, fsync, rename), so it is complete or
+absent, never half of a new one:
+
+    tensors     trainable/<name>          the adapter as trained so far
+                optimizer/<i>/<key>       AdamW's moments and step count for the i-th trainable tensor
+                rng/torch, rng/cuda       the generators' states (dropout masks, sampling)
+    metadata    {"state": JSON}           step, data position, settings, scheduler, optimizer hyper-parameters,
+                                          Python's RNG state, and what the script adds (losses before, ...)
+
+Nothing is unpickled: a planted or swapped file is data that is checked, never code that runs. Resuming
+replays the run exactly: same batches, same dropout masks, same losses.
 
 Not to be confused with gradient checkpointing (recompute in backward): minipeft/llama/gradient_checkpointing.py.
 """
 
-import io
+import json
 import random
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 
 from ..errors import MiniPeftError
 from ..files import write_atomically
 
-
-def rng_states(device):
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_states(states, device):
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if states["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], device)
+CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
 def save_checkpoint(path, model, optimizer, scheduler, batches, device, **extra):
-    state = {"trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states(device),
+    """Everything a resume needs; `extra` must be JSON (numbers, strings, lists, dicts)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    tensors = {f"trainable/{name}": p.detach().cpu().contiguous() for name, p in trainable}
+    optimizer_state = optimizer.state_dict()
+    for index, moments in optimizer_state["state"].items():
+        for key, value in moments.items():
+            tensors[f"optimizer/{index}/{key}"] = value.detach().cpu().contiguous()
+    tensors["rng/torch"] = torch.get_rng_state()
+    if device.type == "cuda":
+        tensors["rng/cuda"] = torch.cuda.get_rng_state(device)
+    version, python_state, gauss = random.getstate()
+    state = {"optimizer_param_groups": optimizer_state["param_groups"], "scheduler": scheduler.state_dict(),
+             "python_rng": [version, list(python_state), gauss], "trainable_names": [n for n, _ in trainable],
              "data": {"epoch": batches.epoch, "cursor": batches.cursor}, **extra}
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_atomically(path, buffer.getvalue())
+    metadata = {"format": "minipeft-run-state-1", "state": json.dumps(state)}
+    write_atomically(path, save_safetensors_bytes(tensors, metadata=metadata))
 
 
-def load_checkpoint(path, model, optimizer, scheduler, batches, device) -> dict:
+def read_checkpoint(path) -> tuple[dict, dict]:
+    """(state, tensors) of a checkpoint file, or one clear error: it is never unpickled, only parsed."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
-        if set(state["trainable"]) != set(trainable):
-            raise MiniPeftError(f"{path}: its trainable tensors do not match this model's (other --r or --targets?)")
+        data = path.read_bytes()
+        tensors = load_safetensors_bytes(data)
+        header_length = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + header_length]).get("__metadata__") or {}
+        state = json.loads(metadata.get("state", "null"))
+    except (OSError, SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as e:
+        raise MiniPeftError(f"{path}: not a readable training checkpoint ({str(e)[:200]})") from None
+    if metadata.get("format") != "minipeft-run-state-1" or not isinstance(state, dict):
+        raise MiniPeftError(f"{path}: not a minipeft training checkpoint (no run state in its metadata)")
+    return state, tensors
+
+
+def changed_settings(saved: dict, settings: dict) -> list[str]:
+    """The settings (script arguments, and the base's fingerprint) that differ from the checkpoint's."""
+    names = {"base_fingerprint": "the base weights (their fingerprint)"}
+    return [names.get(k, "--" + k.replace("_", "-")) for k in settings if saved.get(k, "missing") != settings[k]]
+
+
+def load_checkpoint(path, model, optimizer, scheduler, batches, device, settings=None) -> dict:
+    """Put the checkpoint's adapter, optimizer, scheduler, RNG and data position back; return its state.
+
+    `settings` that change the result must equal the checkpoint's; a mismatch is refused by name."""
+    state, tensors = read_checkpoint(path)
+    changed = changed_settings(state.get("settings") or {}, settings or {})
+    if changed:
+        raise MiniPeftError(f"--resume: {', '.join(changed)} differ from the checkpoint's; use the same settings "
+                            f"or a new --out")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if state.get("trainable_names") != list(trainable):
+        raise MiniPeftError(f"{path}: its trainable tensors do not match this model's (other method, --r or --targets?)")
+    try:
         with torch.no_grad():
             for name, parameter in trainable.items():
-                parameter.copy_(state["trainable"][name])
-        optimizer.load_state_dict(state["optimizer"])
+                parameter.copy_(tensors[f"trainable/{name}"])
+        moments = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer/"):
+                _, index, name = key.split("/", 2)
+                moments.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": moments, "param_groups": state["optimizer_param_groups"]})
         scheduler.load_state_dict(state["scheduler"])
-    except (OSError, RuntimeError, KeyError, EOFError, ValueError) as e:
-        raise MiniPeftError(f"{path}: not a readable training checkpoint ({e})") from None
-    set_rng_states(state["rng"], device)
-    batches.epoch, batches.cursor = state["data"]["epoch"], state["data"]["cursor"]
+        torch.set_rng_state(tensors["rng/torch"])
+        version, python_state, gauss = state["python_rng"]
+        random.setstate((version, tuple(python_state), gauss))
+        if device.type == "cuda" and "rng/cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng/cuda"], device)
+        batches.epoch, batches.cursor = state["data"]["epoch"], state["data"]["cursor"]
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise MiniPeftError(f"{path}: not a complete training checkpoint ({str(e)[:200]})") from None
     return state

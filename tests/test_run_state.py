@@ -1,0 +1,122 @@
+"""Training checkpoints hold no pickle, and --resume refuses what it cannot honour, by name."""
+
+import json
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save as save_safetensors_bytes
+
+from minipeft import MiniPeftError
+from minipeft.train.run_state import CHECKPOINT_FILE, changed_settings, read_checkpoint
+from tests.helpers import ROOT, train_code
+
+sys.path.insert(0, str(ROOT))
+import train_code as train_code_script  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def finished_run(default_weights, code_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = train_code("--data", str(code_data), "--out", str(out), "--max-steps", "2", "--save-every", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+class WritesAFile:
+    """Unpickling this creates a file: what a planted checkpoint would do to a loader that unpickles."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def resume_with(finished_run, tmp_path, data: bytes, code_data, *extra):
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    (out / CHECKPOINT_FILE).write_bytes(data)
+    return train_code("--data", str(code_data), "--out", str(out), "--max-steps", "2", "--resume", *extra)
+
+
+def test_a_planted_pickle_is_refused_and_never_runs(finished_run, tmp_path, code_data):
+    marker = tmp_path / "pwned"
+    for payload in (pickle.dumps(WritesAFile(marker)), _torch_save(WritesAFile(marker))):
+        result = resume_with(finished_run, tmp_path, payload, code_data)
+        assert result.returncode == 2 and "not a readable training checkpoint" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert not marker.exists()
+
+
+def _torch_save(obj):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def test_bad_checkpoint_files_get_one_line(finished_run, tmp_path):
+    good = (finished_run / CHECKPOINT_FILE).read_bytes()
+    not_state = save_safetensors_bytes({"x": torch.zeros(1)}, metadata={"format": "minipeft-run-state-1",
+                                                                         "state": "[1, 2, 3]"})
+    cases = {"random bytes": bytes(range(256)) * 40, "truncated": good[:len(good) // 2], "empty": b"",
+             "non-dict state": not_state, "no state": save_safetensors_bytes({"x": torch.zeros(1)})}
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(MiniPeftError) as error:
+            read_checkpoint(path)
+        assert str(path) in str(error.value) and "\n" not in str(error.value), name
+
+
+def test_a_checkpoint_of_another_run_is_refused_by_name(finished_run, tmp_path, code_data):
+    data = (finished_run / CHECKPOINT_FILE).read_bytes()
+    for flags, named in ((["--r", "4"], "--r"), (["--no-4bit"], "--no-4bit"), (["--lr", "1e-3"], "--lr")):
+        result = resume_with(finished_run, tmp_path, data, code_data, *flags)
+        assert result.returncode == 2, result.stderr[-500:]
+        assert result.stderr.startswith(f"error: --resume: {named}") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_every_setting_that_changes_the_result_is_compared():
+    """Each train_code.py option is either compared on --resume or listed as free; each compared one is named."""
+    options = {action.dest for action in train_code_script.build_parser()._actions if action.dest != "help"}
+    compared, free = set(train_code_script.RESUME_MUST_MATCH), set(train_code_script.FREE_ON_RESUME)
+    assert options == compared | free and not compared & free
+    saved = {key: f"value of {key}" for key in compared} | {"base_fingerprint": "abc"}
+    for key in saved:
+        changed = changed_settings(saved, {**saved, key: "something else"})
+        assert len(changed) == 1 and (key.replace("_", "-") in changed[0] or "base weights" in changed[0]), key
+
+
+def test_a_changed_base_is_refused(tmp_path, code_data, default_weights):
+    """Same flags and the same --weights path, but other numbers in its safetensors: the fingerprint tells."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    weights, out = tmp_path / "weights", tmp_path / "out"
+    shutil.copytree(default_weights, weights)
+    common = ["--weights", str(weights), "--data", str(code_data), "--out", str(out), "--max-steps", "1"]
+    first = train_code(*common)
+    assert first.returncode == 0, first.stderr[-1000:]
+    tensors = load_file(weights / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.01
+    save_file(tensors, weights / "model.safetensors")
+    result = train_code(*common, "--resume")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --resume: the base weights (their fingerprint) differ"), result.stderr
+
+
+def test_no_pickle_on_files_from_outside():
+    """No torch.load, pickle or weights_only=False anywhere in the package or the scripts."""
+    sources = [*Path(ROOT / "minipeft").rglob("*.py"), ROOT / "train_fox.py", ROOT / "train_code.py"]
+    pattern = re.compile(r"torch\.load\(|\bpickle\b|weights_only\s*=\s*False|numpy\.load\(|np\.load\(")
+    offending = [f"{path}:{number}" for path in sources
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offending == []
