@@ -16,7 +16,7 @@ def require(config: dict, key, kind, source, low=None, high=None, default=None):
     `source` names the file in the error; a missing key takes `default`, which must pass the same checks."""
     value = config.get(key, default)
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    right_kind = isinstance(value, kind) and not isinstance(value, bool)
+    right_kind = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))  # True is no number
     in_range = not is_number or (value == value and (low is None or value >= low) and (high is None or value <= high))
     if not (right_kind and in_range):
         expected = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
@@ -31,6 +31,20 @@ def require_mapping(config: dict, key, kind, source, high):
     for name, value in mapping.items():
         require({name: value}, name, kind, f"{source} ({key})", 1e-9, high)
     return mapping
+
+
+def refuse_unhonoured(config: dict, read, not_math, only_default: dict, source):
+    """Every key of a config is read, changes nothing, or is at a value that changes nothing: else refused.
+
+    A key this code has never heard of is accepted only while it is unset (null, false, empty)."""
+    for key, value in config.items():
+        unset = value in (None, False, [], {}, "")
+        if key in read or key in not_math or unset and key not in only_default:
+            continue
+        if key in only_default and value in (only_default[key], None):
+            continue
+        what = f"only {only_default[key]!r} is supported" if key in only_default else "minipeft does not know this key"
+        raise MiniPeftError(f"{source}: key {key!r} is {value!r}; {what}")
 
 
 def run_cli(main):

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -252,28 +253,36 @@ def test_sequences_longer_than_the_context_are_cut_with_a_warning(tmp_path, defa
 def test_kill_9_at_random_points_loses_nothing(default_weights, code_data, tmp_path):
     """Several kill -9 rounds; each --resume goes on from the last complete checkpoint; the final adapter
     equals an uninterrupted run's."""
-    common = ["--data", str(code_data), "--max-steps", "8", "--save-every", "1"]
+    common = ["--data", str(code_data), "--max-steps", "10", "--save-every", "1"]
     straight = train_code(*common, "--out", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-2000:]
-    out, rng, kills = tmp_path / "killed", random.Random(1), 0
+    out, rng, kills, resumed_from = tmp_path / "killed", random.Random(1), 0, []
+
+    def checkpoint_step():
+        return read_checkpoint(out / CHECKPOINT_FILE)[0]["step"] if (out / CHECKPOINT_FILE).is_file() else 0
+
     while True:
-        resume = ["--resume"] if (out / CHECKPOINT_FILE).is_file() else []
+        start = checkpoint_step()
+        resume = ["--resume"] if start else []
         process = train_code(*common, "--out", str(out), *resume, popen=True)
-        if kills < 4:
-            time.sleep(rng.uniform(2.0, 9.0))
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                kills += 1
-            process.communicate()
-            if (out / CHECKPOINT_FILE).is_file():  # what a kill leaves is always a complete checkpoint
-                state, _ = read_checkpoint(out / CHECKPOINT_FILE)
-                assert 1 <= state["step"] <= 8
-            continue
-        stdout, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stderr[-2000:]
-        break
+        if kills < 3:
+            while process.poll() is None and checkpoint_step() <= start:  # at least one new checkpoint first
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 1.5))  # then anywhere: mid-step, mid-write, between steps
+            assert process.poll() is None, "the run ended before it could be killed"
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+            stdout, _ = process.communicate()
+            assert checkpoint_step() > start  # what a kill leaves is always a complete, newer checkpoint
+        else:
+            stdout, stderr = process.communicate(timeout=600)
+            assert process.returncode == 0, stderr[-2000:]
+        if resume:
+            resumed_from.append(int(re.search(r"resumed at step (\d+)", stdout).group(1)))
+        if kills == 3 and process.returncode == 0:
+            break
+    assert len(resumed_from) == 3 and all(step > 0 for step in resumed_from), resumed_from
     print(f"{kills} kill -9 rounds, then a clean finish")
-    assert kills >= 3
     assert losses(out) == losses(tmp_path / "straight")
     final, reference = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, tmp_path / "straight"))
     assert all(torch.equal(final[k], reference[k]) for k in reference)

@@ -18,29 +18,42 @@ On disk (peft's layout): adapter_config.json {"peft_type": "LORA", "r", "lora_al
 """
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from ..errors import MiniPeftError, require, require_mapping
+from ..errors import MiniPeftError, refuse_unhonoured, require, require_mapping
 from ..llama.quant import dequantize, is_4bit, requantize_
 from .wrappers import freeze_base, record_settings
 
 SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
                "up": "up_proj", "down": "down_proj"}
-TARGETS = (*SHORT_NAMES.values(), "lm_head")
 PEFT_PREFIX = "base_model.model."
+# Every key of peft's LoraConfig: honoured, without effect on the math of a trained adapter, or refused
+# unless it has the value shown.
+PEFT_READ = ("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora")
+PEFT_NOT_MATH = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                 "inference_mode", "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+                 "runtime_config", "megatron_core", "qalora_group_size")
+PEFT_ONLY_DEFAULT = {"bias": "none", "fan_in_fan_out": False, "use_dora": False, "lora_bias": False,
+                     "use_qalora": False, "ensure_weight_tying": False, "exclude_modules": None,
+                     "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+                     "layer_replication": None, "target_parameters": None, "trainable_token_indices": None,
+                     "megatron_config": None, "velora_config": None, "alora_invocation_tokens": None,
+                     "monteclora_config": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None}
 
 
 class LoRALayer(nn.Module):
     trainable_names, wrapped = ("lora_A.weight", "lora_B.weight"), "base_layer"
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora=False):
         super().__init__()
         self.base_layer = base_layer
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r  # rsLoRA (Kalajdzievski 2023): alpha/sqrt(r)
         device = base_layer.weight.device
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device)  # A: (r, in)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device)  # B: (out, r)
@@ -51,6 +64,9 @@ class LoRALayer(nn.Module):
 
     def forward(self, x):
         y = self.base_layer(x)  # (..., out)
+        if self.merged and self.training and torch.is_grad_enabled() and self.lora_A.weight.requires_grad:
+            raise MiniPeftError("LoRA: this adapter is merged into its base weight, so training A and B would change "
+                                "nothing; unmerge() before training")
         if self.merged or not self.enabled:
             return y
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))  # (..., out)
@@ -87,46 +103,75 @@ class LoRASettings:
     r: int
     alpha: float
     dropout: float
-    targets: list = field(default_factory=list)
-    rank_pattern: dict = field(default_factory=dict)  # full layer name -> r, where it differs from r
-    alpha_pattern: dict = field(default_factory=dict)  # full layer name -> alpha, likewise
+    targets: list | str = field(default_factory=list)  # names or name suffixes, or one full-match regex
+    rank_pattern: dict = field(default_factory=dict)  # layer name or suffix pattern -> r, where it differs from r
+    alpha_pattern: dict = field(default_factory=dict)  # likewise for alpha
+    use_rslora: bool = False
+
+
+def target_matches(name: str, targets) -> bool:
+    """peft's rule: a string is a regex the whole name must match; a list holds names or name suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return name in targets or any(name.endswith(f".{target}") for target in targets)
+
+
+def pattern_value(pattern: dict, name: str, default):
+    """peft's rule for rank_pattern / alpha_pattern: the first key that is the name or ends it."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def linear_names(model) -> list[str]:
+    """The linears LoRA can wrap: not those inside a LoRALayer already (its base, A and B)."""
+    inside = {id(sub) for m in model.modules() if isinstance(m, LoRALayer) for sub in m.modules() if sub is not m}
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in inside]
 
 
 def add_lora(model, targets=("q_proj", "k_proj", "v_proj"), r=8, alpha=16, dropout=0.0,
-             rank_pattern=None, alpha_pattern=None) -> int:
-    """Wrap every linear whose name ends with one of `targets` in a LoRALayer. Returns how many.
+             rank_pattern=None, alpha_pattern=None, use_rslora=False) -> int:
+    """Wrap every linear that `targets` names in a LoRALayer. Returns how many.
 
+    Args:
+        targets: module names or name suffixes ("q_proj", or "q" for short), or one regex that whole
+            names must match, as in peft.
+        rank_pattern, alpha_pattern: {name or suffix pattern: r / alpha} for layers that differ.
+        use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
     Call it again with other targets to give them their own r and alpha (one dropout for all, as in
-    peft's file). `rank_pattern` / `alpha_pattern` map full layer names to their own r / alpha.
+    peft's file).
     """
     if not isinstance(r, int) or r <= 0:
         raise MiniPeftError(f"r: expected a positive integer rank, got {r!r}")
     if not 0 <= dropout < 1:
         raise MiniPeftError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
-    targets = [SHORT_NAMES.get(t, t) for t in targets]
-    unknown = sorted(set(targets) - set(TARGETS))
-    if unknown:
-        raise MiniPeftError(f"targets: unknown {unknown}; expected names from {TARGETS}")
-    settings = getattr(model, "peft_settings", {}).get("LORA") or LoRASettings(r, alpha, dropout)
-    if dropout != settings.dropout:
-        raise MiniPeftError(f"dropout: {dropout} differs from the {settings.dropout} of this model's other LoRA "
-                            f"layers; peft's adapter file holds one lora_dropout")
-    rank_pattern, alpha_pattern = rank_pattern or {}, alpha_pattern or {}
-    wrapped = []
-    for name, module in list(model.named_modules()):
-        if name.rsplit(".", 1)[-1] in targets and not isinstance(module, LoRALayer):
-            layer_r, layer_alpha = rank_pattern.get(name, r), alpha_pattern.get(name, alpha)
-            parent, _, child = name.rpartition(".")
-            owner = model.get_submodule(parent) if parent else model
-            setattr(owner, child, LoRALayer(module, layer_r, layer_alpha, dropout))
-            wrapped.append(name)
-            if layer_r != settings.r:
-                settings.rank_pattern[name] = layer_r
-            if layer_alpha != settings.alpha:
-                settings.alpha_pattern[name] = layer_alpha
+    candidates = linear_names(model)
+    if not isinstance(targets, str):
+        targets = [SHORT_NAMES.get(t, t) for t in targets]
+        unknown = [t for t in targets if not any(target_matches(name, [t]) for name in candidates)]
+        if unknown:
+            raise MiniPeftError(f"targets: no linear named {unknown} in the model (already wrapped?); it has "
+                                f"{sorted({n.rsplit('.', 1)[-1] for n in candidates})}")
+    settings = getattr(model, "peft_settings", {}).get("LORA") or LoRASettings(r, alpha, dropout, [], dict(
+        rank_pattern or {}), dict(alpha_pattern or {}), use_rslora)
+    if (dropout, use_rslora) != (settings.dropout, settings.use_rslora):
+        raise MiniPeftError(f"dropout / use_rslora: {dropout} / {use_rslora} differ from this model's other LoRA "
+                            f"layers ({settings.dropout} / {settings.use_rslora}); peft's adapter file holds one")
+    wrapped = [name for name in candidates if target_matches(name, targets)]
+    for name in wrapped:
+        layer_r, layer_alpha = pattern_value(rank_pattern or {}, name, r), pattern_value(alpha_pattern or {}, name, alpha)
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, LoRALayer(model.get_submodule(name), layer_r, layer_alpha, dropout, use_rslora))
+        if pattern_value(settings.rank_pattern, name, settings.r) != layer_r:  # a later call's own r
+            settings.rank_pattern = {name: layer_r, **settings.rank_pattern}
+        if pattern_value(settings.alpha_pattern, name, settings.alpha) != layer_alpha:
+            settings.alpha_pattern = {name: layer_alpha, **settings.alpha_pattern}
     if not wrapped:
-        raise MiniPeftError(f"targets: no module named {targets} in the model (already wrapped?)")
-    settings.targets = sorted(set(settings.targets) | {name.rsplit(".", 1)[-1] for name in wrapped})
+        raise MiniPeftError(f"targets: {targets!r} matches no linear in the model")
+    # what the file will say: the names asked for, or, for a regex, the names it matched
+    settings.targets = sorted(set(settings.targets) | set(wrapped if isinstance(targets, str) else targets))
     record_settings(model, settings)
     freeze_base(model)
     return len(wrapped)
@@ -157,7 +202,8 @@ def to_peft(model, settings: LoRASettings) -> tuple[dict, dict]:
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.r, "lora_alpha": settings.alpha,
               "target_modules": settings.targets, "lora_dropout": settings.dropout, "bias": "none",
               "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
-              "rank_pattern": dict(settings.rank_pattern), "alpha_pattern": dict(settings.alpha_pattern)}
+              "rank_pattern": dict(settings.rank_pattern), "alpha_pattern": dict(settings.alpha_pattern),
+              "use_rslora": settings.use_rslora}
     tensors = {}
     for name, layer in lora_layers(model).items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
@@ -167,6 +213,7 @@ def to_peft(model, settings: LoRASettings) -> tuple[dict, dict]:
 
 def from_peft(model, config: dict, source) -> dict:
     """Wrap `model` as the LoraConfig says; return {file key: parameter} for the tensors to load."""
+    refuse_unhonoured(config, PEFT_READ, PEFT_NOT_MATH, PEFT_ONLY_DEFAULT, source)
     shape = model.config
     largest = max(shape.hidden_size, shape.intermediate_size, shape.vocab_size)
     r = require(config, "r", int, source, 1, largest)
@@ -174,10 +221,13 @@ def from_peft(model, config: dict, source) -> dict:
     dropout = require(config, "lora_dropout", (int, float), source, 0, 0.999, default=0.0)
     ranks = require_mapping(config, "rank_pattern", int, source, largest)
     alphas = require_mapping(config, "alpha_pattern", (int, float), source, 1e9)
+    use_rslora = require(config, "use_rslora", bool, source, default=False)
     targets = require(config, "target_modules", (list, str), source)
-    targets = [targets] if isinstance(targets, str) else targets
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    if not targets or not all(isinstance(t, str) for t in targets) or not set(targets) <= present:
-        raise MiniPeftError(f"{source}: target_modules {targets} are not all modules of this model")
-    add_lora(model, targets, r, alpha, dropout, rank_pattern=ranks, alpha_pattern=alphas)
+    named_by_list = isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
+    if not (named_by_list or isinstance(targets, str)):
+        raise MiniPeftError(f"{source}: target_modules should be a regex or a list of module names, got {targets!r}")
+    try:
+        add_lora(model, targets, r, alpha, dropout, ranks, alphas, use_rslora)
+    except (MiniPeftError, re.error) as e:
+        raise MiniPeftError(f"{source}: target_modules {targets!r} are not all modules of this model ({e})") from None
     return to_peft(model, model.peft_settings["LORA"])[1]

@@ -20,10 +20,16 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..errors import MiniPeftError, require
+from ..errors import MiniPeftError, refuse_unhonoured, require
 from .wrappers import freeze_base, record_settings
 
 PEFT_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}  # ours -> peft's prompt_tuning_init
+# Every key of peft's PromptTuningConfig: honoured, without effect once the prompts are trained, or refused.
+PEFT_READ = ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "prompt_tuning_init",
+             "prompt_tuning_init_text")
+PEFT_NOT_MATH = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                 "inference_mode", "num_attention_heads", "num_layers", "tokenizer_name_or_path", "tokenizer_kwargs")
+PEFT_ONLY_DEFAULT = {"modules_to_save": None}
 
 
 class WordEmbeddingsWithLearnedPrompts(nn.Module):
@@ -114,6 +120,10 @@ def to_peft(model, settings: PromptTuningSettings) -> tuple[dict, dict]:
 
 def from_peft(model, config: dict, source) -> dict:
     """Put learned prompts in front of `model` as the PromptTuningConfig says; return {file key: parameter}."""
+    refuse_unhonoured(config, PEFT_READ, PEFT_NOT_MATH, PEFT_ONLY_DEFAULT, source)
+    hidden = model.config.hidden_size
+    require(config, "token_dim", int, source, hidden, hidden, default=hidden)  # the vectors live in the embedding
+    require(config, "num_transformer_submodules", int, source, 1, 1, default=1)  # decoder-only: one stack
     num_prompts = require(config, "num_virtual_tokens", int, source, 1, model.config.max_position_embeddings)
     init = {peft: ours for ours, peft in PEFT_INITS.items()}.get(config.get("prompt_tuning_init"), "random")
     wrapper = add_prompt_tuning(model, num_prompts, init="random")  # the file's values replace these
