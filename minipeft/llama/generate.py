@@ -18,8 +18,10 @@ def choose_next(logits, temperature: float, top_p: float, generator):
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    outside_nucleus = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the top token always stays
+    sorted_probs, order = probs.sort(dim=-1)  # ascending: the unlikely tail first
+    # Drop the tail while it adds up to at most 1 - top_p; what is left is the nucleus (as transformers cuts it).
+    outside_nucleus = sorted_probs.cumsum(-1) <= 1 - top_p
+    outside_nucleus[..., -1] = False  # the most likely token always stays
     sorted_probs = sorted_probs.masked_fill(outside_nucleus, 0.0)
     choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1), renormalised by multinomial
     return order.gather(-1, choice).squeeze(-1)
