@@ -7,7 +7,12 @@ escapes is a bug in minipeft and keeps its traceback.
 
 
 class MiniPeftError(Exception):
-    """A user-facing error: the message names the file, key or argument and what was expected."""
+    """A user-facing error: the message names the file, key or argument and what was expected.
+
+    Always one line: line breaks inside (from a quoted value or a library's message) are shown escaped."""
+
+    def __init__(self, message: str):
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 def require(config: dict, key, kind, source, low=None, high=None, default=None):

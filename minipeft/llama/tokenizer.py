@@ -110,6 +110,11 @@ class BPETokenizer:
         self.vocab = model["vocab"]
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         self.merge_rank = {pair: rank for rank, pair in enumerate(merges)}
+        broken = next((pair for pair in merges if len(pair) != 2 or "".join(pair) not in self.vocab), None)
+        missing = next((c for c in bytes_to_unicode().values() if c not in self.vocab), None)
+        if broken or missing:  # encode would meet a piece with no id
+            raise MiniPeftError(f"{path}: the BPE vocabulary lacks " + (f"the result of merge {broken}" if broken
+                                                                       else f"the byte symbol {missing!r}"))
         self.ignore_merges = bool(model.get("ignore_merges", False))  # Llama 3: whole words in the vocab stay whole
         added = spec.get("added_tokens", [])
         stripping = [t["content"] for t in added if t.get("lstrip") or t.get("rstrip") or t.get("single_word")]
