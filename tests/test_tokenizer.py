@@ -35,6 +35,12 @@ def test_bpe_ids_equal_hf_tokenizers(bpe_pair, kind):
     assert ours.decode(ids) == text
 
 
+def test_bytes_missing_from_the_vocabulary_are_dropped_as_tokenizers_drops_them(bpe_pair):
+    ours, reference = bpe_pair
+    for text in ("a\x04b", "x\x04\x04y", "\x04", "tab\x05\x06\x07 end"):
+        assert ours.encode(text) == reference.encode(text, add_special_tokens=False).ids, repr(text)
+
+
 def test_bpe_on_real_code(bpe_pair):
     import inspect
     import json

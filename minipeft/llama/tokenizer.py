@@ -111,10 +111,8 @@ class BPETokenizer:
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         self.merge_rank = {pair: rank for rank, pair in enumerate(merges)}
         broken = next((pair for pair in merges if len(pair) != 2 or "".join(pair) not in self.vocab), None)
-        missing = next((c for c in bytes_to_unicode().values() if c not in self.vocab), None)
-        if broken or missing:  # encode would meet a piece with no id
-            raise MiniPeftError(f"{path}: the BPE vocabulary lacks " + (f"the result of merge {broken}" if broken
-                                                                       else f"the byte symbol {missing!r}"))
+        if broken:  # as tokenizers refuses it: the merge would make a piece with no id
+            raise MiniPeftError(f"{path}: merge {broken} makes a token that is not in the vocabulary")
         self.ignore_merges = bool(model.get("ignore_merges", False))  # Llama 3: whole words in the vocab stay whole
         added = spec.get("added_tokens", [])
         stripping = [t["content"] for t in added if t.get("lstrip") or t.get("rstrip") or t.get("single_word")]
@@ -142,7 +140,8 @@ class BPETokenizer:
     def bpe(self, piece: str) -> list[int]:
         if piece in self.cache:
             return self.cache[piece]
-        word = [self.byte_chars[b] for b in piece.encode("utf-8")]
+        # A byte the vocabulary lacks is dropped, as tokenizers drops it when there is no unk_token.
+        word = [c for c in (self.byte_chars[b] for b in piece.encode("utf-8")) if c in self.vocab]
         if self.ignore_merges and "".join(word) in self.vocab:
             word = ["".join(word)]
         while len(word) > 1:
