@@ -190,6 +190,7 @@ TINY = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
                    num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
 
 
+@pytest.mark.filterwarnings("ignore:.*are not Llama config keys")  # random keys: the warning is expected
 @settings(max_examples=300, deadline=None)
 @given(config=st.dictionaries(st.sampled_from(["hidden_size", "intermediate_size", "num_hidden_layers",
                                                "num_attention_heads", "num_key_value_heads", "vocab_size",
