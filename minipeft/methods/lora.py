@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..errors import MiniPeftError, refuse_unhonoured, require, require_mapping
 from ..llama.quant import dequantize, is_4bit, requantize_
-from .wrappers import freeze_base, record_settings
+from .wrappers import freeze_base, linear_names, pattern_value, record_settings, target_matches
 
 SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
                "up": "up_proj", "down": "down_proj"}
@@ -107,27 +107,6 @@ class LoRASettings:
     rank_pattern: dict = field(default_factory=dict)  # layer name or suffix pattern -> r, where it differs from r
     alpha_pattern: dict = field(default_factory=dict)  # likewise for alpha
     use_rslora: bool = False
-
-
-def target_matches(name: str, targets) -> bool:
-    """peft's rule: a string is a regex the whole name must match; a list holds names or name suffixes."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return name in targets or any(name.endswith(f".{target}") for target in targets)
-
-
-def pattern_value(pattern: dict, name: str, default):
-    """peft's rule for rank_pattern / alpha_pattern: the first key that is the name or ends it."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def linear_names(model) -> list[str]:
-    """The linears LoRA can wrap: not those inside a LoRALayer already (its base, A and B)."""
-    inside = {id(sub) for m in model.modules() if isinstance(m, LoRALayer) for sub in m.modules() if sub is not m}
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in inside]
 
 
 def add_lora(model, targets=("q_proj", "k_proj", "v_proj"), r=8, alpha=16, dropout=0.0,

@@ -1,5 +1,6 @@
-"""What every PEFT method shares: freezing, counting, fingerprints, switching off. None of it keeps a
-list of methods: it asks the modules that the methods put into the model.
+"""What every PEFT method shares: freezing, counting, fingerprints, switching off, and peft's rules for
+naming the layers to wrap. None of it keeps a list of methods: it asks the modules that the methods put
+into the model.
 
 A wrapper (any module a method adds) declares
     trainable_names   the names of its own parameters that train, e.g. ("lora_A.weight", "lora_B.weight")
@@ -12,8 +13,10 @@ and each method records what it was asked for (a small settings dataclass with i
 
 import hashlib
 import json
+import re
 
 import torch
+import torch.nn as nn
 
 from ..errors import MiniPeftError
 
@@ -38,6 +41,28 @@ def freeze_base(model):
     for parameter in model.parameters():
         if id(parameter) not in trainable:
             parameter.requires_grad_(False)
+
+
+def target_matches(name: str, targets) -> bool:
+    """peft's rule for target_modules: a string is a regex the whole name must match; a list holds names
+    or name suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return name in targets or any(name.endswith(f".{target}") for target in targets)
+
+
+def pattern_value(pattern: dict, name: str, default):
+    """peft's rule for per-layer settings (rank_pattern, ...): the first key that is the name or ends it."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def linear_names(model) -> list[str]:
+    """The linears a method can wrap: not those inside a wrapper already (its base and its own tensors)."""
+    inside = {id(sub) for _, m in wrappers(model) for sub in m.modules() if sub is not m}
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in inside]
 
 
 def record_settings(model, settings):
