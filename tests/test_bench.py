@@ -19,3 +19,11 @@ def test_shape_benchmark_runs_both_stacks_on_cpu(tmp_path):
         assert row["tokens_per_second"] > 0 and row["peak_memory_mb"] > 0
     # Same random checkpoint, same LoRA init of B = 0: both stacks start from the same loss.
     assert abs(rows[0]["loss"] - rows[1]["loss"]) < 0.05 * rows[1]["loss"]
+
+
+def test_cuda_check_script_passes_on_cpu():
+    """bench/cuda_check.py (run on a GPU by hand) checks the same things on CPU, so it cannot rot."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "cuda_check.py"), "--device", "cpu"],
+                            capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"check"')]
+    assert result.returncode == 0 and len(rows) == 7 and all(row["ok"] for row in rows), result.stdout + result.stderr

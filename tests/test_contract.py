@@ -23,7 +23,8 @@ class RandomPast(nn.Module):
 
     def forward(self, batch_size):
         expand = lambda t: t[:, None].expand(-1, batch_size, -1, -1, -1)  # (L, B, KV, P, hd)
-        return list(expand(self.keys)), list(expand(self.values))
+        keys = list(expand(self.keys))
+        return keys, keys if self.values is self.keys else list(expand(self.values))
 
 
 def test_learned_past_equals_transformers_prefilled_cache(tmp_path):
@@ -50,13 +51,17 @@ def test_learned_past_equals_transformers_prefilled_cache(tmp_path):
         assert kv.length == 3 + 7
 
 
-def test_learned_past_gets_the_same_gradients_under_checkpointing(tmp_path):
+@pytest.mark.parametrize("shared", [False, True], ids=["keys_and_values", "one_tensor_for_both"])
+def test_learned_past_gets_the_same_gradients_under_checkpointing(tmp_path, shared):
+    """Also when the keys and the values are one tensor: its gradient counts once, not once per use."""
     write_hf_checkpoint(tmp_path)
 
     def gradients(checkpointing):
         torch.manual_seed(0)
         model = load_model(tmp_path)
         model.model.learned_past = RandomPast(model.config)
+        if shared:
+            model.model.learned_past.values = model.model.learned_past.keys
         enable_checkpointing(model, checkpointing)
         ids = torch.randint(0, 256, (2, 9))
         model.loss(ids, ids).backward()

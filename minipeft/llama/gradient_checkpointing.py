@@ -55,7 +55,7 @@ def checkpoint(module, x, *args, also_differentiate=()):
     """module(x, *args), keeping only x for backward. x, the module's parameters and the tensors in
     `also_differentiate` (which the module reads through `args`) get gradients."""
     trainable = [p for p in module.parameters() if p.requires_grad]
-    outside = list(also_differentiate)
+    outside = list({id(t): t for t in also_differentiate}.values())  # a tensor given twice gets its gradient once
     return CheckpointFunction.apply(module, args, len(outside), x, *outside, *trainable)
 
 
