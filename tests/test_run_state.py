@@ -1,9 +1,7 @@
 """Training checkpoints hold no pickle, and --resume refuses what it cannot honour, by name."""
 
-import json
 import pickle
 import re
-import subprocess
 import sys
 from pathlib import Path
 
