@@ -2,7 +2,7 @@
 
     llama/      weights ─► config ─► loader (4-bit) ─► model ─► loss, generate        (tokenizers beside)
                                                          ▲
-    methods/    prompt tuning, LoRA, ... put their modules into the model's slots (contract: llama/model.py);
+    methods/    prompt/prefix tuning, LoRA/DoRA, IA3, BitFit, bottleneck adapters put their modules into the model's slots (contract: llama/model.py);
                 freezing, counting and fingerprints ask those modules (wrappers.py)
                                                          │
     adapter_files.py   each method's tensors and config ─► peft-layout files, and back
@@ -21,11 +21,15 @@ from .llama.gradient_checkpointing import enable_checkpointing
 from .llama.loader import build_model, load, load_model
 from .llama.model import KVCache, Llama
 from .llama.tokenizer import load_tokenizer
-from .methods.lora import LoRALayer, add_lora, merge, unmerge
+from .methods.bitfit import add_bitfit
+from .methods.bottleneck import add_bottleneck_adapters
+from .methods.ia3 import add_ia3
+from .methods.lora import LoRALayer, add_lora
+from .methods.prefix_tuning import add_prefix_tuning
 from .methods.prompt_tuning import WordEmbeddingsWithLearnedPrompts, add_prompt_tuning
-from .methods.wrappers import base_fingerprint, count_parameters, disabled
+from .methods.wrappers import base_fingerprint, count_parameters, disabled, merge, unmerge
 
 __all__ = ["KVCache", "Llama", "LlamaConfig", "LoRALayer", "MiniPeftError", "WordEmbeddingsWithLearnedPrompts",
-           "add_lora", "add_prompt_tuning", "base_fingerprint", "build_model", "count_parameters", "disabled",
-           "enable_checkpointing", "generate", "load", "load_adapter", "load_model", "load_tokenizer", "merge",
+           "add_bitfit", "add_bottleneck_adapters", "add_ia3", "add_lora", "add_prefix_tuning", "add_prompt_tuning",
+           "base_fingerprint", "build_model", "count_parameters", "disabled", "enable_checkpointing", "generate", "load", "load_adapter", "load_model", "load_tokenizer", "merge",
            "save_adapter", "unmerge"]

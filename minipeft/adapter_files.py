@@ -18,9 +18,10 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import MiniPeftError
 from .files import write_atomically
-from .methods import lora, prompt_tuning
+from .methods import bitfit, bottleneck, ia3, lora, prefix_tuning, prompt_tuning
 
-METHODS = {"LORA": lora, "PROMPT_TUNING": prompt_tuning}  # peft_type -> the method's file
+METHODS = {"LORA": lora, "PROMPT_TUNING": prompt_tuning, "PREFIX_TUNING": prefix_tuning, "IA3": ia3, "BEFT": bitfit,
+           "BOTTLENECK": bottleneck}  # peft_type -> the method's file (BOTTLENECK is minipeft's own)
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 

@@ -109,7 +109,7 @@ def test_settings_are_saved_as_asked_not_guessed_from_the_layers(tmp_path):
                                       ["self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                                        "mlp.up_proj", "mlp.down_proj"]}
     assert set(config["alpha_pattern"]) == set(config["rank_pattern"])
-    with pytest.raises(MiniPeftError, match="dropout / use_rslora: 0.2 / False differ"):
+    with pytest.raises(MiniPeftError, match="dropout / use_rslora / use_dora: 0.2 / False / False differ"):
         add_lora(model, ["lm_head"], r=4, alpha=8, dropout=0.2)
 
 

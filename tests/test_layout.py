@@ -57,7 +57,7 @@ def test_the_import_check_sees_a_back_arrow(tmp_path, monkeypatch):
 
 def test_each_method_file_holds_its_whole_method():
     """Wrapper, add_ function, settings and both directions of its file format, in one file per method."""
-    assert set(adapter_files.METHODS) == {"LORA", "PROMPT_TUNING"}
+    assert set(adapter_files.METHODS) == {"LORA", "PROMPT_TUNING", "PREFIX_TUNING", "IA3", "BEFT", "BOTTLENECK"}
     for peft_type, method in adapter_files.METHODS.items():
         assert Path(method.__file__).parent == PACKAGE / "methods"
         add = [name for name in vars(method) if name.startswith("add_")]

@@ -13,8 +13,9 @@ keys (`model.layers.0.self_attn.q_proj.weight`, ...).
 The contract with PEFT methods. A method changes the model only by putting a module of its own into one
 of three slots, and the decoder only calls what it finds there; it never asks which method is on.
 
-1. A linear: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj` or `lm_head` may
-   be replaced by any module that maps (..., in) to (..., out). (LoRA.)
+1. A linear or a norm: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`, `lm_head`,
+   `input_layernorm`, `post_attention_layernorm` or `norm` may be replaced by any module that maps
+   (..., in) to (..., out). (LoRA, DoRA, IA3, BitFit, bottleneck adapters.)
 2. `model.embed_tokens` may be replaced by a module that, for a new sequence, returns (B, P + T, D):
    P learned positions in front of the T tokens. The decoder then
    - treats the P positions as real tokens: always attended, whatever `attention_mask` says of the text;
@@ -23,7 +24,8 @@ of three slots, and the decoder only calls what it finds there; it never asks wh
    - keeps them in the KV cache from prefill on: a continuing step looks up only its new ids, in
      `embed_tokens.weight`, so the wrapper exposes the vocabulary matrix under that name. (Prompt tuning.)
 3. `model.learned_past` may hold a module that, called with the batch size, returns the keys and values
-   of P positions for every layer: two lists of (B, num_key_value_heads, P, head_dim) tensors. Every new
+   of P positions for every layer: two lists of (B, num_key_value_heads, P, head_dim) tensors (or None
+   while it is switched off). Every new
    sequence then starts from a KV cache pre-filled with them (`KVCache.fill`). The decoder
    attends to them as to any cached position: never rotated (they are keys as given), always attended,
    and the text numbered from P. In training they are a fixed past that gets gradients, under
@@ -70,9 +72,9 @@ class KVCache:
         self.mask = None  # (B, S) bool: False at padding
         self.grow = grow
 
-    def fill(self, keys, values) -> "KVCache":
+    def fill(self, keys, values, dtype) -> "KVCache":
         """Start the cache with P positions per layer: keys[i], values[i] are (B, KV, P, hd), all real."""
-        self.keys, self.values = list(keys), list(values)
+        self.keys, self.values = [k.to(dtype) for k in keys], [v.to(dtype) for v in values]
         B, _, P, _ = keys[0].shape
         self.mask = torch.ones(B, P, dtype=torch.bool, device=keys[0].device)
         return self
@@ -177,8 +179,9 @@ class LlamaModel(nn.Module):
         else:  # continuing a cached sequence: any prepended positions are in the cache already
             x = F.embedding(input_ids, self.embed_tokens.weight)  # (B, T, D)
         B, T = x.shape[:2]
-        if new_sequence and self.learned_past is not None:  # contract 3
-            cache = (cache if cache is not None else KVCache(len(self.layers), grow=False)).fill(*self.learned_past(B))
+        learned = self.learned_past(B) if new_sequence and self.learned_past is not None else None  # contract 3
+        if learned is not None:
+            cache = (cache if cache is not None else KVCache(len(self.layers), grow=False)).fill(*learned, x.dtype)
         past = cache.length if cache is not None else 0
 
         new_mask = torch.ones(B, T, dtype=torch.bool, device=x.device)

@@ -9,12 +9,13 @@ Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models".
 A starts kaiming-uniform and B at zero, so an untouched adapter changes nothing. Only A and B train:
 r x (in + out) numbers per wrapped layer, 65,536 for a 4096x4096 projection at r=8 (0.4% of it);
 6,291,456 for r=8 on q, k and v of Llama-7B's 32 layers. On a 4-bit base this is QLoRA (Dettmers et
-al. 2023). merge() folds B A into W for inference.
+al. 2023). merge() folds B A into W for inference. `use_dora` adds DoRA's magnitude vector (dora.py).
 
 On disk (peft's layout): adapter_config.json {"peft_type": "LORA", "r", "lora_alpha", "target_modules",
-"lora_dropout", "rank_pattern", "alpha_pattern", ...} and per wrapped layer
+"lora_dropout", "rank_pattern", "alpha_pattern", "use_dora", ...} and per wrapped layer
     base_model.model.<layer name>.lora_A.weight   (r, in)
     base_model.model.<layer name>.lora_B.weight   (out, r)
+    base_model.model.<layer name>.lora_magnitude_vector   (out,), with DoRA
 """
 
 import math
@@ -27,18 +28,18 @@ import torch.nn as nn
 
 from ..errors import MiniPeftError, refuse_unhonoured, require, require_mapping
 from ..llama.quant import dequantize, is_4bit, requantize_
-from .wrappers import freeze_base, linear_names, pattern_value, record_settings, target_matches
+from .dora import MagnitudeVector
+from .wrappers import (PEFT_PREFIX, SHORT_NAMES, freeze_base, linear_names, pattern_value, record_settings,
+                       target_matches)
 
-SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
-               "up": "up_proj", "down": "down_proj"}
-PEFT_PREFIX = "base_model.model."
 # Every key of peft's LoraConfig: honoured, without effect on the math of a trained adapter, or refused
 # unless it has the value shown.
-PEFT_READ = ("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora")
+PEFT_READ = ("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora",
+             "use_dora")
 PEFT_NOT_MATH = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
                  "inference_mode", "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
                  "runtime_config", "megatron_core", "qalora_group_size")
-PEFT_ONLY_DEFAULT = {"bias": "none", "fan_in_fan_out": False, "use_dora": False, "lora_bias": False,
+PEFT_ONLY_DEFAULT = {"bias": "none", "fan_in_fan_out": False, "lora_bias": False,
                      "use_qalora": False, "ensure_weight_tying": False, "exclude_modules": None,
                      "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
                      "layer_replication": None, "target_parameters": None, "trainable_token_indices": None,
@@ -49,7 +50,8 @@ PEFT_ONLY_DEFAULT = {"bias": "none", "fan_in_fan_out": False, "use_dora": False,
 class LoRALayer(nn.Module):
     trainable_names, wrapped = ("lora_A.weight", "lora_B.weight"), "base_layer"
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora=False):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora=False,
+                 use_dora=False):
         super().__init__()
         self.base_layer = base_layer
         self.r, self.alpha = r, alpha
@@ -60,7 +62,13 @@ class LoRALayer(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_magnitude_vector = MagnitudeVector(base_layer) if use_dora else None  # DoRA's m: (out,)
+        if use_dora:
+            self.trainable_names = (*self.trainable_names, "lora_magnitude_vector.weight")
         self.merged, self.enabled = False, True
+
+    def dropout_is_on(self) -> bool:
+        return self.training and isinstance(self.dropout, nn.Dropout)
 
     def forward(self, x):
         y = self.base_layer(x)  # (..., out)
@@ -69,7 +77,10 @@ class LoRALayer(nn.Module):
                                 "nothing; unmerge() before training")
         if self.merged or not self.enabled:
             return y
-        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))  # (..., out)
+        x = self.dropout(x.to(self.lora_A.weight.dtype))
+        update = self.lora_B(self.lora_A(x))  # B A x: (..., out)
+        if self.lora_magnitude_vector is not None:  # DoRA: rescale each output row to its learned length
+            return self.lora_magnitude_vector(x, y, update, self)
         return y + (self.scaling * update).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -86,11 +97,16 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def fold(self, sign: int) -> float:
-        delta = sign * self.delta_weight().float()
-        if is_4bit(self.base_layer):  # dequantize, add, re-quantize: rounds to the 4-bit grid again
-            error = requantize_(self.base_layer, dequantize(self.base_layer).float() + delta)
+        weight = dequantize(self.base_layer).float() if is_4bit(self.base_layer) else self.base_layer.weight.float()
+        delta, dora = self.delta_weight().float(), self.lora_magnitude_vector
+        if dora is None:
+            weight = weight + sign * delta
+        else:  # DoRA: W' = (m / n) (W + s B A), and back
+            weight = dora.merge(weight, delta) if sign > 0 else dora.unmerge(weight, delta)
+        if is_4bit(self.base_layer):  # re-quantize: rounds to the 4-bit grid again
+            error = requantize_(self.base_layer, weight)
         else:
-            self.base_layer.weight += delta.to(self.base_layer.weight.dtype)
+            self.base_layer.weight.copy_(weight.to(self.base_layer.weight.dtype))
             error = 0.0
         self.merged = sign > 0
         return error
@@ -107,10 +123,11 @@ class LoRASettings:
     rank_pattern: dict = field(default_factory=dict)  # layer name or suffix pattern -> r, where it differs from r
     alpha_pattern: dict = field(default_factory=dict)  # likewise for alpha
     use_rslora: bool = False
+    use_dora: bool = False
 
 
 def add_lora(model, targets=("q_proj", "k_proj", "v_proj"), r=8, alpha=16, dropout=0.0,
-             rank_pattern=None, alpha_pattern=None, use_rslora=False) -> int:
+             rank_pattern=None, alpha_pattern=None, use_rslora=False, use_dora=False) -> int:
     """Wrap every linear that `targets` names in a LoRALayer. Returns how many.
 
     Args:
@@ -118,6 +135,7 @@ def add_lora(model, targets=("q_proj", "k_proj", "v_proj"), r=8, alpha=16, dropo
             names must match, as in peft.
         rank_pattern, alpha_pattern: {name or suffix pattern: r / alpha} for layers that differ.
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
+        use_dora: DoRA, a learned length for every output row (dora.py).
     Call it again with other targets to give them their own r and alpha (one dropout for all, as in
     peft's file).
     """
@@ -133,16 +151,17 @@ def add_lora(model, targets=("q_proj", "k_proj", "v_proj"), r=8, alpha=16, dropo
             raise MiniPeftError(f"targets: no linear named {unknown} in the model (already wrapped?); it has "
                                 f"{sorted({n.rsplit('.', 1)[-1] for n in candidates})}")
     settings = getattr(model, "peft_settings", {}).get("LORA") or LoRASettings(r, alpha, dropout, [], dict(
-        rank_pattern or {}), dict(alpha_pattern or {}), use_rslora)
-    if (dropout, use_rslora) != (settings.dropout, settings.use_rslora):
-        raise MiniPeftError(f"dropout / use_rslora: {dropout} / {use_rslora} differ from this model's other LoRA "
-                            f"layers ({settings.dropout} / {settings.use_rslora}); peft's adapter file holds one")
+        rank_pattern or {}), dict(alpha_pattern or {}), use_rslora, use_dora)
+    if (dropout, use_rslora, use_dora) != (settings.dropout, settings.use_rslora, settings.use_dora):
+        raise MiniPeftError(f"dropout / use_rslora / use_dora: {dropout} / {use_rslora} / {use_dora} differ from this "
+                            f"model's other LoRA layers ({settings.dropout} / {settings.use_rslora} / "
+                            f"{settings.use_dora}); peft's adapter file holds one")
     wrapped = [name for name in candidates if target_matches(name, targets)]
     for name in wrapped:
         layer_r, layer_alpha = pattern_value(rank_pattern or {}, name, r), pattern_value(alpha_pattern or {}, name, alpha)
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, LoRALayer(model.get_submodule(name), layer_r, layer_alpha, dropout, use_rslora))
+        setattr(owner, child, LoRALayer(model.get_submodule(name), layer_r, layer_alpha, dropout, use_rslora, use_dora))
         if pattern_value(settings.rank_pattern, name, settings.r) != layer_r:  # a later call's own r
             settings.rank_pattern = {name: layer_r, **settings.rank_pattern}
         if pattern_value(settings.alpha_pattern, name, settings.alpha) != layer_alpha:
@@ -160,20 +179,6 @@ def lora_layers(model) -> dict[str, LoRALayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
-def merge(model) -> float:
-    """Fold every adapter into its base weight; return the worst rounding error (4-bit bases only)."""
-    layers = lora_layers(model)
-    if "lm_head" in layers and model.config.tie_word_embeddings:
-        raise MiniPeftError("merge: lm_head shares its weight with the input embedding (tie_word_embeddings); "
-                            "merging its LoRA would change the embedding too. Keep that adapter unmerged")
-    return max((layer.merge() for layer in layers.values()), default=0.0)
-
-
-def unmerge(model) -> float:
-    """Take every adapter back out of its base weight; return the worst rounding error."""
-    return max((layer.unmerge() for layer in lora_layers(model).values()), default=0.0)
-
-
 # ---- the adapter file, in peft's layout ------------------------------------------------------------------
 
 def to_peft(model, settings: LoRASettings) -> tuple[dict, dict]:
@@ -182,11 +187,13 @@ def to_peft(model, settings: LoRASettings) -> tuple[dict, dict]:
               "target_modules": settings.targets, "lora_dropout": settings.dropout, "bias": "none",
               "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
               "rank_pattern": dict(settings.rank_pattern), "alpha_pattern": dict(settings.alpha_pattern),
-              "use_rslora": settings.use_rslora}
+              "use_rslora": settings.use_rslora, "use_dora": settings.use_dora}
     tensors = {}
     for name, layer in lora_layers(model).items():
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+        if layer.lora_magnitude_vector is not None:
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.weight
     return config, tensors
 
 
@@ -201,12 +208,13 @@ def from_peft(model, config: dict, source) -> dict:
     ranks = require_mapping(config, "rank_pattern", int, source, largest)
     alphas = require_mapping(config, "alpha_pattern", (int, float), source, 1e9)
     use_rslora = require(config, "use_rslora", bool, source, default=False)
+    use_dora = require(config, "use_dora", bool, source, default=False)
     targets = require(config, "target_modules", (list, str), source)
     named_by_list = isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
     if not (named_by_list or isinstance(targets, str)):
         raise MiniPeftError(f"{source}: target_modules should be a regex or a list of module names, got {targets!r}")
     try:
-        add_lora(model, targets, r, alpha, dropout, ranks, alphas, use_rslora)
+        add_lora(model, targets, r, alpha, dropout, ranks, alphas, use_rslora, use_dora)
     except (MiniPeftError, re.error) as e:
         raise MiniPeftError(f"{source}: target_modules {targets!r} are not all modules of this model ({e})") from None
     return to_peft(model, model.peft_settings["LORA"])[1]

@@ -21,6 +21,11 @@ import torch.nn as nn
 from ..errors import MiniPeftError
 
 
+SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
+               "up": "up_proj", "down": "down_proj"}  # the linears' names, short, as targets may give them
+PEFT_PREFIX = "base_model.model."  # in front of every layer name in peft's adapter files
+
+
 def wrappers(model):
     """(name, module) for every module a PEFT method added."""
     return [(name, m) for name, m in model.named_modules() if hasattr(m, "trainable_names")]
@@ -119,6 +124,22 @@ def base_fingerprint(model) -> dict[str, str]:
 def fingerprint_digest(fingerprint: dict[str, str]) -> str:
     """One sha256 for a whole base_fingerprint: a training checkpoint keeps it to refuse another base."""
     return hashlib.sha256(json.dumps(sorted(fingerprint.items())).encode()).hexdigest()
+
+
+def merge(model) -> float:
+    """Fold every change to a weight (LoRA, DoRA, IA3, BitFit) into the base, for inference; return the worst
+    rounding error (0 unless the base is 4-bit). Learned prompts, a learned past and bottleneck adapters are
+    not changes to a weight: they stay as they are, and still work."""
+    found = [(name, m) for name, m in wrappers(model) if hasattr(m, "merge")]
+    if any(name == "lm_head" for name, _ in found) and model.config.tie_word_embeddings:
+        raise MiniPeftError("merge: lm_head shares its weight with the input embedding (tie_word_embeddings); "
+                            "merging its adapter would change the embedding too. Keep that adapter unmerged")
+    return max((m.merge() for _, m in found), default=0.0)
+
+
+def unmerge(model) -> float:
+    """Take every method's tensors back out of the base weights; return the worst rounding error."""
+    return max((m.unmerge() for _, m in wrappers(model) if hasattr(m, "unmerge")), default=0.0)
 
 
 class disabled:

@@ -1,0 +1,121 @@
+"""Bottleneck adapters: a small down-project / non-linearity / up-project block with a skip connection,
+inserted after the attention and after the MLP of every layer; the whole model stays frozen.
+
+Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP"; the MLP-only placement is Pfeiffer
+et al. 2021, "AdapterFusion: Non-Destructive Task Composition for Transfer Learning".
+
+    h = o_proj(attention)        (D)                   h = down_proj(SwiGLU)      (D)
+    h + up(act(down(h)))         D ─► m ─► D           h + up(act(down(h)))
+        └ then the block's residual add, as before
+
+    adapter(h) = h + W_up act(W_down h + b_down) + b_up     W_down (m, D), W_up (D, m)
+
+W_up and b_up start at zero, so an untouched adapter changes nothing. The adapter sits right after the
+layer it wraps (o_proj, down_proj), before the residual add, where Houlsby places it. Houlsby trains
+2 x layers x (2 D m + D + m) numbers: 2 x 32 x (2 x 4096 x 64 + 4096 + 64) = 33,820,672 on Llama-7B at
+m = 64 (0.5% of 6.7B); Pfeiffer half that. It cannot be merged: the non-linearity keeps it a layer of
+its own, which is also why it adds latency at small batch sizes (seed 004's "disadvantages").
+
+On disk: minipeft's own format (peft has no bottleneck adapters, and says so when it is given this
+file): adapter_config.json {"peft_type": "BOTTLENECK", "placement": "houlsby" | "pfeiffer",
+"bottleneck_size": m, "non_linearity", "format": ...} and per wrapped layer
+    base_model.model.<layer name>.adapter_down.weight (m, D), .adapter_down.bias (m,)
+    base_model.model.<layer name>.adapter_up.weight (D, m), .adapter_up.bias (D,)
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..errors import MiniPeftError, refuse_unhonoured, require
+from .wrappers import PEFT_PREFIX, freeze_base, linear_names, record_settings, target_matches
+
+PLACEMENTS = {"houlsby": ("o_proj", "down_proj"), "pfeiffer": ("down_proj",)}  # after attention and/or the MLP
+NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+FORMAT = "minipeft bottleneck adapters (Houlsby/Pfeiffer); peft cannot read this file"
+READ = ("placement", "bottleneck_size", "non_linearity")
+NOT_MATH = ("peft_type", "task_type", "format", "base_model_name_or_path", "inference_mode")
+
+
+class BottleneckAdapter(nn.Module):
+    trainable_names = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
+    wrapped = "base_layer"
+
+    def __init__(self, base_layer: nn.Module, bottleneck_size: int, non_linearity: str):
+        super().__init__()
+        self.base_layer = base_layer
+        D, device = base_layer.out_features, base_layer.weight.device
+        self.adapter_down = nn.Linear(D, bottleneck_size, device=device)  # W_down (m, D), b_down (m,)
+        self.non_linearity = NON_LINEARITIES[non_linearity]()
+        self.adapter_up = nn.Linear(bottleneck_size, D, device=device)  # W_up (D, m), b_up (D,)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+        self.enabled = True
+
+    def forward(self, x):
+        h = self.base_layer(x)  # (..., D)
+        if not self.enabled:
+            return h
+        update = self.adapter_up(self.non_linearity(self.adapter_down(h.to(self.adapter_down.weight.dtype))))
+        return h + update.to(h.dtype)  # (..., D): the skip connection around the bottleneck
+
+
+@dataclass
+class BottleneckSettings:
+    peft_type: ClassVar[str] = "BOTTLENECK"
+    placement: str
+    bottleneck_size: int
+    non_linearity: str
+
+
+def add_bottleneck_adapters(model, bottleneck_size=64, placement="houlsby", non_linearity="relu") -> int:
+    """Put an adapter after every layer's attention and MLP ("houlsby") or its MLP alone ("pfeiffer").
+    Returns how many.
+
+    Args:
+        bottleneck_size: m, the width of the bottleneck (seed 004's "dim").
+        non_linearity: one of relu, gelu, silu, tanh.
+    """
+    if placement not in PLACEMENTS:
+        raise MiniPeftError(f"placement: expected one of {tuple(PLACEMENTS)}, got {placement!r}")
+    if non_linearity not in NON_LINEARITIES:
+        raise MiniPeftError(f"non_linearity: expected one of {tuple(NON_LINEARITIES)}, got {non_linearity!r}")
+    if not isinstance(bottleneck_size, int) or bottleneck_size <= 0:
+        raise MiniPeftError(f"bottleneck_size: expected a positive integer, got {bottleneck_size!r}")
+    wrapped = [name for name in linear_names(model) if target_matches(name, list(PLACEMENTS[placement]))]
+    if not wrapped:
+        raise MiniPeftError(f"add_bottleneck_adapters: no {PLACEMENTS[placement]} left to wrap in the model")
+    for name in wrapped:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child,
+                BottleneckAdapter(model.get_submodule(name), bottleneck_size, non_linearity))
+    record_settings(model, BottleneckSettings(placement, bottleneck_size, non_linearity))
+    freeze_base(model)
+    return len(wrapped)
+
+
+# ---- the adapter file: minipeft's own layout -------------------------------------------------------------
+
+def to_peft(model, settings: BottleneckSettings) -> tuple[dict, dict]:
+    config = {"peft_type": "BOTTLENECK", "format": FORMAT, "placement": settings.placement,
+              "bottleneck_size": settings.bottleneck_size, "non_linearity": settings.non_linearity}
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BottleneckAdapter):
+            for tensor_name in module.trainable_names:
+                tensors[f"{PEFT_PREFIX}{name}.{tensor_name}"] = module.get_parameter(tensor_name)
+    return config, tensors
+
+
+def from_peft(model, config: dict, source) -> dict:
+    refuse_unhonoured(config, READ, NOT_MATH, {}, source)
+    placement = require(config, "placement", str, source)
+    size = require(config, "bottleneck_size", int, source, 1, model.config.hidden_size)
+    non_linearity = require(config, "non_linearity", str, source)
+    try:
+        add_bottleneck_adapters(model, size, placement, non_linearity)
+    except MiniPeftError as e:
+        raise MiniPeftError(f"{source}: {e}") from None
+    return to_peft(model, model.peft_settings["BOTTLENECK"])[1]
