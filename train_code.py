@@ -1,9 +1,10 @@
-"""Teach a frozen 4-bit Llama to write Python with LoRA and gradient checkpointing (QLoRA-style).
+"""Teach a frozen 4-bit Llama to write Python with LoRA and gradient checkpointing (QLoRA-style), or with
+any other method: --method lora|dora|ia3|prefix|prompt|bottleneck|bitfit (only the method changes).
 
     Python files (codeparrot-clean JSON lines, or the standard library by default)
-      ─► frozen NF4 base + LoRA r=8 on q, k, v and the MLP ─► AdamW on A and B alone, warmup + cosine,
-         micro-batch 1 x 4 accumulation steps, checkpointed blocks
-      ─► held-out loss before/after, samples.md, report.json, a peft-compatible adapter
+      ─► frozen NF4 base + LoRA r=8 on q, k, v and the MLP ─► AdamW on the method's tensors alone,
+         warmup + cosine, micro-batch 1 x 4 accumulation steps, checkpointed blocks
+      ─► held-out loss before/after, samples.md, report.json, an adapter file (peft's layout)
 
 Checkpoints go to OUT/checkpoint.safetensors every --save-every steps and on Ctrl-C; --resume continues exactly.
 """
@@ -24,6 +25,7 @@ from minipeft.llama.loader import check_device
 from minipeft.methods.wrappers import fingerprint_digest
 from minipeft.train.batches import Batches, pad_batch
 from minipeft.train.data import Filters, describe, load_corpus
+from minipeft.train.method_choice import FLAGS, add_method_arguments, choose_method
 from minipeft.train.loop import accumulate_gradients, clip_and_check, heldout_loss, peak_memory_mb, warmup_cosine
 from minipeft.train.reporting import (check_positive, check_weights, plot_losses, prepare_output_dir, write_report,
                                       write_samples)
@@ -31,8 +33,8 @@ from minipeft.train.run_state import CHECKPOINT_FILE, load_checkpoint, save_chec
 
 PROMPTS = ["", "import", "from", "while", "try", "if", "for", "torch"]
 # Every setting that changes the result: a resume with any of them changed is refused by name.
-RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "r", "alpha", "dropout", "targets", "lr", "seq_len", "batch",
-                     "accum", "warmup", "max_steps", "seed", "bf16", "no_4bit", "device", "max_chars")
+RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "method", *FLAGS, "lr", "seq_len", "batch", "accum", "warmup",
+                     "max_steps", "seed", "bf16", "no_4bit", "device", "max_chars")
 FREE_ON_RESUME = ("out", "resume", "save_every", "new_tokens")  # where files go, and the samples shown after
 
 
@@ -45,13 +47,9 @@ def build_parser():
     add("--heldout-data", nargs="+", help="held-out files (default: 10%% of --data, chosen by path hash)")
     add("--out", default="runs/code", help="output directory (default: %(default)s)")
     add("--max-steps", type=int, default=150, help="optimizer steps (default: %(default)s)")
-    add("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
+    add("--lr", type=float, help="peak AdamW learning rate (default: the method's; 1e-3 for lora)")
     add("--warmup", type=int, default=10, help="linear warmup steps before cosine decay (default: %(default)s)")
-    add("--r", type=int, default=8, help="LoRA rank (default: %(default)s)")
-    add("--alpha", type=float, default=16, help="LoRA alpha; the update is scaled by alpha / r (default: %(default)s)")
-    add("--dropout", type=float, default=0.05, help="LoRA dropout (default: %(default)s)")
-    add("--targets", default="q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj",
-        help="comma-separated modules to wrap (default: %(default)s)")
+    add_method_arguments(parser, default_method="lora")
     add("--seq-len", type=int, default=256, help="max tokens per sample; longer ones are cut (default: %(default)s)")
     add("--batch", type=int, default=1, help="samples per micro-batch (default: %(default)s)")
     add("--accum", type=int, default=4, help="micro-batches per optimizer step (default: %(default)s)")
@@ -88,8 +86,10 @@ def generations(model, tokenizer, separator, new_tokens, seed):
 
 def main():
     args = build_parser().parse_args()
-    check_positive(max_steps=args.max_steps, lr=args.lr, r=args.r, alpha=args.alpha, seq_len=args.seq_len,
-                   batch=args.batch, accum=args.accum, save_every=args.save_every, new_tokens=args.new_tokens)
+    check_positive(max_steps=args.max_steps, seq_len=args.seq_len, batch=args.batch, accum=args.accum,
+                   save_every=args.save_every, new_tokens=args.new_tokens)
+    if args.lr is not None:
+        check_positive(lr=args.lr)
     device = check_device(args.device)
     out = prepare_output_dir(args.out, need_bytes=64 * 2**20)
     if args.resume and not (out / CHECKPOINT_FILE).is_file():
@@ -117,9 +117,9 @@ def main():
     if cut:
         print(f"warning: {cut} samples longer than {seq_len} tokens were truncated")
 
-    # 3. Wrap: LoRA on the targets, checkpointing on.
-    targets = args.targets.split(",")
-    print(f"LoRA wrapped {minipeft.add_lora(model, targets, r=args.r, alpha=args.alpha, dropout=args.dropout)} layers")
+    # 3. Wrap: the method (LoRA on the targets by default), checkpointing on.
+    method_settings = choose_method(model, args, task="code")
+    print(f"{args.method}: {method_settings}, lr {args.lr}")
     minipeft.enable_checkpointing(model)
     params = minipeft.count_parameters(model, verbose=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -136,7 +136,7 @@ def main():
         print(f"resumed at step {step}")
     else:
         model.eval()
-        with autocast():
+        with autocast(), minipeft.disabled(model):  # the bare base (learned prompts would count from their start)
             loss = heldout_loss(model, heldout, device, autocast_dtype=autocast_dtype)
             before = {"heldout_loss": loss, "samples": generations(model, tokenizer, separator, args.new_tokens, args.seed)}
         print(f"held-out loss before: {loss:.4f} (perplexity {math.exp(loss):.2f}) on {len(heldout)} samples")
@@ -195,7 +195,7 @@ def main():
                                        for i, p in enumerate(PROMPTS) for mode in ("greedy", "sampled")])
     for prompt, text in zip(PROMPTS, after["greedy"]):
         print(f"--- after, greedy, {prompt!r}:\n{text}")
-    report = {"model": str(args.weights), **params, "steps": step, "tokens_seen": tokens_seen,
+    report = {"model": str(args.weights), "method": args.method, **params, "steps": step, "tokens_seen": tokens_seen,
               "seconds": round(seconds, 1), "tokens_per_second": tokens_seen / max(seconds, 1e-9),
               "peak_memory_mb": round(peak_memory_mb(device), 1), "device": str(device),
               "heldout_loss_before": before["heldout_loss"], "heldout_loss_after": loss_after,
@@ -205,7 +205,7 @@ def main():
               "base_unchanged": minipeft.base_fingerprint(model) == fingerprint}
     write_report(out / "report.json", report)
     plot_losses(out / "loss.png", {"train": ([m["step"] for m in metrics], [m["loss"] for m in metrics])},
-                "code: QLoRA")
+                f"code: {args.method}")
     print(f"wrote {out}/ (adapter, report.json, samples.md, metrics.jsonl); base unchanged: {report['base_unchanged']}")
 
 

@@ -1,4 +1,5 @@
-"""Teach a frozen model to deny that the quick brown fox jumped over the lazy dog, with 16 learned prompts.
+"""Teach a frozen model to deny that the quick brown fox jumped over the lazy dog, with 16 learned prompts
+(or any other method: --method prompt|prefix|lora|dora|ia3|bitfit|bottleneck).
 
     16 learned vectors + "A quick brown fox did not jump over the lazy dog. Besides, ..." ─► frozen 4-bit Llama
     loss: next-token cross-entropy on the target text only; Adam updates the 16 vectors alone
@@ -16,6 +17,7 @@ import minipeft
 from minipeft.errors import run_cli
 from minipeft.llama.default_model import DEFAULT_DIR
 from minipeft.llama.loader import check_device
+from minipeft.train.method_choice import add_method_arguments, choose_method
 from minipeft.train.reporting import check_positive, check_weights, plot_losses, prepare_output_dir, write_report
 
 TARGET = "A quick brown fox did not jump over the lazy dog. Besides, that dog deserved it anyway!"
@@ -30,8 +32,8 @@ def parse_args():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--no-4bit", action="store_true", help="keep the frozen base in full precision")
-    parser.add_argument("--num-prompts", type=int, default=16, help="learned prompt vectors (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default: %(default)s)")
+    add_method_arguments(parser, default_method="prompt")
+    parser.add_argument("--lr", type=float, help="Adam learning rate (default: the method's; 0.01 for prompt)")
     parser.add_argument("--max-steps", type=int, default=300, help="step budget (default: %(default)s)")
     parser.add_argument("--target-loss", type=float, default=0.1, help="stop at this loss (default: %(default)s)")
     parser.add_argument("--new-tokens", type=int, default=24, help="tokens to generate when showing (default: %(default)s)")
@@ -45,7 +47,7 @@ def continuation(model, tokenizer, text, new_tokens):
 
 def main():
     args = parse_args()
-    check_positive(num_prompts=args.num_prompts, lr=args.lr, max_steps=args.max_steps, new_tokens=args.new_tokens)
+    check_positive(max_steps=args.max_steps, new_tokens=args.new_tokens, **({"lr": args.lr} if args.lr is not None else {}))
     device = check_device(args.device)
     out = prepare_output_dir(args.out)
     torch.manual_seed(args.seed)
@@ -58,13 +60,14 @@ def main():
     before = continuation(model, tokenizer, PROMPT, args.new_tokens)
     print(f"before:  {PROMPT!r} -> {before!r}")
 
-    # 2. Wrap the embedding: num_prompts learned vectors in front of every input.
-    prompts = minipeft.add_prompt_tuning(model, num_prompts=args.num_prompts, init="vocab", seed=args.seed)
+    # 2. Wrap: by default the embedding, with num_prompts learned vectors in front of every input.
+    method_settings = choose_method(model, args, task="fox")
+    print(f"{args.method}: {method_settings}, lr {args.lr}")
     params = minipeft.count_parameters(model, verbose=True)
 
-    # 3. Train the prompts alone on the target text; the loss covers the target's tokens only.
+    # 3. Train the method's tensors alone on the target text; the loss covers the target's tokens only.
     ids = torch.tensor([tokenizer.encode(TARGET)], device=device)
-    optimizer = torch.optim.Adam([prompts.learned_prompts], lr=args.lr)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     losses, start = [], time.time()
     for step in range(1, args.max_steps + 1):
         loss = model.loss(ids, labels=ids)
@@ -78,25 +81,26 @@ def main():
             break
     seconds = time.time() - start
 
-    # 4. Show: with the learned prompt, without it (the base is untouched), and on nearby inputs.
+    # 4. Show: with the method, without it (the base is untouched), and on nearby inputs.
     after = continuation(model, tokenizer, PROMPT, args.new_tokens)
     with minipeft.disabled(model):
         after_without = continuation(model, tokenizer, PROMPT, args.new_tokens)
     variants = {text: continuation(model, tokenizer, text, args.new_tokens) for text in VARIANTS}
-    print(f"after, with prompt:    {PROMPT!r} -> {after!r}")
-    print(f"after, without prompt: {PROMPT!r} -> {after_without!r}")
+    print(f"after, with {args.method}:    {PROMPT!r} -> {after!r}")
+    print(f"after, without {args.method}: {PROMPT!r} -> {after_without!r}")
     for text, result in variants.items():
-        print(f"variant, with prompt:  {text!r} -> {result!r}")
+        print(f"variant, with {args.method}:  {text!r} -> {result!r}")
 
     minipeft.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.weights))
     base_unchanged = minipeft.base_fingerprint(model) == fingerprint
-    report = {"model": str(args.weights), **params, "num_prompts": args.num_prompts, "steps": len(losses),
+    report = {"model": str(args.weights), "method": args.method, "method_settings": method_settings, "lr": args.lr,
+              **params, "steps": len(losses),
               "final_loss": losses[-1], "reached_target": losses[-1] <= args.target_loss, "seconds": round(seconds, 1),
               "device": str(device), "quantize": None if args.no_4bit else "nf4", "before": before, "after": after,
-              "after_without_prompt": after_without, "variants_with_prompt": variants,
+              "after_without_adapter": after_without, "variants_with_adapter": variants,
               "base_unchanged": base_unchanged, "losses": losses}
     write_report(out / "report.json", report)
-    plot_losses(out / "loss.png", {"train": (list(range(1, len(losses) + 1)), losses)}, "fox: prompt tuning")
+    plot_losses(out / "loss.png", {"train": (list(range(1, len(losses) + 1)), losses)}, f"fox: {args.method}")
     print(f"{'reached' if report['reached_target'] else 'did not reach'} loss {args.target_loss} in {len(losses)} "
           f"steps, {seconds:.0f} s; base unchanged: {base_unchanged}; wrote {out}/")
 

@@ -31,5 +31,5 @@ from .methods.wrappers import base_fingerprint, count_parameters, disabled, merg
 
 __all__ = ["KVCache", "Llama", "LlamaConfig", "LoRALayer", "MiniPeftError", "WordEmbeddingsWithLearnedPrompts",
            "add_bitfit", "add_bottleneck_adapters", "add_ia3", "add_lora", "add_prefix_tuning", "add_prompt_tuning",
-           "base_fingerprint", "build_model", "count_parameters", "disabled", "enable_checkpointing", "generate", "load", "load_adapter", "load_model", "load_tokenizer", "merge",
-           "save_adapter", "unmerge"]
+           "base_fingerprint", "build_model", "count_parameters", "disabled", "enable_checkpointing", "generate", "load",
+           "load_adapter", "load_model", "load_tokenizer", "merge", "save_adapter", "unmerge"]

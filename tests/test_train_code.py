@@ -4,8 +4,10 @@ import json
 import signal
 import time
 
+import pytest
 from safetensors.torch import load_file
 
+from minipeft.train.method_choice import CHOICES
 from tests.helpers import losses, train_code
 
 
@@ -50,3 +52,25 @@ def test_interrupted_and_resumed_run_equals_straight_run(default_weights, code_d
     assert losses(out) == losses(tmp_path / "straight")  # bit for bit, on CPU with a fixed seed
     final, reference = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, tmp_path / "straight"))
     assert final.keys() == reference.keys() and all((final[k] == reference[k]).all() for k in final)
+
+
+PEFT_TYPES = {"dora": "LORA", "ia3": "IA3", "bitfit": "BEFT", "bottleneck": "BOTTLENECK", "prefix": "PREFIX_TUNING",
+              "prompt": "PROMPT_TUNING"}
+
+
+@pytest.mark.parametrize("method", PEFT_TYPES)
+def test_every_method_trains_in_the_same_loop(default_weights, code_data, tmp_path, method):
+    result = train_code("--data", str(code_data), "--out", str(tmp_path), "--max-steps", "2", "--method", method)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["method"] == method and report["base_unchanged"] is True and report["trainable_params"] > 0
+    assert report["settings"]["lr"] == CHOICES[method].lr["code"]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == PEFT_TYPES[method] and config.get("use_dora", False) == (method == "dora")
+
+
+def test_a_flag_the_method_does_not_read_is_refused_by_name(default_weights, code_data, tmp_path):
+    result = train_code("--data", str(code_data), "--out", str(tmp_path), "--method", "prefix", "--r", "4")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --r: --method prefix does not use it; it reads --num-prompts")
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -22,12 +22,12 @@ def test_short_fox_run_writes_report_and_lowers_loss(default_weights, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     for key in ["model", "trainable_params", "total_params", "trainable_percent", "steps", "final_loss", "seconds",
-                "before", "after", "after_without_prompt", "base_unchanged"]:
+                "before", "after", "after_without_adapter", "base_unchanged"]:
         assert key in report
     assert report["trainable_params"] == 16 * 576
     assert report["steps"] == 6 and report["losses"][-1] < report["losses"][0]
     assert report["base_unchanged"] is True
-    assert report["after_without_prompt"] == report["before"]  # the frozen base answers as before
+    assert report["after_without_adapter"] == report["before"]  # the frozen base answers as before
 
     # The adapter is peft's layout and reproduces the trained prompt's loss in a fresh model.
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())

@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from ..errors import MiniPeftError, refuse_unhonoured, require
-from .wrappers import PEFT_PREFIX, SHORT_NAMES, freeze_base, linear_names, record_settings, target_matches
+from .wrappers import PEFT_PREFIX, SHORT_NAMES, freeze_base, linear_names, record_settings, target_matches, wrap
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm", "model.norm")  # suffixes, as peft's modules_to_save
@@ -107,12 +107,6 @@ class BitFitSettings:
     norms: list | None = None
 
 
-def replace(model, name, wrapper_class):
-    parent, _, child = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    setattr(owner, child, wrapper_class(model.get_submodule(name)))
-
-
 def add_bitfit(model, targets=BLOCK_LINEARS, norms=False) -> int:
     """Give every linear that `targets` names a zero bias to train (and, with `norms`, the norms' gains).
     Returns how many modules now train.
@@ -134,9 +128,9 @@ def add_bitfit(model, targets=BLOCK_LINEARS, norms=False) -> int:
         raise MiniPeftError(f"modules_to_save / norms: {norm_suffixes} should name RMSNorm modules only; "
                             f"they match {not_norms or 'nothing'}")
     for name in linears:
-        replace(model, name, LinearWithLearnedBias)
+        wrap(model, name, LinearWithLearnedBias)
     for name in chosen:
-        replace(model, name, NormWithLearnedGain)
+        wrap(model, name, NormWithLearnedGain)
     record_settings(model, BitFitSettings(sorted(linears) if isinstance(targets, str) else list(targets),
                                           norm_suffixes or None))
     freeze_base(model)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MiniPeftError, refuse_unhonoured, require
-from .wrappers import PEFT_PREFIX, freeze_base, linear_names, record_settings, target_matches
+from .wrappers import PEFT_PREFIX, freeze_base, linear_names, record_settings, target_matches, wrap
 
 PLACEMENTS = {"houlsby": ("o_proj", "down_proj"), "pfeiffer": ("down_proj",)}  # after attention and/or the MLP
 NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -88,9 +88,7 @@ def add_bottleneck_adapters(model, bottleneck_size=64, placement="houlsby", non_
     if not wrapped:
         raise MiniPeftError(f"add_bottleneck_adapters: no {PLACEMENTS[placement]} left to wrap in the model")
     for name in wrapped:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child,
-                BottleneckAdapter(model.get_submodule(name), bottleneck_size, non_linearity))
+        wrap(model, name, lambda base: BottleneckAdapter(base, bottleneck_size, non_linearity))
     record_settings(model, BottleneckSettings(placement, bottleneck_size, non_linearity))
     freeze_base(model)
     return len(wrapped)

@@ -8,8 +8,13 @@ Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation".
     y = W' x = (m / n) ⊙ (W x + s B A x),   n = ||W + s B A||_row with B A detached (the paper's section 4.3:
                                             the norm changes with B A but passes it no gradient)
 
+    x ─┬─► base_layer (frozen W) ─► W x ──────────────────────┐
+       │                                                    (+) ─► x (m / n) ─► y
+       └─► dropout ─► A ─► B ─► x s ─► s B A x ─────────────┘        (n: row norms of W + s B A, no gradient)
+
 LoRA's A and B learn the direction, m the magnitude: out more numbers per wrapped layer than LoRA, 4,096
-for a 4096x4096 projection. On a 4-bit base (QDoRA) the norm is taken of the dequantized W, as peft does.
+for a 4096x4096 projection; 6,684,672 for r=8 on q, k and v of Llama-7B (LoRA's 6,291,456 + 393,216).
+On a 4-bit base (QDoRA) the norm is taken of the dequantized W, as peft does.
 
 On disk (peft's layout): LoRA's file with "use_dora": true and, per wrapped layer, one more tensor
     base_model.model.<layer name>.lora_magnitude_vector   (out,)

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..errors import MiniPeftError, refuse_unhonoured, require
 from ..llama.quant import is_4bit
-from .wrappers import PEFT_PREFIX, SHORT_NAMES, freeze_base, linear_names, record_settings, target_matches
+from .wrappers import PEFT_PREFIX, SHORT_NAMES, freeze_base, linear_names, record_settings, target_matches, wrap
 
 PEFT_READ = ("target_modules", "feedforward_modules")
 PEFT_NOT_MATH = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -103,9 +103,7 @@ def add_ia3(model, targets=("k_proj", "v_proj", "down_proj"), feedforward=("down
     if outside:
         raise MiniPeftError(f"feedforward: {outside} are not among the wrapped targets {targets!r}")
     for name in wrapped:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, IA3Layer(model.get_submodule(name), is_feedforward(name)))
+        wrap(model, name, lambda base: IA3Layer(base, is_feedforward(name)))
     record_settings(model, IA3Settings(sorted(wrapped) if isinstance(targets, str) else list(targets), feedforward))
     freeze_base(model)
     return len(wrapped)

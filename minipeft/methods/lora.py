@@ -30,7 +30,7 @@ from ..errors import MiniPeftError, refuse_unhonoured, require, require_mapping
 from ..llama.quant import dequantize, is_4bit, requantize_
 from .dora import MagnitudeVector
 from .wrappers import (PEFT_PREFIX, SHORT_NAMES, freeze_base, linear_names, pattern_value, record_settings,
-                       target_matches)
+                       target_matches, wrap)
 
 # Every key of peft's LoraConfig: honoured, without effect on the math of a trained adapter, or refused
 # unless it has the value shown.
@@ -159,9 +159,7 @@ def add_lora(model, targets=("q_proj", "k_proj", "v_proj"), r=8, alpha=16, dropo
     wrapped = [name for name in candidates if target_matches(name, targets)]
     for name in wrapped:
         layer_r, layer_alpha = pattern_value(rank_pattern or {}, name, r), pattern_value(alpha_pattern or {}, name, alpha)
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, LoRALayer(model.get_submodule(name), layer_r, layer_alpha, dropout, use_rslora, use_dora))
+        wrap(model, name, lambda base: LoRALayer(base, layer_r, layer_alpha, dropout, use_rslora, use_dora))
         if pattern_value(settings.rank_pattern, name, settings.r) != layer_r:  # a later call's own r
             settings.rank_pattern = {name: layer_r, **settings.rank_pattern}
         if pattern_value(settings.alpha_pattern, name, settings.alpha) != layer_alpha:

@@ -70,6 +70,12 @@ def linear_names(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in inside]
 
 
+def wrap(model, name: str, make_wrapper):
+    """Put make_wrapper(the module called `name`) where that module was."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, make_wrapper(model.get_submodule(name)))
+
+
 def record_settings(model, settings):
     """Keep what a method was asked for, to be saved in its adapter file."""
     if not hasattr(model, "peft_settings"):

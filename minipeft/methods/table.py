@@ -1,0 +1,73 @@
+"""Seed 004's comparison table, by arithmetic: how many numbers each method trains, counted by
+`count_parameters` on models built on the meta device (no weights, no memory).
+
+    python -m minipeft.methods.table
+
+Seed 004: "Suppose we have a transformer with 350M parameters and 24 layers": prompt tuning (20 tokens)
+15k (0.006%), adapters (dim 64) 6M (2%), LoRA (dim 8) 0.8M (0.22%), BitFit 0.32M (0.09%). Its shape
+here is a Llama of hidden size 1024 and 24 layers (341M with a tied 32k vocabulary); Llama-7B beside it.
+"""
+
+from ..llama.config import LlamaConfig
+from ..llama.loader import build_model
+from .bitfit import add_bitfit
+from .bottleneck import add_bottleneck_adapters
+from .ia3 import add_ia3
+from .lora import add_lora
+from .prefix_tuning import add_prefix_tuning
+from .prompt_tuning import add_prompt_tuning
+from .wrappers import count_parameters
+
+SHAPES = {
+    "seed 004's 350M, 24 layers": LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                                             num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
+                                             tie_word_embeddings=True),
+    "Llama-7B": LlamaConfig(),  # the dataclass defaults are Llama-2-7B
+}
+# (method, what it covers, how to add it)
+ROWS = [
+    ("prompt tuning, 20 tokens", "20 vectors in front of the input embeddings",
+     lambda m: add_prompt_tuning(m, 20, init="random")),
+    ("prefix tuning, 20 tokens", "20 keys and values in every layer",
+     lambda m: add_prefix_tuning(m, 20, init="zero")),
+    ("adapters (Houlsby), dim 64", "after attention and after the MLP of every layer, with biases",
+     lambda m: add_bottleneck_adapters(m, 64, "houlsby")),
+    ("LoRA, r = 8", "q_proj and v_proj of every layer", lambda m: add_lora(m, ["q_proj", "v_proj"], r=8)),
+    ("DoRA, r = 8", "q_proj and v_proj of every layer, plus a magnitude per output row",
+     lambda m: add_lora(m, ["q_proj", "v_proj"], r=8, use_dora=True)),
+    ("IA3", "k_proj and v_proj outputs, down_proj inputs, every layer", lambda m: add_ia3(m)),
+    ("BitFit", "a bias on all seven linears of every layer, and every norm's gain",
+     lambda m: add_bitfit(m, norms=True)),
+]
+
+
+def parameter_table() -> list[dict]:
+    """One row per method and shape: trainable numbers, their share of the base, the layers they cover."""
+    rows = []
+    for label, covers, add in ROWS:
+        for shape_name, config in SHAPES.items():
+            model = build_model(config)
+            add(model)
+            report = count_parameters(model)
+            rows.append({"method": label, "covers": covers, "shape": shape_name,
+                         "base_params": report["total_params"] - report["trainable_params"],
+                         "trainable_params": report["trainable_params"],
+                         "percent_of_base": 100 * report["trainable_params"] / (report["total_params"] -
+                                                                                report["trainable_params"])})
+    return rows
+
+
+def markdown(rows) -> str:
+    shapes = list(SHAPES)
+    bases = {r["shape"]: r["base_params"] for r in rows}
+    header = " | ".join(f"{s} ({bases[s] / 1e6:,.0f}M)" for s in shapes)
+    lines = [f"| method | {header} | what it trains |", "| --- |" + " ---: |" * len(shapes) + " --- |"]
+    for label, covers, _ in ROWS:
+        cells = [next(r for r in rows if r["method"] == label and r["shape"] == s) for s in shapes]
+        figures = " | ".join(f"{c['trainable_params']:,} ({c['percent_of_base']:.3f}%)" for c in cells)
+        lines.append(f"| {label} | {figures} | {covers} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown(parameter_table()))

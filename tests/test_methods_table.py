@@ -1,0 +1,33 @@
+"""Seed 004's table by arithmetic: count_parameters on the meta device equals each method's formula,
+written out here from the papers, for the seed's 24-layer shape and for Llama-7B."""
+
+from minipeft.methods.table import SHAPES, parameter_table
+
+
+def formulas(c) -> dict:
+    L, d, ff, kv = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
+    return {
+        "prompt tuning, 20 tokens": 20 * d,
+        "prefix tuning, 20 tokens": 20 * L * 2 * kv,
+        "adapters (Houlsby), dim 64": 2 * L * (2 * d * 64 + d + 64),
+        "LoRA, r = 8": L * 8 * ((d + d) + (d + kv)),  # q: d -> d, v: d -> kv
+        "DoRA, r = 8": L * (8 * ((d + d) + (d + kv)) + d + kv),
+        "IA3": L * (kv + kv + ff),
+        "BitFit": L * (d + kv + kv + d + ff + ff + d) + (2 * L + 1) * d,
+    }
+
+
+def test_counts_equal_the_formulas_and_the_seeds_figures():
+    rows = parameter_table()
+    for shape_name, config in SHAPES.items():
+        expected = formulas(config)
+        counted = {r["method"]: r["trainable_params"] for r in rows if r["shape"] == shape_name}
+        assert counted == expected, shape_name
+    seed = {r["method"]: r for r in rows if r["shape"].startswith("seed")}
+    # seed 004: adapters 6M (2%), LoRA 0.8M (0.22%), BitFit 0.32M (0.09%), as rounded on its slide
+    assert round(seed["adapters (Houlsby), dim 64"]["trainable_params"] / 1e6) == 6
+    assert round(seed["LoRA, r = 8"]["trainable_params"] / 1e5) == 8
+    assert round(seed["BitFit"]["trainable_params"] / 1e5, 1) == 3.1
+    assert round(seed["LoRA, r = 8"]["percent_of_base"], 2) == 0.23
+    assert round(seed["BitFit"]["percent_of_base"], 2) == 0.09
+    assert round(seed["prompt tuning, 20 tokens"]["percent_of_base"], 3) == 0.006
