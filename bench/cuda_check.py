@@ -5,7 +5,8 @@
 
 Checks: logits against transformers for rope llama3 + biases + GQA; NF4 against bitsandbytes'
 dequantization; gradients with and without checkpointing (LoRA with dropout, and a learned past)
-under bf16 autocast; an interrupted run resumed from checkpoint.safetensors, with the CUDA RNG state.
+under bf16 autocast; every method (tests/test_every_method.py) on NF4 under bf16 autocast, with and
+without checkpointing; an interrupted run resumed from checkpoint.safetensors, with the CUDA RNG state.
 """
 
 import argparse
@@ -24,6 +25,7 @@ from minipeft.methods.lora import lora_layers  # noqa: E402
 from minipeft.train.batches import Batches  # noqa: E402
 from minipeft.train.run_state import load_checkpoint, save_checkpoint  # noqa: E402
 from tests.helpers import write_hf_checkpoint  # noqa: E402
+from tests.test_every_method import METHODS, add_trained_looking  # noqa: E402
 
 VARIANT = dict(rope_theta=500000.0, attention_bias=True, mlp_bias=True, num_key_value_heads=1,
                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -51,6 +53,15 @@ def lora_gradients(path, device, checkpointing, learned_past=False):
         model.loss(ids, ids).backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad] + ([past.grad] if learned_past else [])
     return grads, torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def method_gradients(path, device, method, checkpointing):
+    model = add_trained_looking(minipeft.load_model(path, quantize="nf4", device=device), method).train()
+    minipeft.enable_checkpointing(model, checkpointing)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        model.loss(ids, ids).backward()
+    return [p.grad for p in model.parameters() if p.requires_grad]
 
 
 def resumed_run(path, device, workdir):
@@ -116,6 +127,10 @@ def main():
             same_rng = torch.equal(plain_rng, ckpt_rng) and (plain_cuda_rng is None or torch.equal(plain_cuda_rng,
                                                                                                    ckpt_cuda_rng))
             ok &= report("RNG state after backward differs", float(not same_rng), 0.0)
+        for method in METHODS:
+            plain, ckpt = (method_gradients(path, device, method, checkpointing) for checkpointing in (False, True))
+            worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(plain, ckpt))
+            ok &= report(f"{method}: bf16 NF4 gradients, checkpointing vs not", worst, 1e-6)
         straight, resumed = resumed_run(path, device, Path(workdir))
         ok &= report("resumed losses vs straight run (max abs)", max(abs(a - b) for a, b in zip(straight, resumed)), 0.0)
     sys.exit(0 if ok else 1)
