@@ -25,11 +25,13 @@ from .methods.bitfit import add_bitfit
 from .methods.bottleneck import add_bottleneck_adapters
 from .methods.ia3 import add_ia3
 from .methods.lora import LoRALayer, add_lora
+from .methods.named_adapters import adapter_names, delete_adapter, set_adapter
 from .methods.prefix_tuning import add_prefix_tuning
 from .methods.prompt_tuning import WordEmbeddingsWithLearnedPrompts, add_prompt_tuning
 from .methods.wrappers import base_fingerprint, count_parameters, disabled, merge, unmerge
 
 __all__ = ["KVCache", "Llama", "LlamaConfig", "LoRALayer", "MiniPeftError", "WordEmbeddingsWithLearnedPrompts",
-           "add_bitfit", "add_bottleneck_adapters", "add_ia3", "add_lora", "add_prefix_tuning", "add_prompt_tuning",
+           "adapter_names", "add_bitfit", "add_bottleneck_adapters", "add_ia3", "add_lora", "add_prefix_tuning", "add_prompt_tuning",
            "base_fingerprint", "build_model", "count_parameters", "disabled", "enable_checkpointing", "generate", "load",
-           "load_adapter", "load_model", "load_tokenizer", "merge", "save_adapter", "unmerge"]
+           "delete_adapter", "load_adapter", "load_model", "load_tokenizer", "merge", "save_adapter", "set_adapter",
+           "unmerge"]

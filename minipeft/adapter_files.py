@@ -7,6 +7,9 @@ Each method writes and reads its own config and tensor names (`to_peft` / `from_
 this module finds the method by `peft_type` in one table, checks that the tensors fit the base, and
 writes atomically, so an adapter trained here loads in peft (and the serving stacks that read peft's
 files), and one trained with peft loads here.
+
+Several named adapters are saved as peft saves them: "default" in the directory itself, every other
+one in a subdirectory named after it (`runs/both/`, `runs/both/code/`).
 """
 
 import json
@@ -25,27 +28,31 @@ METHODS = {"LORA": lora, "PROMPT_TUNING": prompt_tuning, "PREFIX_TUNING": prefix
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 
-def adapter_state(model) -> tuple[dict, dict]:
-    """The peft config and tensors of the one PEFT method the model carries."""
-    settings = getattr(model, "peft_settings", {})
-    if not settings:
-        raise MiniPeftError("save_adapter: the model has no PEFT method on it (add_lora, add_prompt_tuning, ...)")
+def adapter_state(model, name: str) -> tuple[dict, dict]:
+    """The peft config and tensors of adapter `name`, which holds one PEFT method."""
+    settings = getattr(model, "peft_settings", {}).get(name, {})
     if len(settings) > 1:
-        raise MiniPeftError(f"save_adapter: the model carries {' and '.join(settings)}; peft's format holds one")
+        raise MiniPeftError(f"save_adapter: adapter {name!r} carries {' and '.join(settings)}; peft's format holds "
+                            f"one method per adapter (give each its own name)")
     (peft_type, method_settings), = settings.items()
-    return METHODS[peft_type].to_peft(model, method_settings)
+    return METHODS[peft_type].to_peft(model, method_settings, name)
 
 
 def save_adapter(model, directory, base_model_name_or_path=None):
-    """Write adapter_config.json and adapter_model.safetensors (trainable tensors only) into `directory`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config, tensors = adapter_state(model)
-    config["base_model_name_or_path"] = base_model_name_or_path
-    config["inference_mode"] = True
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-    write_atomically(directory / WEIGHTS_FILE, save_safetensors_bytes(tensors, metadata={"format": "pt"}))
-    write_atomically(directory / CONFIG_FILE, json.dumps(config, indent=2).encode())
+    """Write each adapter's adapter_config.json and adapter_model.safetensors (trained tensors only):
+    "default" into `directory`, any other into `directory/<name>`."""
+    names = list(getattr(model, "peft_settings", {}))
+    if not names:
+        raise MiniPeftError("save_adapter: the model has no PEFT method on it (add_lora, add_prompt_tuning, ...)")
+    for name in names:
+        target = Path(directory) if name == "default" else Path(directory) / name
+        target.mkdir(parents=True, exist_ok=True)
+        config, tensors = adapter_state(model, name)
+        config["base_model_name_or_path"] = base_model_name_or_path
+        config["inference_mode"] = True
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+        write_atomically(target / WEIGHTS_FILE, save_safetensors_bytes(tensors, metadata={"format": "pt"}))
+        write_atomically(target / CONFIG_FILE, json.dumps(config, indent=2).encode())
 
 
 def read_adapter(directory) -> tuple[dict, dict]:
@@ -67,8 +74,9 @@ def read_adapter(directory) -> tuple[dict, dict]:
     return config, tensors
 
 
-def load_adapter(model, directory):
-    """Attach the adapter in `directory` (minipeft's or peft's) to `model`, checking it fits the base."""
+def load_adapter(model, directory, name="default"):
+    """Attach the adapter in `directory` (minipeft's or peft's) to `model` as adapter `name`, checking that
+    it fits the base."""
     config, tensors = read_adapter(directory)
     source, weights_path = Path(directory) / CONFIG_FILE, Path(directory) / WEIGHTS_FILE
     peft_type = config.get("peft_type")
@@ -76,7 +84,9 @@ def load_adapter(model, directory):
     if method is None:
         raise MiniPeftError(f"{source}: peft_type {peft_type!r} is not supported; "
                             f"expected one of {sorted(METHODS)}")
-    expected = method.from_peft(model, config, source)  # {file key: parameter}, after wrapping the model
+    if name in getattr(model, "peft_settings", {}):
+        raise MiniPeftError(f"load_adapter: the model already has an adapter named {name!r}; pass another name=")
+    expected = method.from_peft(model, config, source, name)  # {file key: parameter}, after wrapping the model
 
     tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}  # peft's in-memory names
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

@@ -23,12 +23,14 @@ of three slots, and the decoder only calls what it finds there; it never asks wh
    - never scores them: `Llama.loss` puts label -100 in front of the labels for them;
    - keeps them in the KV cache from prefill on: a continuing step looks up only its new ids, in
      `embed_tokens.weight`, so the wrapper exposes the vocabulary matrix under that name. (Prompt tuning.)
+   In a batch whose rows use different adapters, it returns ((B, P + T, D), real (B, P) bool): the
+   prepended positions a row does not have are masked out, and its text is numbered as if alone.
 3. `model.learned_past` may hold a module that, called with the batch size, returns the keys and values
    of P positions for every layer: two lists of (B, num_key_value_heads, P, head_dim) tensors (or None
    while it is switched off). Every new
    sequence then starts from a KV cache pre-filled with them (`KVCache.fill`). The decoder
    attends to them as to any cached position: never rotated (they are keys as given), always attended,
-   and the text numbered from P. In training they are a fixed past that gets gradients, under
+   and the text numbered from P. In a mixed batch it returns a third item, real (B, P) bool, as in 2. In training they are a fixed past that gets gradients, under
    gradient checkpointing too. (Learned keys and values in every layer: prefix tuning.)
 
 Beyond those slots a method may only add parameters to a module it put there.
@@ -72,11 +74,12 @@ class KVCache:
         self.mask = None  # (B, S) bool: False at padding
         self.grow = grow
 
-    def fill(self, keys, values, dtype) -> "KVCache":
-        """Start the cache with P positions per layer: keys[i], values[i] are (B, KV, P, hd), all real."""
+    def fill(self, keys, values, real=None, dtype=torch.float32) -> "KVCache":
+        """Start the cache with P positions per layer: keys[i], values[i] are (B, KV, P, hd); `real` (B, P)
+        says which a row has (all, unless a mixed batch)."""
         self.keys, self.values = [k.to(dtype) for k in keys], [v.to(dtype) for v in values]
         B, _, P, _ = keys[0].shape
-        self.mask = torch.ones(B, P, dtype=torch.bool, device=keys[0].device)
+        self.mask = real if real is not None else torch.ones(B, P, dtype=torch.bool, device=keys[0].device)
         return self
 
     @property
@@ -168,9 +171,10 @@ class LlamaModel(nn.Module):
         self.learned_past = None  # contract 3: a module returning per-layer keys and values, or None
         self.gradient_checkpointing = False  # set by minipeft.enable_checkpointing
 
-    def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None):
+    def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, with_mask=False):
         """Hidden states (B, T', D). `cache` (generation) is continued and grows; without one, a learned
-        past, if any, is a fixed cache that keeps nothing. T' = T plus any positions embed_tokens prepends."""
+        past, if any, is a fixed cache that keeps nothing. T' = T plus any positions embed_tokens prepends.
+        `with_mask` also returns which of the T' positions are real (B, T'): not padding, not masked out."""
         new_sequence = cache is None or cache.length == 0
         if inputs_embeds is not None:
             x = inputs_embeds  # (B, T, D)
@@ -178,13 +182,16 @@ class LlamaModel(nn.Module):
             x = self.embed_tokens(input_ids)  # (B, P + T, D): contract 2
         else:  # continuing a cached sequence: any prepended positions are in the cache already
             x = F.embedding(input_ids, self.embed_tokens.weight)  # (B, T, D)
+        x, prepended_real = x if isinstance(x, tuple) else (x, None)  # (B, P) in a mixed batch
         B, T = x.shape[:2]
         learned = self.learned_past(B) if new_sequence and self.learned_past is not None else None  # contract 3
         if learned is not None:
-            cache = (cache if cache is not None else KVCache(len(self.layers), grow=False)).fill(*learned, x.dtype)
+            cache = (cache if cache is not None else KVCache(len(self.layers), grow=False)).fill(*learned, dtype=x.dtype)
         past = cache.length if cache is not None else 0
 
         new_mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if prepended_real is not None:
+            new_mask[:, :prepended_real.shape[1]] = prepended_real
         if attention_mask is not None:  # covers the new tokens; prepended positions are always real
             new_mask[:, T - attention_mask.shape[1]:] = attention_mask.bool()
         key_mask = new_mask if past == 0 else torch.cat([cache.mask, new_mask], dim=1)  # (B, S)
@@ -203,7 +210,7 @@ class LlamaModel(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, cache, also_differentiate=past_tensors)
             else:
                 x = layer(x, cos, sin, mask, cache)
-        return self.norm(x)  # (B, T, D)
+        return (self.norm(x), new_mask) if with_mask else self.norm(x)  # (B, T, D)
 
 
 class Llama(nn.Module):
@@ -228,10 +235,10 @@ class Llama(nn.Module):
 
         Logits are built only at labelled positions, and through a frozen lm_head only a chunk at a time
         (loss.py): a (B, T, vocab) tensor with a 32k-49k vocabulary is never formed."""
-        hidden = self.model(input_ids, attention_mask, None, inputs_embeds)  # (B, T', D)
+        hidden, real = self.model(input_ids, attention_mask, None, inputs_embeds, with_mask=True)  # (B, T', D)
         labels = F.pad(labels, (hidden.shape[1] - labels.shape[1], 0), value=-100)  # prepended: unscored
         targets = labels[:, 1:]  # position t predicts token t + 1
-        scored = targets != -100  # (B, T'-1)
+        scored = (targets != -100) & real[:, :-1]  # (B, T'-1): only a real position predicts
         hidden, targets = hidden[:, :-1][scored], targets[scored]  # (N, D), (N,)
         if isinstance(self.lm_head, nn.Linear) and not self.lm_head.weight.requires_grad:
             total = linear_cross_entropy(hidden, self.lm_head.weight, targets)

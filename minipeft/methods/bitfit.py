@@ -26,7 +26,8 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from ..errors import MiniPeftError, refuse_unhonoured, require
-from .wrappers import PEFT_PREFIX, SHORT_NAMES, freeze_base, linear_names, record_settings, target_matches, wrap
+from .wrappers import (PEFT_PREFIX, SHORT_NAMES, adapters_named, check_free, freeze_base, in_rows, innermost,
+                       linear_names, record_settings, target_matches, wrap)
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm", "model.norm")  # suffixes, as peft's modules_to_save
@@ -41,14 +42,13 @@ class LinearWithLearnedBias(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
-        self.beft_bias = nn.Parameter(torch.zeros(1, base_layer.out_features, device=base_layer.weight.device))
-        self.merged, self.enabled = False, True
+        linear = innermost(base_layer)  # the frozen linear, under any other adapters on it
+        self.beft_bias = nn.Parameter(torch.zeros(1, linear.out_features, device=linear.weight.device))
+        self.merged, self.enabled, self.adapter_name, self.rows = False, True, "default", None
 
     def forward(self, x):
         y = self.base_layer(x)  # (..., out)
-        if self.merged or not self.enabled:
-            return y
-        return y + self.beft_bias.flatten().to(y.dtype)
+        return y if self.merged else in_rows(self, x, y, lambda x, y: y + self.beft_bias.flatten().to(y.dtype))
 
     @torch.no_grad()
     def merge(self) -> float:
@@ -75,13 +75,14 @@ class NormWithLearnedGain(nn.Module):
     def __init__(self, base_norm: nn.Module):
         super().__init__()
         self.base_norm = base_norm
-        self.weight = nn.Parameter(base_norm.weight.detach().clone().float())  # (D,), starts as the base's gain
-        self.merged, self.enabled = False, True
+        self.weight = nn.Parameter(innermost(base_norm).weight.detach().clone().float())  # (D,): the base's gain
+        self.merged, self.enabled, self.adapter_name, self.rows = False, True, "default", None
 
     def forward(self, x):
-        if self.merged or not self.enabled:
-            return self.base_norm(x)
-        return functional_call(self.base_norm, {"weight": self.weight}, (x,))
+        y = self.base_norm(x)
+        if self.merged:
+            return y
+        return in_rows(self, x, y, lambda x, y: functional_call(innermost(self), {"weight": self.weight}, (x,)))
 
     @torch.no_grad()
     def merge(self) -> float:
@@ -107,7 +108,7 @@ class BitFitSettings:
     norms: list | None = None
 
 
-def add_bitfit(model, targets=BLOCK_LINEARS, norms=False) -> int:
+def add_bitfit(model, targets=BLOCK_LINEARS, norms=False, name="default") -> int:
     """Give every linear that `targets` names a zero bias to train (and, with `norms`, the norms' gains).
     Returns how many modules now train.
 
@@ -116,47 +117,45 @@ def add_bitfit(model, targets=BLOCK_LINEARS, norms=False) -> int:
             is v_proj alone; BitFit's is every bias, so ours is all seven linears of every block).
         norms: True for the gains of input_layernorm, post_attention_layernorm and the final norm, or a list
             of name suffixes (peft's modules_to_save rule).
+        name: the adapter these belong to.
     """
     targets = targets if isinstance(targets, str) else [SHORT_NAMES.get(t, t) for t in targets]
-    linears = [name for name in linear_names(model) if target_matches(name, targets)]
+    linears = [layer for layer in linear_names(model) if target_matches(layer, targets)]
     if not linears:
         raise MiniPeftError(f"targets: {targets!r} matches no linear in the model")
     norm_suffixes = list(NORMS) if norms is True else list(norms or [])
-    chosen = [name for name, _ in model.named_modules() if name and any(name.endswith(s) for s in norm_suffixes)]
-    not_norms = [name for name in chosen if not hasattr(model.get_submodule(name), "eps")]
+    chosen = [slot for slot, m in model.named_modules() if any(slot.endswith(s) for s in norm_suffixes)
+              and not slot.endswith(".base_norm")]
+    not_norms = [slot for slot in chosen if not hasattr(innermost(model.get_submodule(slot)), "eps")]
     if not_norms or (norm_suffixes and not chosen):
         raise MiniPeftError(f"modules_to_save / norms: {norm_suffixes} should name RMSNorm modules only; "
                             f"they match {not_norms or 'nothing'}")
-    for name in linears:
-        wrap(model, name, LinearWithLearnedBias)
-    for name in chosen:
-        wrap(model, name, NormWithLearnedGain)
-    record_settings(model, BitFitSettings(sorted(linears) if isinstance(targets, str) else list(targets),
-                                          norm_suffixes or None))
+    for slot, kind in [*((s, LinearWithLearnedBias) for s in linears), *((s, NormWithLearnedGain) for s in chosen)]:
+        check_free(model, slot, name, kind)
+        wrap(model, slot, kind, name)
+    record_settings(model, name, BitFitSettings(sorted(linears) if isinstance(targets, str) else list(targets),
+                                                norm_suffixes or None))
     freeze_base(model)
     return len(linears) + len(chosen)
 
 
 # ---- the adapter file, in peft's layout ------------------------------------------------------------------
 
-def to_peft(model, settings: BitFitSettings) -> tuple[dict, dict]:
+def to_peft(model, settings: BitFitSettings, name="default") -> tuple[dict, dict]:
     config = {"peft_type": "BEFT", "task_type": "CAUSAL_LM", "target_modules": settings.targets,
               "modules_to_save": settings.norms, "init_weights": True}
-    tensors = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LinearWithLearnedBias):
-            tensors[f"{PEFT_PREFIX}{name}.beft_bias"] = module.beft_bias
-        elif isinstance(module, NormWithLearnedGain):
-            tensors[f"{PEFT_PREFIX}{name}.weight"] = module.weight
-    return config, tensors
+    biases = {f"{PEFT_PREFIX}{slot}.beft_bias": m.beft_bias
+              for slot, m in adapters_named(model, name, LinearWithLearnedBias).items()}
+    gains = {f"{PEFT_PREFIX}{slot}.weight": m.weight for slot, m in adapters_named(model, name, NormWithLearnedGain).items()}
+    return config, {**biases, **gains}
 
 
-def from_peft(model, config: dict, source) -> dict:
+def from_peft(model, config: dict, source, name="default") -> dict:
     refuse_unhonoured(config, PEFT_READ, PEFT_NOT_MATH, {}, source)
     targets = require(config, "target_modules", (list, str), source)
     norms = require(config, "modules_to_save", list, source) if config.get("modules_to_save") is not None else None
     try:
-        add_bitfit(model, targets, norms)
+        add_bitfit(model, targets, norms, name)
     except MiniPeftError as e:
         raise MiniPeftError(f"{source}: {e}") from None
-    return to_peft(model, model.peft_settings["BEFT"])[1]
+    return to_peft(model, model.peft_settings[name]["BEFT"], name)[1]

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import MiniPeftError, refuse_unhonoured, require
-from .wrappers import PEFT_PREFIX, freeze_base, linear_names, record_settings, target_matches, wrap
+from .wrappers import (PEFT_PREFIX, adapters_named, check_free, freeze_base, in_rows, innermost, linear_names,
+                       record_settings, target_matches, wrap)
 
 PLACEMENTS = {"houlsby": ("o_proj", "down_proj"), "pfeiffer": ("down_proj",)}  # after attention and/or the MLP
 NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -46,18 +47,20 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, base_layer: nn.Module, bottleneck_size: int, non_linearity: str):
         super().__init__()
         self.base_layer = base_layer
-        D, device = base_layer.out_features, base_layer.weight.device
+        linear = innermost(base_layer)  # the frozen linear, under any other adapters on it
+        D, device = linear.out_features, linear.weight.device
         self.adapter_down = nn.Linear(D, bottleneck_size, device=device)  # W_down (m, D), b_down (m,)
         self.non_linearity = NON_LINEARITIES[non_linearity]()
         self.adapter_up = nn.Linear(bottleneck_size, D, device=device)  # W_up (D, m), b_up (D,)
         nn.init.zeros_(self.adapter_up.weight)
         nn.init.zeros_(self.adapter_up.bias)
-        self.enabled = True
+        self.enabled, self.adapter_name, self.rows = True, "default", None
 
     def forward(self, x):
-        h = self.base_layer(x)  # (..., D)
-        if not self.enabled:
-            return h
+        return in_rows(self, x, self.base_layer(x), self.adapt)  # in the rows this adapter serves
+
+    def adapt(self, x, h):
+        """h + up(act(down(h))), from the wrapped layer's output h (..., D)."""
         update = self.adapter_up(self.non_linearity(self.adapter_down(h.to(self.adapter_down.weight.dtype))))
         return h + update.to(h.dtype)  # (..., D): the skip connection around the bottleneck
 
@@ -70,13 +73,14 @@ class BottleneckSettings:
     non_linearity: str
 
 
-def add_bottleneck_adapters(model, bottleneck_size=64, placement="houlsby", non_linearity="relu") -> int:
+def add_bottleneck_adapters(model, bottleneck_size=64, placement="houlsby", non_linearity="relu", name="default") -> int:
     """Put an adapter after every layer's attention and MLP ("houlsby") or its MLP alone ("pfeiffer").
     Returns how many.
 
     Args:
         bottleneck_size: m, the width of the bottleneck (seed 004's "dim").
         non_linearity: one of relu, gelu, silu, tanh.
+        name: the adapter these belong to.
     """
     if placement not in PLACEMENTS:
         raise MiniPeftError(f"placement: expected one of {tuple(PLACEMENTS)}, got {placement!r}")
@@ -84,36 +88,34 @@ def add_bottleneck_adapters(model, bottleneck_size=64, placement="houlsby", non_
         raise MiniPeftError(f"non_linearity: expected one of {tuple(NON_LINEARITIES)}, got {non_linearity!r}")
     if not isinstance(bottleneck_size, int) or bottleneck_size <= 0:
         raise MiniPeftError(f"bottleneck_size: expected a positive integer, got {bottleneck_size!r}")
-    wrapped = [name for name in linear_names(model) if target_matches(name, list(PLACEMENTS[placement]))]
+    wrapped = [layer for layer in linear_names(model) if target_matches(layer, list(PLACEMENTS[placement]))]
     if not wrapped:
         raise MiniPeftError(f"add_bottleneck_adapters: no {PLACEMENTS[placement]} left to wrap in the model")
-    for name in wrapped:
-        wrap(model, name, lambda base: BottleneckAdapter(base, bottleneck_size, non_linearity))
-    record_settings(model, BottleneckSettings(placement, bottleneck_size, non_linearity))
+    for layer in wrapped:
+        check_free(model, layer, name, BottleneckAdapter)
+        wrap(model, layer, lambda base: BottleneckAdapter(base, bottleneck_size, non_linearity), name)
+    record_settings(model, name, BottleneckSettings(placement, bottleneck_size, non_linearity))
     freeze_base(model)
     return len(wrapped)
 
 
 # ---- the adapter file: minipeft's own layout -------------------------------------------------------------
 
-def to_peft(model, settings: BottleneckSettings) -> tuple[dict, dict]:
+def to_peft(model, settings: BottleneckSettings, name="default") -> tuple[dict, dict]:
     config = {"peft_type": "BOTTLENECK", "format": FORMAT, "placement": settings.placement,
               "bottleneck_size": settings.bottleneck_size, "non_linearity": settings.non_linearity}
-    tensors = {}
-    for name, module in model.named_modules():
-        if isinstance(module, BottleneckAdapter):
-            for tensor_name in module.trainable_names:
-                tensors[f"{PEFT_PREFIX}{name}.{tensor_name}"] = module.get_parameter(tensor_name)
-    return config, tensors
+    return config, {f"{PEFT_PREFIX}{slot}.{tensor_name}": module.get_parameter(tensor_name)
+                    for slot, module in adapters_named(model, name, BottleneckAdapter).items()
+                    for tensor_name in module.trainable_names}
 
 
-def from_peft(model, config: dict, source) -> dict:
+def from_peft(model, config: dict, source, name="default") -> dict:
     refuse_unhonoured(config, READ, NOT_MATH, {}, source)
     placement = require(config, "placement", str, source)
     size = require(config, "bottleneck_size", int, source, 1, model.config.hidden_size)
     non_linearity = require(config, "non_linearity", str, source)
     try:
-        add_bottleneck_adapters(model, size, placement, non_linearity)
+        add_bottleneck_adapters(model, size, placement, non_linearity, name)
     except MiniPeftError as e:
         raise MiniPeftError(f"{source}: {e}") from None
-    return to_peft(model, model.peft_settings["BOTTLENECK"])[1]
+    return to_peft(model, model.peft_settings[name]["BOTTLENECK"], name)[1]

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..llama.quant import dequantize, is_4bit
+from .wrappers import innermost
 
 
 def full_precision_weight(base_layer) -> torch.Tensor:
@@ -47,10 +48,11 @@ class MagnitudeVector(nn.Module):
 
     def forward(self, x, base_output, lora_output, layer):
         """y = (m / n) ⊙ (W x + s B A x) + bias, from the base output and the unscaled B A x of `layer`."""
-        weight = full_precision_weight(layer.base_layer).to(x.dtype)  # (out, in)
+        linear = innermost(layer.base_layer)  # the frozen linear, under any other adapters on it
+        weight = full_precision_weight(linear).to(x.dtype)  # (out, in)
         delta = (layer.lora_B.weight @ layer.lora_A.weight).detach().to(x.dtype)  # B A: (out, in), no gradient
         scale = (self.weight / row_norms(weight, delta, layer.scaling).detach()).to(x.dtype)  # m / n: (out,)
-        bias = layer.base_layer.bias
+        bias = linear.bias
         without_bias = base_output if bias is None else base_output - bias
         if layer.dropout_is_on():  # W x must see the same dropped-out x as the side path, as in peft
             without_bias = F.linear(x, weight)

@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from ..errors import MiniPeftError, refuse_unhonoured, require
 from ..llama.quant import is_4bit
-from .wrappers import PEFT_PREFIX, SHORT_NAMES, freeze_base, linear_names, record_settings, target_matches, wrap
+from .wrappers import (PEFT_PREFIX, SHORT_NAMES, adapters_named, check_free, freeze_base, in_rows, innermost,
+                       linear_names, record_settings, target_matches, wrap)
 
 PEFT_READ = ("target_modules", "feedforward_modules")
 PEFT_NOT_MATH = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -40,18 +41,17 @@ class IA3Layer(nn.Module):
     def __init__(self, base_layer: nn.Module, feedforward: bool):
         super().__init__()
         self.base_layer, self.feedforward = base_layer, feedforward
-        shape = (1, base_layer.in_features) if feedforward else (base_layer.out_features, 1)
-        self.ia3_l = nn.Parameter(torch.ones(shape, device=base_layer.weight.device))
-        self.merged, self.enabled = False, True
+        linear = innermost(base_layer)  # the frozen linear, under any other adapters on it
+        shape = (1, linear.in_features) if feedforward else (linear.out_features, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=linear.weight.device))
+        self.merged, self.enabled, self.adapter_name, self.rows = False, True, "default", None
 
     def forward(self, x):
-        if self.merged or not self.enabled:
+        if self.merged:
             return self.base_layer(x)
-        scale = self.ia3_l.flatten()  # (in,) or (out,)
-        if self.feedforward:
-            return self.base_layer((x.to(scale.dtype) * scale).to(x.dtype))  # scale the input features
-        y = self.base_layer(x)  # (..., out)
-        return (y * scale).to(y.dtype)  # scale the output features
+        if self.feedforward:  # scale the input features, in the rows this adapter serves
+            return self.base_layer(in_rows(self, x, x, lambda x, _: (x.to(self.ia3_l.dtype) * self.ia3_l.flatten())))
+        return in_rows(self, x, self.base_layer(x), lambda x, y: y * self.ia3_l.flatten())  # scale the outputs
 
     @torch.no_grad()
     def merge(self) -> float:
@@ -86,47 +86,49 @@ class IA3Settings:
     feedforward: list = field(default_factory=list)
 
 
-def add_ia3(model, targets=("k_proj", "v_proj", "down_proj"), feedforward=("down_proj",)) -> int:
+def add_ia3(model, targets=("k_proj", "v_proj", "down_proj"), feedforward=("down_proj",), name="default") -> int:
     """Wrap every linear that `targets` names in an IA3Layer (peft's Llama defaults). Returns how many.
 
     Args:
         targets: module names or name suffixes ("k" for short), or one regex, as in peft.
         feedforward: those of the targets whose input is scaled instead of their output.
+        name: the adapter these layers belong to.
     """
     targets = targets if isinstance(targets, str) else [SHORT_NAMES.get(t, t) for t in targets]
     feedforward = [SHORT_NAMES.get(t, t) for t in feedforward]
-    wrapped = [name for name in linear_names(model) if target_matches(name, targets)]
+    wrapped = [layer for layer in linear_names(model) if target_matches(layer, targets)]
     if not wrapped:
         raise MiniPeftError(f"targets: {targets!r} matches no linear in the model")
-    is_feedforward = lambda name: any(name.endswith(f) for f in feedforward)  # peft's rule: a plain suffix
-    outside = [f for f in feedforward if not any(name.endswith(f) for name in wrapped)]
+    is_feedforward = lambda layer: any(layer.endswith(f) for f in feedforward)  # peft's rule: a plain suffix
+    outside = [f for f in feedforward if not any(layer.endswith(f) for layer in wrapped)]
     if outside:
         raise MiniPeftError(f"feedforward: {outside} are not among the wrapped targets {targets!r}")
-    for name in wrapped:
-        wrap(model, name, lambda base: IA3Layer(base, is_feedforward(name)))
-    record_settings(model, IA3Settings(sorted(wrapped) if isinstance(targets, str) else list(targets), feedforward))
+    for layer in wrapped:
+        check_free(model, layer, name, IA3Layer)
+        wrap(model, layer, lambda base: IA3Layer(base, is_feedforward(layer)), name)
+    record_settings(model, name, IA3Settings(sorted(wrapped) if isinstance(targets, str) else list(targets), feedforward))
     freeze_base(model)
     return len(wrapped)
 
 
 # ---- the adapter file, in peft's layout ------------------------------------------------------------------
 
-def to_peft(model, settings: IA3Settings) -> tuple[dict, dict]:
+def to_peft(model, settings: IA3Settings, name="default") -> tuple[dict, dict]:
     config = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": settings.targets,
               "feedforward_modules": settings.feedforward, "fan_in_fan_out": False, "modules_to_save": None,
               "init_ia3_weights": True}
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, IA3Layer)}
-    return config, {f"{PEFT_PREFIX}{name}.ia3_l": layer.ia3_l for name, layer in layers.items()}
+    layers = adapters_named(model, name, IA3Layer)
+    return config, {f"{PEFT_PREFIX}{slot}.ia3_l": layer.ia3_l for slot, layer in layers.items()}
 
 
-def from_peft(model, config: dict, source) -> dict:
+def from_peft(model, config: dict, source, name="default") -> dict:
     refuse_unhonoured(config, PEFT_READ, PEFT_NOT_MATH, PEFT_ONLY_DEFAULT, source)
     targets = require(config, "target_modules", (list, str), source)
     feedforward = require(config, "feedforward_modules", (list, str), source, default=[])
     if isinstance(feedforward, str):  # a regex in peft: the wrapped names it matches
         feedforward = [n for n in linear_names(model) if target_matches(n, feedforward)]
     try:
-        add_ia3(model, targets, feedforward)
+        add_ia3(model, targets, feedforward, name)
     except MiniPeftError as e:
         raise MiniPeftError(f"{source}: target_modules {targets!r} do not fit this model ({e})") from None
-    return to_peft(model, model.peft_settings["IA3"])[1]
+    return to_peft(model, model.peft_settings[name]["IA3"], name)[1]

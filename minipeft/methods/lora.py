@@ -29,8 +29,8 @@ import torch.nn as nn
 from ..errors import MiniPeftError, refuse_unhonoured, require, require_mapping
 from ..llama.quant import dequantize, is_4bit, requantize_
 from .dora import MagnitudeVector
-from .wrappers import (PEFT_PREFIX, SHORT_NAMES, freeze_base, linear_names, pattern_value, record_settings,
-                       target_matches, wrap)
+from .wrappers import (PEFT_PREFIX, SHORT_NAMES, adapters_named, check_free, freeze_base, in_rows, innermost,
+                       linear_names, pattern_value, record_settings, target_matches, wrap)
 
 # Every key of peft's LoraConfig: honoured, without effect on the math of a trained adapter, or refused
 # unless it has the value shown.
@@ -56,16 +56,16 @@ class LoRALayer(nn.Module):
         self.base_layer = base_layer
         self.r, self.alpha = r, alpha
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r  # rsLoRA (Kalajdzievski 2023): alpha/sqrt(r)
-        device = base_layer.weight.device
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device)  # A: (r, in)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device)  # B: (out, r)
+        linear = innermost(base_layer)  # the frozen linear (under other adapters, when several share it)
+        self.lora_A = nn.Linear(linear.in_features, r, bias=False, device=linear.weight.device)  # A: (r, in)
+        self.lora_B = nn.Linear(r, linear.out_features, bias=False, device=linear.weight.device)  # B: (out, r)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_magnitude_vector = MagnitudeVector(base_layer) if use_dora else None  # DoRA's m: (out,)
+        self.lora_magnitude_vector = MagnitudeVector(linear) if use_dora else None  # DoRA's m: (out,)
         if use_dora:
             self.trainable_names = (*self.trainable_names, "lora_magnitude_vector.weight")
-        self.merged, self.enabled = False, True
+        self.merged, self.enabled, self.adapter_name, self.rows = False, True, "default", None
 
     def dropout_is_on(self) -> bool:
         return self.training and isinstance(self.dropout, nn.Dropout)
@@ -75,8 +75,10 @@ class LoRALayer(nn.Module):
         if self.merged and self.training and torch.is_grad_enabled() and self.lora_A.weight.requires_grad:
             raise MiniPeftError("LoRA: this adapter is merged into its base weight, so training A and B would change "
                                 "nothing; unmerge() before training")
-        if self.merged or not self.enabled:
-            return y
+        return y if self.merged else in_rows(self, x, y, self.adapt)  # in the rows this adapter serves
+
+    def adapt(self, x, y):
+        """y + (alpha / r) B A x, from the wrapped layer's output y."""
         x = self.dropout(x.to(self.lora_A.weight.dtype))
         update = self.lora_B(self.lora_A(x))  # B A x: (..., out)
         if self.lora_magnitude_vector is not None:  # DoRA: rescale each output row to its learned length
@@ -127,7 +129,7 @@ class LoRASettings:
 
 
 def add_lora(model, targets=("q_proj", "k_proj", "v_proj"), r=8, alpha=16, dropout=0.0,
-             rank_pattern=None, alpha_pattern=None, use_rslora=False, use_dora=False) -> int:
+             rank_pattern=None, alpha_pattern=None, use_rslora=False, use_dora=False, name="default") -> int:
     """Wrap every linear that `targets` names in a LoRALayer. Returns how many.
 
     Args:
@@ -136,6 +138,7 @@ def add_lora(model, targets=("q_proj", "k_proj", "v_proj"), r=8, alpha=16, dropo
         rank_pattern, alpha_pattern: {name or suffix pattern: r / alpha} for layers that differ.
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
         use_dora: DoRA, a learned length for every output row (dora.py).
+        name: the adapter these layers belong to (several can share a base: minipeft.set_adapter).
     Call it again with other targets to give them their own r and alpha (one dropout for all, as in
     peft's file).
     """
@@ -146,29 +149,30 @@ def add_lora(model, targets=("q_proj", "k_proj", "v_proj"), r=8, alpha=16, dropo
     candidates = linear_names(model)
     if not isinstance(targets, str):
         targets = [SHORT_NAMES.get(t, t) for t in targets]
-        unknown = [t for t in targets if not any(target_matches(name, [t]) for name in candidates)]
+        unknown = [t for t in targets if not any(target_matches(layer, [t]) for layer in candidates)]
         if unknown:
-            raise MiniPeftError(f"targets: no linear named {unknown} in the model (already wrapped?); it has "
+            raise MiniPeftError(f"targets: no linear named {unknown} in the model; it has "
                                 f"{sorted({n.rsplit('.', 1)[-1] for n in candidates})}")
-    settings = getattr(model, "peft_settings", {}).get("LORA") or LoRASettings(r, alpha, dropout, [], dict(
+    settings = getattr(model, "peft_settings", {}).get(name, {}).get("LORA") or LoRASettings(r, alpha, dropout, [], dict(
         rank_pattern or {}), dict(alpha_pattern or {}), use_rslora, use_dora)
     if (dropout, use_rslora, use_dora) != (settings.dropout, settings.use_rslora, settings.use_dora):
         raise MiniPeftError(f"dropout / use_rslora / use_dora: {dropout} / {use_rslora} / {use_dora} differ from this "
                             f"model's other LoRA layers ({settings.dropout} / {settings.use_rslora} / "
                             f"{settings.use_dora}); peft's adapter file holds one")
-    wrapped = [name for name in candidates if target_matches(name, targets)]
-    for name in wrapped:
-        layer_r, layer_alpha = pattern_value(rank_pattern or {}, name, r), pattern_value(alpha_pattern or {}, name, alpha)
-        wrap(model, name, lambda base: LoRALayer(base, layer_r, layer_alpha, dropout, use_rslora, use_dora))
-        if pattern_value(settings.rank_pattern, name, settings.r) != layer_r:  # a later call's own r
-            settings.rank_pattern = {name: layer_r, **settings.rank_pattern}
-        if pattern_value(settings.alpha_pattern, name, settings.alpha) != layer_alpha:
-            settings.alpha_pattern = {name: layer_alpha, **settings.alpha_pattern}
+    wrapped = [layer for layer in candidates if target_matches(layer, targets)]
+    for layer in wrapped:
+        layer_r, layer_alpha = pattern_value(rank_pattern or {}, layer, r), pattern_value(alpha_pattern or {}, layer, alpha)
+        check_free(model, layer, name, LoRALayer)
+        wrap(model, layer, lambda base: LoRALayer(base, layer_r, layer_alpha, dropout, use_rslora, use_dora), name)
+        if pattern_value(settings.rank_pattern, layer, settings.r) != layer_r:  # a later call's own r
+            settings.rank_pattern = {layer: layer_r, **settings.rank_pattern}
+        if pattern_value(settings.alpha_pattern, layer, settings.alpha) != layer_alpha:
+            settings.alpha_pattern = {layer: layer_alpha, **settings.alpha_pattern}
     if not wrapped:
         raise MiniPeftError(f"targets: {targets!r} matches no linear in the model")
     # what the file will say: the names asked for, or, for a regex, the names it matched
     settings.targets = sorted(set(settings.targets) | set(wrapped if isinstance(targets, str) else targets))
-    record_settings(model, settings)
+    record_settings(model, name, settings)
     freeze_base(model)
     return len(wrapped)
 
@@ -179,23 +183,23 @@ def lora_layers(model) -> dict[str, LoRALayer]:
 
 # ---- the adapter file, in peft's layout ------------------------------------------------------------------
 
-def to_peft(model, settings: LoRASettings) -> tuple[dict, dict]:
-    """peft's LoraConfig and tensors for the LoRA layers of `model`."""
+def to_peft(model, settings: LoRASettings, name="default") -> tuple[dict, dict]:
+    """peft's LoraConfig and tensors for the LoRA layers of adapter `name`."""
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.r, "lora_alpha": settings.alpha,
               "target_modules": settings.targets, "lora_dropout": settings.dropout, "bias": "none",
               "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
               "rank_pattern": dict(settings.rank_pattern), "alpha_pattern": dict(settings.alpha_pattern),
               "use_rslora": settings.use_rslora, "use_dora": settings.use_dora}
     tensors = {}
-    for name, layer in lora_layers(model).items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+    for slot, layer in adapters_named(model, name, LoRALayer).items():
+        tensors[f"{PEFT_PREFIX}{slot}.lora_A.weight"] = layer.lora_A.weight
+        tensors[f"{PEFT_PREFIX}{slot}.lora_B.weight"] = layer.lora_B.weight
         if layer.lora_magnitude_vector is not None:
-            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.weight
+            tensors[f"{PEFT_PREFIX}{slot}.lora_magnitude_vector"] = layer.lora_magnitude_vector.weight
     return config, tensors
 
 
-def from_peft(model, config: dict, source) -> dict:
+def from_peft(model, config: dict, source, name="default") -> dict:
     """Wrap `model` as the LoraConfig says; return {file key: parameter} for the tensors to load."""
     refuse_unhonoured(config, PEFT_READ, PEFT_NOT_MATH, PEFT_ONLY_DEFAULT, source)
     shape = model.config
@@ -212,7 +216,7 @@ def from_peft(model, config: dict, source) -> dict:
     if not (named_by_list or isinstance(targets, str)):
         raise MiniPeftError(f"{source}: target_modules should be a regex or a list of module names, got {targets!r}")
     try:
-        add_lora(model, targets, r, alpha, dropout, ranks, alphas, use_rslora, use_dora)
+        add_lora(model, targets, r, alpha, dropout, ranks, alphas, use_rslora, use_dora, name)
     except (MiniPeftError, re.error) as e:
         raise MiniPeftError(f"{source}: target_modules {targets!r} are not all modules of this model ({e})") from None
-    return to_peft(model, model.peft_settings["LORA"])[1]
+    return to_peft(model, model.peft_settings[name]["LORA"], name)[1]

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..errors import MiniPeftError, refuse_unhonoured, require
 from ..llama.model import KVCache
-from .wrappers import freeze_base, record_settings
+from .wrappers import adapters_named, check_free, disabled, freeze_base, record_settings, row_mask
 
 PEFT_READ = ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules",
              "prefix_projection", "encoder_hidden_size")
@@ -40,7 +40,7 @@ PEFT_ONLY_DEFAULT = {"modules_to_save": None}
 
 class LearnedPast(nn.Module):
     """P learned keys and values for every layer: called with the batch size, returns them per layer."""
-    trainable_names, wrapped = ("embedding.weight",), None  # with a projection: the MLP's tensors too
+    trainable_names, wrapped = ("embedding.weight",), "inner"  # with a projection: the MLP's tensors too
 
     def __init__(self, num_prompts, num_layers, kv_heads, head_dim, projection_hidden=None):
         super().__init__()
@@ -54,7 +54,8 @@ class LearnedPast(nn.Module):
         else:
             self.embedding = nn.Embedding(num_prompts, flat)
         self.trainable_names = tuple(name for name, _ in self.named_parameters())
-        self.enabled = True
+        self.inner = None  # another adapter's learned past, when several share the base
+        self.enabled, self.adapter_name, self.rows = True, "default", None
 
     def prompt_embeddings(self) -> torch.Tensor:
         """(P, num_layers x 2 x kv_dim): every layer's keys and values, flattened as peft flattens them."""
@@ -62,12 +63,23 @@ class LearnedPast(nn.Module):
         return self.transform(weight) if self.projection_hidden else weight
 
     def forward(self, batch_size):
-        if not self.enabled:
-            return None
+        inner = self.inner(batch_size) if self.inner is not None else None  # another adapter's, in a mixed batch
+        serves = row_mask(self, batch_size, self.embedding.weight.device)  # (B,): the rows with this adapter
+        if not serves.any():
+            return inner
         P, L = self.num_prompts, self.num_layers
         past = self.prompt_embeddings().view(P, L * 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)  # (2L, KV, P, hd)
         past = past[:, None].expand(-1, batch_size, -1, -1, -1)  # (2L, B, KV, P, hd)
-        return list(past[0::2]), list(past[1::2])  # keys of layers 0..L-1, then their values
+        keys, values = list(past[0::2]), list(past[1::2])  # keys of layers 0..L-1, then their values
+        if serves.all() and inner is None:
+            return keys, values
+        real = serves[:, None].expand(-1, P)  # (B, P): the positions are real only in this adapter's rows
+        if inner is None:
+            return keys, values, real
+        inner_keys, inner_values, inner_real = inner if len(inner) == 3 else (
+            *inner, torch.ones(batch_size, inner[0][0].shape[2], dtype=torch.bool, device=real.device))
+        join = lambda a, b: [torch.cat([x, y], dim=2) for x, y in zip(a, b)]  # along the positions
+        return join(inner_keys, keys), join(inner_values, values), torch.cat([inner_real, real], dim=1)
 
 
 @torch.no_grad()
@@ -75,7 +87,8 @@ def keys_and_values_of_tokens(model, token_ids) -> torch.Tensor:
     """The frozen model's own keys and values for some tokens, flattened like prompt_embeddings (P, 2L kv_dim).
     Li and Liang found that starting from real words' activations trains better than random numbers."""
     cache = KVCache(model.config.num_hidden_layers)
-    model.model(token_ids[None], cache=cache)
+    with disabled(model):  # the bare base's keys and values
+        model.model(token_ids[None], cache=cache)
     per_layer = [t[0] for pair in zip(cache.keys, cache.values) for t in pair]  # 2L x (KV, P, hd)
     return torch.stack(per_layer).permute(2, 0, 1, 3).reshape(token_ids.shape[0], -1).float()  # (P, 2L KV hd)
 
@@ -89,7 +102,7 @@ class PrefixTuningSettings:
     init: str
 
 
-def add_prefix_tuning(model, num_prompts=20, projection_hidden=None, init="vocab", seed=0) -> LearnedPast:
+def add_prefix_tuning(model, num_prompts=20, projection_hidden=None, init="vocab", seed=0, name="default") -> LearnedPast:
     """Freeze the model and give every layer `num_prompts` learned keys and values. Returns the module.
 
     Args:
@@ -97,14 +110,14 @@ def add_prefix_tuning(model, num_prompts=20, projection_hidden=None, init="vocab
             `prefix_projection` with `encoder_hidden_size`); None trains the keys and values directly.
         init: "vocab" (the keys and values the model itself makes for random vocabulary tokens), "random"
             (normal, as peft does) or "zero" (peft's init_weights="zero": with a projection, its last layer).
+        name: the adapter it belongs to.
     """
     if not isinstance(num_prompts, int) or num_prompts <= 0:
         raise MiniPeftError(f"num_prompts: expected a positive integer, got {num_prompts!r}")
     if init not in ("vocab", "random", "zero") or (init == "vocab" and projection_hidden):
         raise MiniPeftError(f"add_prefix_tuning: init must be 'vocab' (without a projection), 'random' or 'zero', "
                             f"got {init!r}")
-    if model.model.learned_past is not None:
-        raise MiniPeftError("add_prefix_tuning: the model already has a learned past")
+    check_free(model, "model.learned_past", name, LearnedPast)
     config, device = model.config, model.model.norm.weight.device
     torch.manual_seed(seed)  # nn.Embedding and nn.Linear draw their starting values from the global generator
     past = LearnedPast(num_prompts, config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
@@ -117,15 +130,16 @@ def add_prefix_tuning(model, num_prompts=20, projection_hidden=None, init="vocab
         elif init == "vocab" and not past.embedding.weight.is_meta:
             ids = torch.randint(0, config.vocab_size, (num_prompts,), generator=torch.Generator().manual_seed(seed))
             past.embedding.weight.copy_(keys_and_values_of_tokens(model, ids.to(device)))
+    past.inner, past.adapter_name = model.model.learned_past, name  # stacked on another adapter's, if any
     model.model.learned_past = past
-    record_settings(model, PrefixTuningSettings(num_prompts, projection_hidden, init))
+    record_settings(model, name, PrefixTuningSettings(num_prompts, projection_hidden, init))
     freeze_base(model)
     return past
 
 
 # ---- the adapter file, in peft's layout ------------------------------------------------------------------
 
-def to_peft(model, settings: PrefixTuningSettings) -> tuple[dict, dict]:
+def to_peft(model, settings: PrefixTuningSettings, name="default") -> tuple[dict, dict]:
     """peft's PrefixTuningConfig (for Llama's grouped-query heads: token_dim is kv_dim) and prompt_embeddings."""
     shape = model.config
     kv_dim = shape.num_key_value_heads * shape.head_dim
@@ -134,10 +148,11 @@ def to_peft(model, settings: PrefixTuningSettings) -> tuple[dict, dict]:
               "num_layers": shape.num_hidden_layers, "prefix_projection": bool(settings.projection_hidden),
               "encoder_hidden_size": settings.projection_hidden or kv_dim,
               "init_weights": "zero" if settings.init == "zero" else None}
-    return config, {"prompt_embeddings": model.model.learned_past.prompt_embeddings()}
+    past, = adapters_named(model, name, LearnedPast).values()
+    return config, {"prompt_embeddings": past.prompt_embeddings()}
 
 
-def from_peft(model, config: dict, source) -> dict:
+def from_peft(model, config: dict, source, name="default") -> dict:
     """Give `model` the learned past the PrefixTuningConfig describes; return {file key: parameter}.
 
     A file trained with a projection holds the MLP's output, so it loads as keys and values to use (and to
@@ -152,5 +167,5 @@ def from_peft(model, config: dict, source) -> dict:
     require(config, "prefix_projection", bool, source, default=False)
     require(config, "encoder_hidden_size", int, source, 1, 1 << 20, default=kv_dim)
     num_prompts = require(config, "num_virtual_tokens", int, source, 1, shape.max_position_embeddings)
-    past = add_prefix_tuning(model, num_prompts, init="zero")  # the file's values replace these
+    past = add_prefix_tuning(model, num_prompts, init="zero", name=name)  # the file's values replace these
     return {"prompt_embeddings": past.embedding.weight}

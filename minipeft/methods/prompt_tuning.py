@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import MiniPeftError, refuse_unhonoured, require
-from .wrappers import freeze_base, record_settings
+from .wrappers import adapters_named, check_free, freeze_base, record_settings, row_mask, wrap
 
 PEFT_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}  # ours -> peft's prompt_tuning_init
 # Every key of peft's PromptTuningConfig: honoured, without effect once the prompts are trained, or refused.
@@ -40,7 +40,7 @@ class WordEmbeddingsWithLearnedPrompts(nn.Module):
         super().__init__()
         self.word_embeddings = word_embeddings
         self.learned_prompts = nn.Parameter(learned_prompts.detach().clone().float())  # (P, D)
-        self.enabled = True
+        self.enabled, self.adapter_name, self.rows = True, "default", None
 
     @property
     def num_prompts(self) -> int:
@@ -51,11 +51,25 @@ class WordEmbeddingsWithLearnedPrompts(nn.Module):
         return self.word_embeddings.weight
 
     def forward(self, input_ids):
-        tokens = self.word_embeddings(input_ids)  # (B, T, D)
-        if not self.enabled:
-            return tokens
+        inner = self.word_embeddings(input_ids)  # (B, T, D), or another adapter's (B, P' + T, D) and its mask
+        tokens, inner_real = inner if isinstance(inner, tuple) else (inner, None)
+        serves = row_mask(self, len(input_ids), tokens.device)  # (B,): the rows with this adapter
+        if not serves.any():
+            return inner
         prompts = self.learned_prompts.to(tokens.dtype).expand(len(input_ids), -1, -1)  # (B, P, D)
-        return torch.cat([prompts, tokens], dim=1)  # (B, P + T, D)
+        if serves.all() and inner_real is None:
+            return torch.cat([prompts, tokens], dim=1)  # (B, P + T, D)
+        # A mixed batch: the P positions are real only in this adapter's rows (contract 2's mask), where they
+        # go last, next to the text (its first token is predicted from the last prompt, as when alone).
+        real = serves[:, None].expand(-1, self.num_prompts)  # (B, P)
+        prompts = prompts * serves[:, None, None]
+        if inner_real is None:
+            return torch.cat([prompts, tokens], dim=1), real  # (B, P + T, D)
+        inner_prompts, text = tokens[:, :inner_real.shape[1]], tokens[:, inner_real.shape[1]:]  # (B, P', D), (B, T, D)
+        mine_last = serves[:, None, None]
+        x = torch.where(mine_last, torch.cat([inner_prompts, prompts], 1), torch.cat([prompts, inner_prompts], 1))
+        real = torch.where(mine_last[..., 0], torch.cat([inner_real, real], 1), torch.cat([real, inner_real], 1))
+        return torch.cat([x, text], dim=1), real  # (B, P + P' + T, D), (B, P + P')
 
 
 @dataclass
@@ -83,42 +97,42 @@ def initial_prompts(embedding, num_prompts, init, init_text, tokenizer, generato
     return vocab[torch.tensor(ids)]
 
 
-def add_prompt_tuning(model, num_prompts=16, init="vocab", init_text=None, tokenizer=None, seed=0):
+def add_prompt_tuning(model, num_prompts=16, init="vocab", init_text=None, tokenizer=None, seed=0, name="default"):
     """Freeze the model and put `num_prompts` learned vectors in front of every input. Returns the wrapper.
 
     Args:
         init: "random" (normal), "vocab" (rows of the vocabulary embedding) or "text" (the embedding of
             `init_text`, repeated or cut to num_prompts tokens).
+        name: the adapter they belong to.
     """
     if not isinstance(num_prompts, int) or num_prompts <= 0:
         raise MiniPeftError(f"num_prompts: expected a positive integer, got {num_prompts!r}")
     if init not in PEFT_INITS:
         raise MiniPeftError(f"add_prompt_tuning: init must be one of {tuple(PEFT_INITS)}, got {init!r}")
-    if isinstance(model.model.embed_tokens, WordEmbeddingsWithLearnedPrompts):
-        raise MiniPeftError("add_prompt_tuning: the model already has learned prompts")
+    check_free(model, "model.embed_tokens", name, WordEmbeddingsWithLearnedPrompts)
     embedding = model.model.embed_tokens
     generator = torch.Generator().manual_seed(seed)
-    prompts = initial_prompts(embedding, num_prompts, init, init_text, tokenizer, generator)
-    wrapper = WordEmbeddingsWithLearnedPrompts(embedding, prompts.to(embedding.weight.device))
-    model.model.embed_tokens = wrapper
-    record_settings(model, PromptTuningSettings(num_prompts, init, init_text if init == "text" else None))
+    prompts = initial_prompts(embedding, num_prompts, init, init_text, tokenizer, generator).to(embedding.weight.device)
+    wrap(model, "model.embed_tokens", lambda inner: WordEmbeddingsWithLearnedPrompts(inner, prompts), name)
+    record_settings(model, name, PromptTuningSettings(num_prompts, init, init_text if init == "text" else None))
     freeze_base(model)
-    return wrapper
+    return model.model.embed_tokens
 
 
 # ---- the adapter file, in peft's layout ------------------------------------------------------------------
 
-def to_peft(model, settings: PromptTuningSettings) -> tuple[dict, dict]:
+def to_peft(model, settings: PromptTuningSettings, name="default") -> tuple[dict, dict]:
     """peft's PromptTuningConfig and the one tensor, prompt_embeddings (P, D)."""
     shape = model.config
     config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": settings.num_prompts,
               "token_dim": shape.hidden_size, "num_transformer_submodules": 1,
               "num_attention_heads": shape.num_attention_heads, "num_layers": shape.num_hidden_layers,
               "prompt_tuning_init": PEFT_INITS[settings.init], "prompt_tuning_init_text": settings.init_text}
-    return config, {"prompt_embeddings": model.model.embed_tokens.learned_prompts}
+    wrapper, = adapters_named(model, name, WordEmbeddingsWithLearnedPrompts).values()
+    return config, {"prompt_embeddings": wrapper.learned_prompts}
 
 
-def from_peft(model, config: dict, source) -> dict:
+def from_peft(model, config: dict, source, name="default") -> dict:
     """Put learned prompts in front of `model` as the PromptTuningConfig says; return {file key: parameter}."""
     refuse_unhonoured(config, PEFT_READ, PEFT_NOT_MATH, PEFT_ONLY_DEFAULT, source)
     hidden = model.config.hidden_size
@@ -126,6 +140,7 @@ def from_peft(model, config: dict, source) -> dict:
     require(config, "num_transformer_submodules", int, source, 1, 1, default=1)  # decoder-only: one stack
     num_prompts = require(config, "num_virtual_tokens", int, source, 1, model.config.max_position_embeddings)
     init = {peft: ours for ours, peft in PEFT_INITS.items()}.get(config.get("prompt_tuning_init"), "random")
-    wrapper = add_prompt_tuning(model, num_prompts, init="random")  # the file's values replace these
-    model.peft_settings["PROMPT_TUNING"] = PromptTuningSettings(num_prompts, init, config.get("prompt_tuning_init_text"))
+    wrapper = add_prompt_tuning(model, num_prompts, init="random", name=name)  # the file's values replace these
+    model.peft_settings[name]["PROMPT_TUNING"] = PromptTuningSettings(num_prompts, init,
+                                                                      config.get("prompt_tuning_init_text"))
     return {"prompt_embeddings": wrapper.learned_prompts}

@@ -1,14 +1,19 @@
-"""What every PEFT method shares: freezing, counting, fingerprints, switching off, and peft's rules for
-naming the layers to wrap. None of it keeps a list of methods: it asks the modules that the methods put
-into the model.
+"""What every PEFT method shares: freezing, counting, fingerprints, which rows each adapter serves, and
+peft's rules for naming the layers to wrap. None of it keeps a list of methods: it asks the modules that
+the methods put into the model.
 
 A wrapper (any module a method adds) declares
     trainable_names   the names of its own parameters that train, e.g. ("lora_A.weight", "lora_B.weight")
-    wrapped           the attribute holding the frozen module it wraps, if any, e.g. "base_layer"
+    wrapped           the attribute holding the module it wraps, if any, e.g. "base_layer"
+    adapter_name      the named adapter it belongs to ("default" unless asked otherwise)
     enabled           False makes it pass the bare base through (see `disabled`)
+    rows              None: it serves every row of the batch; a tuple: only those rows (see `route`)
 
-and each method records what it was asked for (a small settings dataclass with its `peft_type`) in
-`model.peft_settings`, which is what its adapter file is written from.
+Several adapters on one slot are stacked: the second wraps the first, and each applies itself only to
+its own rows, so every row sees exactly one adapter and the frozen base runs once, innermost.
+
+Each method records what it was asked for (a small settings dataclass with its `peft_type`) in
+`model.peft_settings[adapter name]`, which is what its adapter file is written from.
 """
 
 import hashlib
@@ -41,11 +46,59 @@ def adapter_parameters(model) -> dict:
 
 
 def freeze_base(model):
-    """requires_grad=False on every tensor that no wrapper declares as trainable."""
+    """requires_grad=False on every tensor that no wrapper declares as trainable; then `route`."""
     trainable = {id(p) for p in adapter_parameters(model).values()}
     for parameter in model.parameters():
         if id(parameter) not in trainable:
             parameter.requires_grad_(False)
+    route(model)
+
+
+def route(model):
+    """Give every wrapper the rows it serves, from `model.active_adapter`: one name (its adapters serve all
+    rows, the others none), None (none serve any), or a list with a name or None per row. Only adapters that
+    serve some row train."""
+    active = getattr(model, "active_adapter", None)
+    for _, module in wrappers(model):
+        if isinstance(active, list):
+            module.rows = tuple(row for row, name in enumerate(active) if name == module.adapter_name)
+        else:
+            module.rows = None if active == module.adapter_name else ()
+        for tensor_name in module.trainable_names:
+            module.get_parameter(tensor_name).requires_grad_(module.rows is None or len(module.rows) > 0)
+
+
+def row_index(module, batch_size: int, device):
+    """The rows a wrapper serves, as an index tensor; None for every row."""
+    if module.rows is None:
+        return None
+    if module.rows and module.rows[-1] >= batch_size:
+        raise MiniPeftError(f"set_adapter: adapters were set for {module.rows[-1] + 1}+ rows, the batch has "
+                            f"{batch_size}")
+    return torch.tensor(module.rows, dtype=torch.long, device=device)
+
+
+def in_rows(module, x, y, adapt):
+    """A wrapper's output: adapt(x, y) in the rows its adapter serves, the output y of what it wraps in the
+    others. Only the served rows are computed. x: (B, ..., in), y: (B, ..., out)."""
+    if not module.enabled:
+        return y
+    rows = row_index(module, x.shape[0], x.device)
+    if rows is None:
+        return adapt(x, y)
+    if len(rows) == 0:
+        return y
+    return y.index_copy(0, rows, adapt(x[rows], y[rows]).to(y.dtype))
+
+
+def row_mask(module, batch_size: int, device) -> torch.Tensor:
+    """(B,) bool: True in the rows a wrapper serves (for prepended positions, which exist in every row)."""
+    rows = row_index(module, batch_size, device)
+    if not module.enabled:
+        return torch.zeros(batch_size, dtype=torch.bool, device=device)
+    if rows is None:
+        return torch.ones(batch_size, dtype=torch.bool, device=device)
+    return torch.zeros(batch_size, dtype=torch.bool, device=device).index_fill(0, rows, True)
 
 
 def target_matches(name: str, targets) -> bool:
@@ -64,23 +117,61 @@ def pattern_value(pattern: dict, name: str, default):
     return default
 
 
+def innermost(module):
+    """The frozen module at the bottom of a stack of wrappers (None for an empty slot)."""
+    while getattr(module, "wrapped", None):
+        module = getattr(module, module.wrapped)
+    return module
+
+
 def linear_names(model) -> list[str]:
-    """The linears a method can wrap: not those inside a wrapper already (its base and its own tensors)."""
+    """The linear slots a method can wrap: a bare linear, or the outermost wrapper around one (another
+    adapter stacks on it). Not the linears inside a wrapper (its base and its own tensors)."""
     inside = {id(sub) for _, m in wrappers(model) for sub in m.modules() if sub is not m}
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in inside]
+    return [n for n, m in model.named_modules() if id(m) not in inside and isinstance(innermost(m), nn.Linear)]
 
 
-def wrap(model, name: str, make_wrapper):
-    """Put make_wrapper(the module called `name`) where that module was."""
+def slot_names(model) -> dict[str, str]:
+    """{wrapper name: the slot it fills}: `...q_proj.base_layer` -> `...q_proj` for a stacked adapter."""
+    slots = {}
+    for name, module in wrappers(model):  # outer wrappers come before the ones they wrap
+        slots.setdefault(name, name)
+        if getattr(module, "wrapped", None):
+            slots[f"{name}.{module.wrapped}" if name else module.wrapped] = slots[name]
+    return slots
+
+
+def adapters_named(model, name: str, kind) -> dict:
+    """{slot name: wrapper} of one adapter's wrappers of one class."""
+    slots = slot_names(model)
+    return {slots[n]: m for n, m in wrappers(model) if isinstance(m, kind) and m.adapter_name == name}
+
+
+def check_free(model, slot: str, name: str, kind):
+    """Refuse a second wrapper of the same class and adapter name on one slot."""
+    if slot in adapters_named(model, name, kind):
+        raise MiniPeftError(f"{slot} already has a {kind.__name__} in adapter {name!r}; give the new one another "
+                            f"name (name=...)")
+
+
+def wrap(model, name: str, make_wrapper, adapter_name: str):
+    """Put make_wrapper(the module called `name`) where that module was, as part of adapter `adapter_name`."""
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, make_wrapper(model.get_submodule(name)))
+    wrapper = make_wrapper(model.get_submodule(name))
+    wrapper.adapter_name, wrapper.rows = adapter_name, None
+    setattr(model.get_submodule(parent) if parent else model, child, wrapper)
 
 
-def record_settings(model, settings):
-    """Keep what a method was asked for, to be saved in its adapter file."""
+def record_settings(model, name: str, settings):
+    """Keep what a method was asked for, under its adapter's name, to be saved in its adapter file. The
+    first adapter added is the active one."""
+    if not isinstance(name, str) or not name:
+        raise MiniPeftError(f"name: expected a non-empty adapter name, got {name!r}")
     if not hasattr(model, "peft_settings"):
         model.peft_settings = {}
-    model.peft_settings[settings.peft_type] = settings
+    model.peft_settings.setdefault(name, {})[settings.peft_type] = settings
+    if not hasattr(model, "active_adapter"):
+        model.active_adapter = name
 
 
 def real_numel(parameter) -> int:
@@ -102,16 +193,15 @@ def count_parameters(model, verbose=False) -> dict:
 
 def base_name(name: str, wrapped_paths: dict) -> str:
     """A tensor's name as in the bare base: `...q_proj.base_layer.weight` -> `...q_proj.weight`."""
-    for inner, outer in wrapped_paths.items():
-        if name.startswith(inner):
-            return outer + name[len(inner):]
-    return name
+    inner = max((path for path in wrapped_paths if name.startswith(path)), key=len, default=None)
+    return name if inner is None else wrapped_paths[inner] + name[len(inner):]
 
 
 def base_fingerprint(model) -> dict[str, str]:
     """sha256 of every base tensor (4-bit ones as stored, with their scales): to prove they never change."""
     adapter = {id(p) for p in adapter_parameters(model).values()}
-    wrapped_paths = {f"{name}.{m.wrapped}.": f"{name}." for name, m in wrappers(model) if getattr(m, "wrapped", None)}
+    slots = slot_names(model)
+    wrapped_paths = {f"{name}.{m.wrapped}.": f"{slots[name]}." for name, m in wrappers(model) if getattr(m, "wrapped", None)}
     digests = {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if id(tensor) in adapter:
@@ -136,6 +226,10 @@ def merge(model) -> float:
     """Fold every change to a weight (LoRA, DoRA, IA3, BitFit) into the base, for inference; return the worst
     rounding error (0 unless the base is 4-bit). Learned prompts, a learned past and bottleneck adapters are
     not changes to a weight: they stay as they are, and still work."""
+    names = list(getattr(model, "peft_settings", {}))
+    if len(names) > 1:
+        raise MiniPeftError(f"merge: the model holds adapters {names}; folding one into the base would change it "
+                            f"under the others. delete_adapter the others first")
     found = [(name, m) for name, m in wrappers(model) if hasattr(m, "merge")]
     if any(name == "lm_head" for name, _ in found) and model.config.tie_word_embeddings:
         raise MiniPeftError("merge: lm_head shares its weight with the input embedding (tie_word_embeddings); "
