@@ -1,0 +1,192 @@
+"""`minipeft` (or `python -m minipeft`): use what you trained, without writing Python.
+
+    minipeft generate --adapter fox=runs/fox/adapter --adapter code=runs/code/adapter \\
+                      --prompt "fox:A quick brown fox" --prompt "code:import" --prompt "-:Hello"
+        every prompt answered by its own adapter (or none, "-"), all in one mixed batch on one frozen base
+    minipeft merge --adapter runs/code/adapter --out merged/ [--dtype bf16] [--4bit]
+        the adapter folded into the base, written as a Hugging Face checkpoint any stack can serve
+    minipeft count --config llama-7b --method lora --r 8
+        the parameter report, on the meta device: no weights are read
+
+Mistakes (an unknown adapter name, an adapter for another base, a method that cannot merge) end with one
+line naming them, and exit code 2.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save as save_safetensors_bytes
+
+from . import adapter_files
+from .errors import MiniPeftError, run_cli
+from .files import write_atomically
+from .llama.config import LlamaConfig
+from .llama.default_model import DEFAULT_DIR
+from .llama.generate import generate
+from .llama.loader import build_model, load, load_model
+from .llama.quant import dequantize, is_4bit
+from .methods.named_adapters import set_adapter
+from .methods.wrappers import adapter_parameters, base_name, count_parameters, merge, slot_names, wrappers
+from .train.method_choice import add_method_arguments, choose_method
+
+PRESETS = {"llama-7b": LlamaConfig()}  # the dataclass defaults are Llama-2-7B
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def parse_adapters(specs) -> dict:
+    """--adapter NAME=PATH (or just PATH, for "default") -> {name: path}."""
+    adapters = {}
+    for spec in specs or []:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("default", "", spec)
+        if not name or name == "-" or name in adapters:
+            raise MiniPeftError(f"--adapter {spec!r}: expected NAME=PATH with a new name (not '-')")
+        adapters[name] = Path(path)
+    return adapters
+
+
+def parse_prompt(line: str, names) -> tuple:
+    """'NAME:text' -> (NAME, text); '-:text' -> (None, text), the bare base."""
+    name, colon, text = line.partition(":")
+    if not colon or (name != "-" and name not in names):
+        raise MiniPeftError(f"--prompt {line[:40]!r}: expected NAME:TEXT, NAME one of {sorted(names)} or '-' for the "
+                            f"bare base")
+    return (None if name == "-" else name), text.replace("\\n", "\n")
+
+
+def command_generate(args):
+    model, tokenizer = load(args.weights, quantize="nf4" if args.four_bit else None, device=args.device)
+    adapters = parse_adapters(args.adapter)
+    for name, path in adapters.items():
+        adapter_files.load_adapter(model, path, name=name)
+    lines = list(args.prompt or [])
+    if args.prompts_file:
+        source = sys.stdin if args.prompts_file == "-" else open(args.prompts_file, encoding="utf-8")
+        lines += [line.rstrip("\n") for line in source if line.strip()]
+    if not lines:
+        raise MiniPeftError("generate: no prompts; give --prompt NAME:TEXT or --prompts-file FILE (- for stdin)")
+    rows = [parse_prompt(line, adapters) for line in lines]
+    if adapters:
+        set_adapter(model, [name for name, _ in rows])
+    answers = generate(model, [tokenizer.encode(text) for _, text in rows], args.max_new_tokens,
+                       args.temperature, args.top_p, args.seed)
+    for (name, text), answer in zip(rows, answers):
+        print(f"[{name or '-'}] {text}{tokenizer.decode(answer)}")
+
+
+def export_state(model) -> dict:
+    """The merged base's tensors under their Hugging Face names (wrappers and adapter tensors left out)."""
+    slots, adapter = slot_names(model), {id(p) for p in adapter_parameters(model).values()}
+    wrapped_paths = {f"{n}.{m.wrapped}.": f"{slots[n]}." for n, m in wrappers(model) if getattr(m, "wrapped", None)}
+    return {base_name(name, wrapped_paths): p for name, p in model.named_parameters() if id(p) not in adapter}
+
+
+def dequantized_copy(model):
+    """Every 4-bit linear replaced by a full-precision one with its dequantized weight (for export)."""
+    for name, module in list(model.named_modules()):
+        if is_4bit(module):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight.data = dequantize(module).float()
+            if module.bias is not None:
+                linear.bias.data = module.bias.data.float()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+    return model
+
+
+def give_bitfit_biases_a_home(model, config: dict) -> dict:
+    """BitFit's learned biases fold into base biases: give a group's linears zero biases, and say so in config."""
+    from .methods.bitfit import LinearWithLearnedBias
+
+    groups = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp_bias": ("gate_proj", "up_proj", "down_proj")}
+    slot = lambda name: name.replace(".base_layer", "").rsplit(".", 1)[-1]  # q_proj, ..., lora_A, ...
+    biased = [slot(name) for name, m in model.named_modules() if isinstance(m, LinearWithLearnedBias)]
+    for key, members in groups.items():
+        if any(name in members for name in biased):
+            config[key] = True
+            for name, module in model.named_modules():
+                if isinstance(module, nn.Linear) and slot(name) in members and module.bias is None:
+                    module.bias = nn.Parameter(torch.zeros(module.out_features))
+    return config
+
+
+def command_merge(args):
+    weights, out = Path(args.weights), Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise MiniPeftError(f"--out {out}: exists and is not empty; choose a new directory")
+    model = load_model(weights, quantize="nf4" if args.four_bit else None)
+    config_name = adapter_files.load_adapter(model, args.adapter)["peft_type"]
+    probe = torch.arange(32)[None] * 7919 % model.config.vocab_size  # any tokens: the same before and after
+    with torch.no_grad():
+        unmerged = model(probe)
+    cannot = [type(m).__name__ for _, m in wrappers(model) if not hasattr(m, "merge")]
+    if cannot:
+        raise MiniPeftError(f"--adapter {args.adapter}: a {config_name} adapter ({cannot[0]}) is not a change to a "
+                            f"weight, so it cannot be merged; serve it unmerged (minipeft generate)")
+    config = give_bitfit_biases_a_home(dequantized_copy(model), json.loads((weights / "config.json").read_text()))
+    merge(model)
+    with torch.no_grad():
+        error = (model(probe) - unmerged).abs().max().item()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    tensors = {name: p.detach().to(dtype).contiguous() for name, p in export_state(model).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(out / "model.safetensors", save_safetensors_bytes(tensors, metadata={"format": "pt"}))
+    config["torch_dtype" if "torch_dtype" in config else "dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
+    write_atomically(out / "config.json", json.dumps(config, indent=2).encode())
+    for name in TOKENIZER_FILES:
+        if (weights / name).is_file():
+            shutil.copy(weights / name, out / name)
+    print(f"merged {config_name} from {args.adapter} into {weights}{' (4-bit, dequantized)' if args.four_bit else ''}"
+          f": wrote {out} ({args.dtype}); max abs logits change from merging {error:.2e}")
+
+
+def command_count(args):
+    config = PRESETS.get(args.config) or LlamaConfig.from_json(Path(args.config) / "config.json")
+    model = build_model(config)
+    args.lr, args.seed = 0.0, 0
+    settings = choose_method(model, args, task="code")
+    print(f"{args.method} {settings} on {args.config}:")
+    count_parameters(model, verbose=True)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="minipeft", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="answer prompts, each with its own adapter, in one batch")
+    gen.add_argument("--weights", default=str(DEFAULT_DIR), help="HF-layout Llama directory (default: %(default)s)")
+    gen.add_argument("--4bit", dest="four_bit", action="store_true", help="load the base in NF4")
+    gen.add_argument("--adapter", action="append", help="NAME=PATH of an adapter directory (repeatable)")
+    gen.add_argument("--prompt", action="append", help="NAME:TEXT, '-:TEXT' for the bare base (repeatable)")
+    gen.add_argument("--prompts-file", help="a file of NAME:TEXT lines, or - for stdin")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="(default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default: %(default)s)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: %(default)s)")
+    gen.add_argument("--seed", type=int, help="makes sampling repeatable")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    mer = commands.add_parser("merge", help="fold an adapter into the base; write a Hugging Face checkpoint")
+    mer.add_argument("--weights", default=str(DEFAULT_DIR), help="the base (default: %(default)s)")
+    mer.add_argument("--adapter", required=True, help="a LoRA, DoRA, IA3 or BitFit adapter directory")
+    mer.add_argument("--out", required=True, help="a new directory for the merged checkpoint")
+    mer.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="(default: %(default)s)")
+    mer.add_argument("--4bit", dest="four_bit", action="store_true",
+                     help="merge into the dequantized NF4 base the adapter was trained on")
+    cnt = commands.add_parser("count", help="trainable and total numbers of a method, without loading weights")
+    cnt.add_argument("--config", default="llama-7b", help="a directory with config.json, or llama-7b (default)")
+    add_method_arguments(cnt, default_method="lora")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    commands = {"generate": command_generate, "merge": command_merge, "count": command_count}
+    run_cli(lambda: commands[args.command](args))
+
+
+if __name__ == "__main__":
+    main()
