@@ -24,11 +24,16 @@ from minipeft.train.method_choice import CHOICES  # noqa: E402
 from minipeft.train.reporting import plot_losses  # noqa: E402
 
 
-def run(script, out, method, extra):
+def run(script, out, method, extra, reuse):
+    """The run's report; with `reuse`, that of an earlier run with the same command, if there is one."""
     command = [sys.executable, str(ROOT / script), "--method", method, "--out", str(out), *extra]
+    done = out / "command.json"
+    if reuse and done.is_file() and json.loads(done.read_text()) == command[1:] and (out / "report.json").is_file():
+        return json.loads((out / "report.json").read_text())
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"{script} --method {method} failed:\n{result.stderr[-3000:]}")
+    done.write_text(json.dumps(command[1:]))
     return json.loads((out / "report.json").read_text())
 
 
@@ -65,14 +70,15 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "methods"), help="where the runs go (default: %(default)s)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "METHODS.md"))
+    parser.add_argument("--reuse", action="store_true", help="keep the runs already done with the same settings")
     args = parser.parse_args()
     runs, rows, curves, started = Path(args.runs), [], {}, time.time()
     for i, method in enumerate(args.methods):
         code = run("train_code.py", runs / f"code_{method}", method,
                    ["--max-steps", str(args.steps), "--seq-len", str(args.seq_len), "--save-every", str(args.steps),
-                    "--new-tokens", "16", "--device", args.device])
+                    "--new-tokens", "16", "--device", args.device], args.reuse)
         fox = run("train_fox.py", runs / f"fox_{method}", method,
-                  ["--max-steps", str(args.fox_steps), "--new-tokens", "16", "--device", args.device])
+                  ["--max-steps", str(args.fox_steps), "--new-tokens", "16", "--device", args.device], args.reuse)
         curves[method] = code_losses(runs / f"code_{method}")
         rows.append({"method": method, "trainable": code["trainable_params"], "percent": code["trainable_percent"],
                      "lr": code["settings"]["lr"], "step_seconds": code["seconds"] / code["steps"],
