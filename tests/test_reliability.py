@@ -136,8 +136,10 @@ def test_adapter_config_problems(lora_dir, checkpoint):
     expect_error("adapter_config.json: not valid JSON", load_adapter, load_model(checkpoint), lora_dir)
     (lora_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "lora_alpha": 8}))
     expect_error("key 'r' should be int", load_adapter, load_model(checkpoint), lora_dir)
+    (lora_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "target_modules": ["k_proj"]}))
+    expect_error("peft_type 'LOHA' is not supported", load_adapter, load_model(checkpoint), lora_dir)
     (lora_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "target_modules": ["k_proj"]}))
-    expect_error("peft_type 'IA3' is not supported", load_adapter, load_model(checkpoint), lora_dir)
+    expect_error("tensors do not fit the base model: missing", load_adapter, load_model(checkpoint), lora_dir)
 
 
 def test_adapter_that_does_not_fit_the_base(lora_dir, checkpoint, tmp_path):

@@ -47,7 +47,7 @@ CHOICES = {
     "prefix": Choice(lambda m, s, seed: add_prefix_tuning(m, s["num_prompts"], s["projection_hidden"],
                                                           init="random" if s["projection_hidden"] else "vocab",
                                                           seed=seed),
-                     {"num_prompts": 16, "projection_hidden": None}, {"code": 1e-3, "fox": 1e-2}),
+                     {"num_prompts": 16, "projection_hidden": None}, {"code": 1e-2, "fox": 1e-2}),
     "prompt": Choice(lambda m, s, seed: add_prompt_tuning(m, s["num_prompts"], init="vocab", seed=seed),
                      {"num_prompts": 16}, {"code": 1e-2, "fox": 1e-2}),
 }
