@@ -32,7 +32,7 @@ def trained_looking(model, add, seed=0):
 
 
 MERGEABLE = {
-    "lora": lambda m: minipeft.add_lora(m, ["q", "v", "down"], r=4),
+    "lora": lambda m: minipeft.add_lora(m, ["q", "v", "down"], r=4, dropout=0.1),  # off: the model is in eval
     "dora": lambda m: minipeft.add_lora(m, ["q", "o", "up"], r=4, use_dora=True),
     "ia3": lambda m: minipeft.add_ia3(m),
     "bitfit": lambda m: minipeft.add_bitfit(m, ["v", "gate"], norms=True),

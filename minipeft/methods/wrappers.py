@@ -46,11 +46,14 @@ def adapter_parameters(model) -> dict:
 
 
 def freeze_base(model):
-    """requires_grad=False on every tensor that no wrapper declares as trainable; then `route`."""
+    """requires_grad=False on every tensor that no wrapper declares as trainable; new wrappers take the
+    model's mode (a LoRA dropout added to a model in eval mode stays off); then `route`."""
     trainable = {id(p) for p in adapter_parameters(model).values()}
     for parameter in model.parameters():
         if id(parameter) not in trainable:
             parameter.requires_grad_(False)
+    for _, module in wrappers(model):
+        module.train(model.training)
     route(model)
 
 
