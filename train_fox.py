@@ -69,6 +69,7 @@ def main():
     ids = torch.tensor([tokenizer.encode(TARGET)], device=device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     losses, start = [], time.time()
+    model.train()  # LoRA's dropout, if any, is on while training and off when showing
     for step in range(1, args.max_steps + 1):
         loss = model.loss(ids, labels=ids)
         loss.backward()
@@ -82,6 +83,7 @@ def main():
     seconds = time.time() - start
 
     # 4. Show: with the method, without it (the base is untouched), and on nearby inputs.
+    model.eval()
     after = continuation(model, tokenizer, PROMPT, args.new_tokens)
     with minipeft.disabled(model):
         after_without = continuation(model, tokenizer, PROMPT, args.new_tokens)
