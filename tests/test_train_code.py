@@ -64,7 +64,6 @@ def test_every_method_trains_in_the_same_loop(default_weights, code_data, tmp_pa
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["method"] == method and report["base_unchanged"] is True and report["trainable_params"] > 0
-    assert report["settings"]["lr"] == CHOICES[method].lr["code"]
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == PEFT_TYPES[method] and config.get("use_dora", False) == (method == "dora")
 
@@ -74,3 +73,20 @@ def test_a_flag_the_method_does_not_read_is_refused_by_name(default_weights, cod
     assert result.returncode == 2
     assert result.stderr.startswith("error: --r: --method prefix does not use it; it reads --num-prompts")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_each_method_gets_its_own_learning_rate_and_settings_unless_given():
+    import train_code as script
+    from minipeft.llama.config import LlamaConfig
+    from minipeft.llama.loader import build_model
+    from minipeft.train.method_choice import choose_method
+
+    small = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=256)
+    for method, choice in CHOICES.items():
+        args = script.build_parser().parse_args(["--method", method])
+        settings = choose_method(build_model(small), args, task="code")
+        assert args.lr == choice.lr["code"] and settings == choice.settings, method
+    args = script.build_parser().parse_args(["--method", "prefix", "--lr", "0.5", "--num-prompts", "3"])
+    assert choose_method(build_model(small), args, task="code") == {"num_prompts": 3, "projection_hidden": None}
+    assert args.lr == 0.5
