@@ -14,8 +14,7 @@ Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation".
 
 LoRA's A and B learn the direction, m the magnitude: out more numbers per wrapped layer than LoRA, 4,096
 for a 4096x4096 projection; 6,684,672 for r=8 on q, k and v of Llama-7B (LoRA's 6,291,456 + 393,216).
-On a 4-bit base (QDoRA) m starts at the dequantized W's row norms, as in peft; n is computed
-without dequantizing W at every step (see `row_norms`).
+On a 4-bit base (QDoRA) the norm is taken of the dequantized W, as peft does.
 
 On disk (peft's layout): LoRA's file with "use_dora": true and, per wrapped layer, one more tensor
     base_model.model.<layer name>.lora_magnitude_vector   (out,)
@@ -23,6 +22,7 @@ On disk (peft's layout): LoRA's file with "use_dora": true and, per wrapped laye
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..llama.quant import dequantize, is_4bit
 from .wrappers import innermost
@@ -33,39 +33,29 @@ def full_precision_weight(base_layer) -> torch.Tensor:
     return dequantize(base_layer) if is_4bit(base_layer) else base_layer.weight
 
 
+def row_norms(weight, delta, scaling) -> torch.Tensor:
+    """||W + s B A|| of each output row: (out,)."""
+    return torch.linalg.norm(weight + scaling * delta, dim=1)
+
+
 class MagnitudeVector(nn.Module):
     """m, one length per output row, and the rescaling of a LoRA layer's output that it stands for."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         with torch.no_grad():  # B = 0 at the start, so m = ||W||: an untouched adapter changes nothing
-            row_norms = torch.linalg.norm(full_precision_weight(base_layer).float(), dim=1)  # (out,)
-        self.weight = nn.Parameter(row_norms)
-        self.frozen_squares = row_norms.square()  # ||W||^2 per row, a constant (kept out of the state dict)
-
-    @torch.no_grad()
-    def row_norms(self, layer) -> torch.Tensor:
-        """n = ||W + s B A|| per row, without forming W (a 4-bit W would have to be dequantized each step):
-        ||W + s B A||^2 = ||W||^2 + 2 s <W, B A> + s^2 ||B A||^2, with <W, B A>_row = rowsum((W A^T) * B),
-        W A^T from the frozen layer applied to the r rows of A, and ||B A||^2_row = rowsum((B A A^T) * B)."""
-        A, B, s = layer.lora_A.weight.float(), layer.lora_B.weight.float(), layer.scaling  # (r, in), (out, r)
-        linear = innermost(layer.base_layer)
-        with torch.autocast(A.device.type, enabled=False):
-            W_At = linear(A.to(linear.weight.dtype if not is_4bit(linear) else A.dtype)).float()  # (r, out) = A W^T
-        if linear.bias is not None:
-            W_At = W_At - linear.bias.float()
-        cross = (W_At.T * B).sum(1)  # <W, B A> per row: (out,)
-        squares = ((B @ (A @ A.T)) * B).sum(1)  # ||B A||^2 per row: (out,)
-        return (self.frozen_squares + 2 * s * cross + s * s * squares).clamp(min=0).sqrt()
+            self.weight = nn.Parameter(torch.linalg.norm(full_precision_weight(base_layer).float(), dim=1))  # (out,)
 
     def forward(self, x, base_output, lora_output, layer):
         """y = (m / n) ⊙ (W x + s B A x) + bias, from the base output and the unscaled B A x of `layer`."""
-        scale = (self.weight / self.row_norms(layer)).to(x.dtype)  # m / n: (out,), n passes no gradient
-        bias = innermost(layer.base_layer).bias
+        linear = innermost(layer.base_layer)  # the frozen linear, under any other adapters on it
+        weight = full_precision_weight(linear).to(x.dtype)  # (out, in)
+        delta = (layer.lora_B.weight @ layer.lora_A.weight).detach().to(x.dtype)  # B A: (out, in), no gradient
+        scale = (self.weight / row_norms(weight, delta, layer.scaling).detach()).to(x.dtype)  # m / n: (out,)
+        bias = linear.bias
         without_bias = base_output if bias is None else base_output - bias
         if layer.dropout_is_on():  # W x must see the same dropped-out x as the side path, as in peft
-            without_bias = innermost(layer.base_layer)(x.to(base_output.dtype))
-            without_bias = without_bias if bias is None else without_bias - bias
+            without_bias = F.linear(x, weight)
         y = (scale - 1) * without_bias + scale * layer.scaling * lora_output
         return base_output + y.to(base_output.dtype)
 
