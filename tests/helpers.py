@@ -55,3 +55,22 @@ def train_code(*args, **popen):
 def losses(out):
     """The training losses a train_code.py run logged in OUT/metrics.jsonl."""
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_merges_as_peft_merges(ours, theirs, ids, adapter_key):
+    """Ours equals peft's model before merging; merged, its logits stay and every base weight and bias equals
+    peft's merge_and_unload (tensors whose names hold `adapter_key` are the adapter's own). Returns the logits."""
+    from torch.testing import assert_close
+
+    from minipeft import merge
+
+    with torch.no_grad():
+        unmerged = ours(ids)
+        assert_close(unmerged, theirs(input_ids=ids).logits, rtol=0, atol=1e-5)
+        merge(ours)
+        assert_close(ours(ids), unmerged, rtol=0, atol=1e-5)
+        merged_theirs = theirs.merge_and_unload().state_dict()
+        for name, tensor in ours.state_dict().items():
+            if adapter_key not in name:
+                assert_close(tensor, merged_theirs[name.replace(".base_layer", "")], rtol=0, atol=1e-6, msg=name)
+    return unmerged

@@ -5,9 +5,9 @@ import bitsandbytes as bnb
 import torch
 from torch.testing import assert_close
 
-from minipeft import add_lora, load_adapter, load_model, merge, save_adapter, unmerge
+from minipeft import add_lora, load_adapter, load_model, save_adapter, unmerge
 from minipeft.methods.lora import LoRALayer
-from tests.helpers import write_hf_checkpoint
+from tests.helpers import assert_merges_as_peft_merges, write_hf_checkpoint
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
@@ -57,15 +57,8 @@ def test_our_file_loads_in_peft_and_merges_as_peft_merges(tmp_path):
     theirs = PeftModel.from_pretrained(reference, tmp_path / "adapter")
     ids = torch.randint(0, 256, (2, 9))
     before = {n: t.clone() for n, t in ours.state_dict().items()}
+    assert_merges_as_peft_merges(ours, theirs, ids, "lora_")
     with torch.no_grad():
-        unmerged = ours(ids)
-        assert_close(unmerged, theirs(input_ids=ids).logits, rtol=0, atol=1e-5)
-        merge(ours)
-        assert_close(ours(ids), unmerged, rtol=0, atol=1e-5)
-        merged_theirs = theirs.merge_and_unload().state_dict()
-        for name, tensor in ours.state_dict().items():
-            if "lora_" not in name:
-                assert_close(tensor, merged_theirs[name.replace(".base_layer", "")], rtol=0, atol=1e-6, msg=name)
         unmerge(ours)
         for name, tensor in ours.state_dict().items():
             assert_close(tensor, before[name], rtol=0, atol=1e-6, msg=name)
