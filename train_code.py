@@ -2,8 +2,9 @@
 any other method: --method lora|dora|ia3|prefix|prompt|bottleneck|bitfit (only the method changes).
 
     Python files (codeparrot-clean JSON lines, or the standard library by default)
+      ─► packed rows: whole files end to end, each attending only to itself (--no-packing: one per row)
       ─► frozen NF4 base + LoRA r=8 on q, k, v and the MLP ─► AdamW on the method's tensors alone,
-         warmup + cosine, micro-batch 1 x 4 accumulation steps, checkpointed blocks
+         warmup + cosine, accumulated micro-batches, checkpointed blocks, bf16 where the CPU has it
       ─► held-out loss before/after, samples.md, report.json, an adapter file (peft's layout)
 
 Checkpoints go to OUT/checkpoint.safetensors every --save-every steps and on Ctrl-C; --resume continues exactly.
@@ -23,10 +24,11 @@ from minipeft.files import write_atomically
 from minipeft.llama.default_model import DEFAULT_DIR
 from minipeft.llama.loader import check_device
 from minipeft.methods.wrappers import fingerprint_digest
-from minipeft.train.batches import Batches, pad_batch
+from minipeft.train.batches import Batches, pack_rows, pad_batch
 from minipeft.train.data import Filters, describe, load_corpus
 from minipeft.train.method_choice import FLAGS, add_method_arguments, choose_method
-from minipeft.train.loop import accumulate_gradients, clip_and_check, heldout_loss, peak_memory_mb, warmup_cosine
+from minipeft.train.loop import (accumulate_gradients, clip_and_check, compute_dtype, heldout_loss, peak_memory_mb,
+                                 warmup_cosine)
 from minipeft.train.reporting import (check_positive, check_weights, plot_losses, prepare_output_dir, write_report,
                                       write_samples)
 from minipeft.train.run_state import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
@@ -34,7 +36,7 @@ from minipeft.train.run_state import CHECKPOINT_FILE, load_checkpoint, save_chec
 PROMPTS = ["", "import", "from", "while", "try", "if", "for", "torch"]
 # Every setting that changes the result: a resume with any of them changed is refused by name.
 RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "method", *FLAGS, "lr", "seq_len", "batch", "accum", "warmup",
-                     "max_steps", "seed", "bf16", "no_4bit", "device", "max_chars")
+                     "max_steps", "seed", "dtype", "no_4bit", "device", "max_chars", "no_packing")
 FREE_ON_RESUME = ("out", "resume", "save_every", "new_tokens")  # where files go, and the samples shown after
 
 
@@ -46,18 +48,22 @@ def build_parser():
                                   "(default: this Python's standard library)")
     add("--heldout-data", nargs="+", help="held-out files (default: 10%% of --data, chosen by path hash)")
     add("--out", default="runs/code", help="output directory (default: %(default)s)")
-    add("--max-steps", type=int, default=150, help="optimizer steps (default: %(default)s)")
+    add("--max-steps", type=int, default=200, help="optimizer steps (default: %(default)s)")
     add("--lr", type=float, help="peak AdamW learning rate (default: the method's; 1e-3 for lora)")
     add("--warmup", type=int, default=10, help="linear warmup steps before cosine decay (default: %(default)s)")
     add_method_arguments(parser, default_method="lora")
-    add("--seq-len", type=int, default=256, help="max tokens per sample; longer ones are cut (default: %(default)s)")
-    add("--batch", type=int, default=1, help="samples per micro-batch (default: %(default)s)")
-    add("--accum", type=int, default=4, help="micro-batches per optimizer step (default: %(default)s)")
+    add("--seq-len", type=int, default=512, help="tokens per packed row, and the most kept of a sample: longer ones "
+                                                 "are cut (default: %(default)s)")
+    add("--batch", type=int, default=1, help="rows per micro-batch (default: %(default)s)")
+    add("--no-packing", action="store_true", help="one sample per row, padded, instead of packed rows")
+    add("--accum", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
     add("--max-chars", type=int, default=512, help="characters kept from each file's start, 0 for all (default: %(default)s)")
     add("--save-every", type=int, default=50, help="checkpoint every N steps (default: %(default)s)")
     add("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)")
-    add("--bf16", action="store_true", help="bf16 autocast on CPU (always on for CUDA)")
+    add("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+        help="compute dtype (autocast); the method's tensors and AdamW's state stay fp32. auto: bf16 on CUDA and on "
+             "CPUs with AVX512-BF16 or AMX, fp32 elsewhere, where bf16 is emulated and slow (default: %(default)s)")
     add("--no-4bit", action="store_true", help="keep the frozen base in full precision")
     add("--new-tokens", type=int, default=48, help="tokens per generated sample (default: %(default)s)")
     add("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -95,12 +101,13 @@ def main():
     if args.resume and not (out / CHECKPOINT_FILE).is_file():
         raise MiniPeftError(f"--resume: no checkpoint at {out / CHECKPOINT_FILE}; run without --resume to start")
     torch.manual_seed(args.seed)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" or args.bf16 else None
+    args.dtype = compute_dtype(args.dtype, device)  # recorded resolved: a resume elsewhere must compute the same
+    autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
     # 1. The frozen base, in 4-bit NF4.
     model, tokenizer = minipeft.load(check_weights(args.weights), quantize=None if args.no_4bit else "nf4",
-                                     dtype=autocast_dtype or torch.float32, device=device)
+                                     dtype=autocast_dtype or torch.float32, device=device, progress=True)
     fingerprint = minipeft.base_fingerprint(model)
     separator = tokenizer.eos_id  # ends every training file, and starts the '' prompt
 
@@ -119,7 +126,8 @@ def main():
 
     # 3. Wrap: the method (LoRA on the targets by default), checkpointing on.
     method_settings = choose_method(model, args, task="code")
-    print(f"{args.method}: {method_settings}, lr {args.lr}")
+    print(f"{args.method}: {method_settings}, lr {args.lr}, {args.dtype}, "
+          f"{'one sample per row' if args.no_packing else f'packed rows of {seq_len} tokens'}")
     minipeft.enable_checkpointing(model)
     params = minipeft.count_parameters(model, verbose=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -161,7 +169,8 @@ def main():
     started = time.time() - seconds
     with open(out / "metrics.jsonl", "a") as log:
         while step < args.max_steps and not stop:
-            micro_batches = [pad_batch(batches.next(), device) for _ in range(args.accum)]
+            micro_batches = [pad_batch(batches.next(), device) if args.no_packing else
+                             pack_rows(batches.next_packed(seq_len), device) for _ in range(args.accum)]
             step_loss, step_tokens = accumulate_gradients(model, micro_batches, autocast)  # every token weighs the same
             clip_and_check(step_loss, trainable, step + 1)
             optimizer.step()

@@ -54,7 +54,8 @@ def main():
 
     # 1. Load the frozen base, 4-bit NF4 unless asked otherwise.
     start = time.time()
-    model, tokenizer = minipeft.load(check_weights(args.weights), quantize=None if args.no_4bit else "nf4", device=device)
+    model, tokenizer = minipeft.load(check_weights(args.weights), quantize=None if args.no_4bit else "nf4", device=device,
+                                     progress=True)
     fingerprint = minipeft.base_fingerprint(model)
     print(f"loaded {args.weights} ({'fp32' if args.no_4bit else 'nf4'}, {device}) in {time.time() - start:.1f} s")
     before = continuation(model, tokenizer, PROMPT, args.new_tokens)

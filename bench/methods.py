@@ -75,7 +75,8 @@ def main():
     runs, rows, curves, started = Path(args.runs), [], {}, time.time()
     for i, method in enumerate(args.methods):
         code = run("train_code.py", runs / f"code_{method}", method,
-                   ["--max-steps", str(args.steps), "--seq-len", str(args.seq_len), "--save-every", str(args.steps),
+                   ["--max-steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch", "1", "--accum", "4",
+                    "--save-every", str(args.steps),
                     "--new-tokens", "16", "--device", args.device], args.reuse)
         fox = run("train_fox.py", runs / f"fox_{method}", method,
                   ["--max-steps", str(args.fox_steps), "--new-tokens", "16", "--device", args.device], args.reuse)

@@ -5,6 +5,10 @@ alternate: minipeft, peer, minipeft, peer, ... The median of the rounds is repor
 
     .venv/bin/python bench/run.py                       # the default model on CPU, fp32
     .venv/bin/python bench/run.py --dtype bf16 --rounds 3
+    .venv/bin/python bench/run.py --tasks makecode      # `make code`: the old defaults against today's
+
+Roofline: the training step's achieved GFLOP/s (its arithmetic, bench/roofline.py, over its median
+time) against this machine's matmul peak at the same dtype, measured in the same run (task "peak").
 """
 
 import argparse
@@ -13,10 +17,12 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 # (task, figure, lower is better)
 FIGURES = [("train", "step_seconds", True), ("train", "tokens_per_second", False), ("train", "peak_memory_mb", True),
@@ -31,6 +37,51 @@ def measure(stack, task, args):
     if result.returncode != 0:
         raise SystemExit(f"{stack} {task} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# `make code` before packing (its flags then were the defaults), and today's defaults
+MAKE_CODE = {"old defaults (one sample per row)": ["--no-packing", "--seq-len", "256", "--batch", "1", "--accum", "4",
+                                                    "--max-steps", "150", "--lr", "1e-3", "--warmup", "10",
+                                                    "--dtype", "fp32"],
+             "today's defaults": []}
+
+
+def make_code(args):
+    """Each train_code.py run end to end (load, held-out loss, training, samples, saving), timed on the wall."""
+    rows = []
+    for name, flags in MAKE_CODE.items():
+        out = ROOT / "runs" / "bench_make_code" / ("old" if flags else "new")
+        command = [sys.executable, str(ROOT / "train_code.py"), "--out", str(out), *flags]
+        start = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        seconds = time.perf_counter() - start
+        if result.returncode != 0:
+            raise SystemExit(f"train_code.py {' '.join(flags)} failed:\n{result.stderr[-3000:]}")
+        report = json.loads((out / "report.json").read_text())
+        rows.append((name, " ".join(flags) or "(none)", seconds, report))
+        print(f"{name}: {seconds:.0f} s, held-out {report['heldout_loss_before']:.4f} -> "
+              f"{report['heldout_loss_after']:.4f}", flush=True)
+    print("\n| run | flags | wall time (min) | tokens seen | training tokens/s | held-out before | held-out after |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, flags, seconds, r in rows:
+        print(f"| {name} | `{flags}` | {seconds / 60:.1f} | {r['tokens_seen']:,} | {r['tokens_per_second']:.0f} | "
+              f"{r['heldout_loss_before']:.4f} | {r['heldout_loss_after']:.4f} |")
+
+
+def roofline(runs, args):
+    from roofline import qlora_step_flops
+
+    from minipeft.llama.config import LlamaConfig
+
+    flops = qlora_step_flops(LlamaConfig.from_json(Path(args.weights) / "config.json"), args.batch, args.seq)["total"]
+    peak = statistics.median(r["peak_gflops"] for r in runs[("peak", "minipeft")])
+    print(f"\nRoofline, {args.dtype}: {flops / 1e9:.0f} GFLOP per step of {args.batch} x {args.seq} tokens; "
+          f"matmul peak {peak:.0f} GFLOP/s (plain 2048^3 matmul, same run)\n")
+    print("| stack | step (s) | achieved GFLOP/s | of the peak |")
+    print("| --- | ---: | ---: | ---: |")
+    for stack in ("minipeft", "peer"):
+        seconds = statistics.median(r["step_seconds"] for r in runs[("train", stack)])
+        print(f"| {stack} | {seconds:.2f} | {flops / seconds / 1e9:.1f} | {flops / seconds / 1e9 / peak:.0%} |")
 
 
 def versions():
@@ -50,14 +101,20 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per run")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--tasks", default="train,generate,load")
+    parser.add_argument("--tasks", default="train,generate,load,peak",
+                        help="train, generate, load, peak (the matmul roof), makecode (default: %(default)s)")
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args()
 
+    tasks = args.tasks.split(",")
+    if "makecode" in tasks:
+        make_code(args)
+        tasks.remove("makecode")
     runs = {}
-    for task in args.tasks.split(","):
+    for task in tasks:
         for round_ in range(args.rounds):
-            for stack in ("minipeft", "peer") + (("peer-fp32",) if task == "generate" else ()):
+            stacks = ("minipeft",) if task == "peak" else ("minipeft", "peer") + (("peer-fp32",) if task == "generate" else ())
+            for stack in stacks:
                 result = measure(stack, task, args)
                 print(f"round {round_ + 1} {task:8s} {stack:8s} {json.dumps(result)}", flush=True)
                 runs.setdefault((task, stack), []).append(result)
@@ -68,7 +125,7 @@ def main():
     print("| figure | minipeft | transformers+peft+bnb | minipeft / peer |")
     print("| --- | --- | --- | --- |")
     for task, figure, _ in FIGURES:
-        if (task, "minipeft") not in runs:
+        if (task, "minipeft") not in runs or (task, "peer") not in runs:
             continue
         ours = statistics.median(r[figure] for r in runs[(task, "minipeft")])
         theirs = statistics.median(r[figure] for r in runs[(task, "peer")])
@@ -77,6 +134,8 @@ def main():
             fp32 = statistics.median(r[figure] for r in runs[(task, "peer-fp32")])
             print(f"| {task}: {figure}, peer without its bf16 CPU kernel | {ours:.2f} | {fp32:.2f} | "
                   f"{ours / fp32:.2f}x |")
+    if ("train", "peer") in runs and ("peak", "minipeft") in runs:
+        roofline(runs, args)
     if args.json:
         Path(args.json).write_text(json.dumps({f"{t}/{s}": r for (t, s), r in runs.items()}, indent=2))
 

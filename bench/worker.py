@@ -9,6 +9,8 @@ Tasks:
     train     median seconds per optimizer step (AdamW, batch B x T, every position labelled)
     generate  greedy tokens/s with the KV cache, 128 new tokens
     load      seconds to load the checkpoint into 4-bit
+    peak      this CPU's (or GPU's) matmul peak at the dtype: the best GFLOP/s of a plain 2048^3 matmul,
+              the roof that bench/run.py sets the training step's achieved GFLOP/s against
 Every task also reports the process's peak memory (RSS on CPU, max_memory_allocated on CUDA).
 """
 
@@ -99,6 +101,17 @@ def generate(stack, model, args, device):
     return {"tokens_per_second": args.new_tokens / statistics.median(times), "tokens": tokens[:16]}
 
 
+def matmul_peak(dtype, device, size=2048, repeats=5):
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = sync(device)
+        a @ b
+        best = min(best, sync(device) - start)
+    return {"peak_gflops": 2 * size ** 3 / best / 1e9}
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -115,7 +128,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stack", choices=["minipeft", "peer", "peer-fp32"], required=True,
                         help="peer-fp32: the peer with bitsandbytes' bf16 CPU inference kernel switched off")
-    parser.add_argument("--task", choices=["train", "generate", "load"], required=True)
+    parser.add_argument("--task", choices=["train", "generate", "load", "peak"], required=True)
     parser.add_argument("--weights", required=True)
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--device", default="cpu")
@@ -129,6 +142,9 @@ def main():
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if args.task == "peak":
+        print(json.dumps({"stack": args.stack, "task": "peak", **matmul_peak(dtype, device)}))
+        return
     start = sync(device)
     if args.stack == "minipeft":
         model = load_minipeft(args.weights, dtype, device)

@@ -60,10 +60,7 @@ def parse_prompt(line: str, names) -> tuple:
 
 
 def command_generate(args):
-    model, tokenizer = load(args.weights, quantize="nf4" if args.four_bit else None, device=args.device)
-    adapters = parse_adapters(args.adapter)
-    for name, path in adapters.items():
-        adapter_files.load_adapter(model, path, name=name)
+    adapters = parse_adapters(args.adapter)  # the arguments first: a typo is reported before a long load
     lines = list(args.prompt or [])
     if args.prompts_file:
         source = sys.stdin if args.prompts_file == "-" else open(args.prompts_file, encoding="utf-8")
@@ -71,6 +68,10 @@ def command_generate(args):
     if not lines:
         raise MiniPeftError("generate: no prompts; give --prompt NAME:TEXT or --prompts-file FILE (- for stdin)")
     rows = [parse_prompt(line, adapters) for line in lines]
+    model, tokenizer = load(args.weights, quantize="nf4" if args.four_bit else None, device=args.device,
+                            progress=sys.stderr)  # stdout is the answers alone
+    for name, path in adapters.items():
+        adapter_files.load_adapter(model, path, name=name)
     if adapters:
         set_adapter(model, [name for name, _ in rows])
     answers = generate(model, [tokenizer.encode(text) for _, text in rows], args.max_new_tokens,
@@ -119,7 +120,7 @@ def command_merge(args):
     weights, out = Path(args.weights), Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise MiniPeftError(f"--out {out}: exists and is not empty; choose a new directory")
-    model = load_model(weights, quantize="nf4" if args.four_bit else None)
+    model = load_model(weights, quantize="nf4" if args.four_bit else None, progress=sys.stderr)
     config_name = adapter_files.load_adapter(model, args.adapter)["peft_type"]
     probe = torch.arange(32)[None] * 7919 % model.config.vocab_size  # any tokens: the same before and after
     with torch.no_grad():

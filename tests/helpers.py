@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--seq-len", "48", "--accum", "2", "--warmup", "2", "--lr", "3e-3", "--new-tokens", "4"]
+FAST = ["--seq-len", "48", "--batch", "1", "--accum", "2", "--warmup", "2", "--lr", "3e-3", "--new-tokens", "4"]
 
 
 def write_hf_checkpoint(path, *, kv_heads=2, tied=False, sharded=False, seed=0, **overrides):

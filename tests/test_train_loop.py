@@ -47,3 +47,18 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path):
         assert_close(ours[name], reference[name], rtol=0, atol=1e-6)
     old = lora_gradients(tmp_path, mean_per_micro_batch)
     assert max((old[n] - reference[n]).abs().max() for n in reference) > 1e-3  # the test can tell them apart
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch):
+    from pathlib import Path
+
+    from minipeft.train.loop import compute_dtype, native_bf16
+
+    cpu = torch.device("cpu")
+    flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+                .split(":")[1].split())
+    assert native_bf16(cpu) == bool(flags & {"avx512_bf16", "amx_bf16"})  # the kernel's own view, and the CPU's
+    assert compute_dtype("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    assert compute_dtype("fp32", cpu) == "fp32" and compute_dtype("bf16", cpu) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert compute_dtype("auto", cpu) == "bf16"

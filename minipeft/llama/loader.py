@@ -8,6 +8,7 @@ Peak memory stays near the final model plus one tensor: a 4-bit model never exis
 
 import ctypes
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from ..errors import MiniPeftError
+from ..progress import Progress
 from .config import LlamaConfig
 from .model import Llama
 from .quant import QUANTIZED_LINEARS, quantize_linear
@@ -61,6 +63,16 @@ def safetensors_files(weights_dir: Path) -> list[Path]:
     raise MiniPeftError(f"{weights_dir}: no model.safetensors or model.safetensors.index.json found")
 
 
+def tensor_bytes(files) -> int:
+    """The bytes of tensor data in safetensors files: each file less its 8-byte length and JSON header."""
+    total = 0
+    for path in files:
+        with open(path, "rb") as f:
+            header = f.read(8)
+        total += path.stat().st_size - 8 - (struct.unpack("<Q", header)[0] if len(header) == 8 else 0)
+    return total
+
+
 def iterate_tensors(files):
     """Yield (name, tensor) one at a time; only the tensor in hand is in memory.
 
@@ -84,13 +96,15 @@ def set_tensor(model: nn.Module, name: str, value: torch.Tensor):
     setattr(module, attr, nn.Parameter(value, requires_grad=False))
 
 
-def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", double_quant=False) -> Llama:
+def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", double_quant=False,
+               progress=False) -> Llama:
     """Build the Llama described by `weights_dir`/config.json and stream its weights in.
 
     Args:
         quantize: None for full precision, "nf4" or "fp4" for 4-bit linears (embeddings, norms and
             lm_head stay in `dtype`).
         dtype: parameter dtype, and the compute dtype of 4-bit linears.
+        progress: print the bytes read and the time left (minipeft/progress.py): True for stdout, or a stream.
     """
     weights_dir = Path(weights_dir)
     if not weights_dir.is_dir():
@@ -107,6 +121,8 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
     if config.tie_word_embeddings:
         del expected["lm_head.weight"]
     seen, extra = set(), []
+    shown = Progress("loading weights" + (f" into {quantize.upper()}" if quantize else ""), tensor_bytes(files),
+                     stream=None if progress is True else progress) if progress else None
 
     for name, tensor in iterate_tensors(files):
         if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
@@ -126,9 +142,13 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
         else:  # full-precision tensors, and the biases of 4-bit linears
             set_tensor(model, name, tensor.to(device=device, dtype=dtype, copy=True))  # a copy: no view into the file
         seen.add(name)
+        if shown:
+            shown.advance(tensor.numel() * tensor.element_size())
         del tensor
 
     set_malloc_mmap_threshold(8 << 20)
+    if shown:
+        shown.close()
     missing = sorted(set(expected) - seen)
     if missing or extra:
         raise MiniPeftError(f"{weights_dir}: tensors do not match config.json: "
@@ -139,10 +159,10 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
     return model.eval()
 
 
-def load(weights_dir, quantize=None, dtype=torch.float32, device="cpu", double_quant=False):
+def load(weights_dir, quantize=None, dtype=torch.float32, device="cpu", double_quant=False, progress=False):
     """`model, tokenizer = minipeft.load(weights_dir)`: the one call a user needs."""
     device = check_device(device)
-    model = load_model(weights_dir, quantize, dtype, device, double_quant)
+    model = load_model(weights_dir, quantize, dtype, device, double_quant, progress)
     tokenizer = load_tokenizer(weights_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise MiniPeftError(f"{weights_dir}: tokenizer has {tokenizer.vocab_size} tokens but config.json "

@@ -159,6 +159,21 @@ def causal_padding_mask(key_mask, num_new: int):
     return (mask | (key_pos == query_pos))[:, None]
 
 
+def document_mask(key_mask, key_documents, query_documents):
+    """Packed rows: boolean (B, 1, T, S) mask, and rotary positions (B, T) that restart at each document.
+
+    A query sees real keys at or before it in its own document, and the shared positions in front of
+    every document (document -1: learned prompts or a learned past). Its position is how many it sees,
+    less one: the position it would have with its document alone behind the shared ones."""
+    S, T = key_mask.shape[1], query_documents.shape[1]
+    query_pos = torch.arange(S - T, S, device=key_mask.device)[:, None]  # (T, 1)
+    key_pos = torch.arange(S, device=key_mask.device)[None]  # (1, S)
+    same = (key_documents[:, None, :] == query_documents[:, :, None]) | (key_documents[:, None, :] == -1)  # (B, T, S)
+    sees = (key_pos <= query_pos) & key_mask[:, None, :] & same
+    positions = (sees.sum(-1) - 1).clamp(min=0)
+    return (sees | (key_pos == query_pos))[:, None], positions
+
+
 class LlamaModel(nn.Module):
     """Embeddings, blocks and the final norm: token ids in, hidden states out."""
 
@@ -171,10 +186,13 @@ class LlamaModel(nn.Module):
         self.learned_past = None  # contract 3: a module returning per-layer keys and values, or None
         self.gradient_checkpointing = False  # set by minipeft.enable_checkpointing
 
-    def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, with_mask=False):
+    def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, with_mask=False,
+                documents=None):
         """Hidden states (B, T', D). `cache` (generation) is continued and grows; without one, a learned
         past, if any, is a fixed cache that keeps nothing. T' = T plus any positions embed_tokens prepends.
-        `with_mask` also returns which of the T' positions are real (B, T'): not padding, not masked out."""
+        `with_mask` also returns which of the T' positions are real (B, T'): not padding, not masked out.
+        `documents` (B, T) ints >= 0 say which document of a packed row each token belongs to: a token then
+        attends only within its document, numbered from the document's start, as if the document were alone."""
         new_sequence = cache is None or cache.length == 0
         if inputs_embeds is not None:
             x = inputs_embeds  # (B, T, D)
@@ -197,11 +215,15 @@ class LlamaModel(nn.Module):
         key_mask = new_mask if past == 0 else torch.cat([cache.mask, new_mask], dim=1)  # (B, S)
         if cache is not None and cache.grow:
             cache.mask = key_mask
-        positions = (key_mask.long().cumsum(-1)[:, -T:] - 1).clamp(min=0)  # (B, T): padding does not count
+        if documents is None:
+            positions = (key_mask.long().cumsum(-1)[:, -T:] - 1).clamp(min=0)  # (B, T): padding does not count
+            padded = not bool(key_mask.all())
+            mask = causal_padding_mask(key_mask, T) if padded or (past > 0 and T > 1) else None  # None: plain causal
+        else:  # the past and any prepended positions are shared by every document (-1)
+            query_documents = F.pad(documents, (T - documents.shape[1], 0), value=-1)  # (B, T)
+            mask, positions = document_mask(key_mask, F.pad(query_documents, (past, 0), value=-1), query_documents)
         inv_freq = inverse_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling, x.device)
         cos, sin = rotary_cos_sin(positions, inv_freq, x.dtype)
-        padded = not bool(key_mask.all())
-        mask = causal_padding_mask(key_mask, T) if padded or (past > 0 and T > 1) else None  # None: plain causal
 
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and (cache is None or not cache.grow)
         for i, layer in enumerate(self.layers):
@@ -224,22 +246,40 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, last_only=False):
+    def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, last_only=False,
+                documents=None):
         """Logits (B, T, vocab), or (B, 1, vocab) at the last position only when `last_only`."""
-        hidden = self.model(input_ids, attention_mask, cache, inputs_embeds)  # (B, T, D)
+        hidden = self.model(input_ids, attention_mask, cache, inputs_embeds, documents=documents)  # (B, T, D)
         return self.lm_head(hidden[:, -1:] if last_only else hidden)
 
-    def loss(self, input_ids=None, labels=None, attention_mask=None, inputs_embeds=None, reduction="mean"):
+    def loss(self, input_ids=None, labels=None, attention_mask=None, inputs_embeds=None, reduction="mean",
+             documents=None):
         """Next-token cross-entropy over positions whose label is not -100: their mean, or their sum
         (`reduction="sum"`, for accumulating micro-batches in which every token weighs the same).
+        In a packed row (`documents`) nothing is predicted across a document boundary: a document's first
+        token is predicted from the last prepended position (learned prompts), or not at all, as it would
+        be alone. So a packed row's sum is the sum of its documents' losses run one by one.
 
         Logits are built only at labelled positions, and through a frozen lm_head only a chunk at a time
         (loss.py): a (B, T, vocab) tensor with a 32k-49k vocabulary is never formed."""
-        hidden, real = self.model(input_ids, attention_mask, None, inputs_embeds, with_mask=True)  # (B, T', D)
-        labels = F.pad(labels, (hidden.shape[1] - labels.shape[1], 0), value=-100)  # prepended: unscored
+        hidden, real = self.model(input_ids, attention_mask, None, inputs_embeds, with_mask=True,
+                                  documents=documents)  # (B, T', D)
+        prepended = hidden.shape[1] - labels.shape[1]
+        labels = F.pad(labels, (prepended, 0), value=-100)  # prepended: unscored
         targets = labels[:, 1:]  # position t predicts token t + 1
         scored = (targets != -100) & real[:, :-1]  # (B, T'-1): only a real position predicts
-        hidden, targets = hidden[:, :-1][scored], targets[scored]  # (N, D), (N,)
+        hidden = hidden[:, :-1]
+        if documents is not None:
+            documents = F.pad(documents, (prepended, 0), value=-1)
+            starts = documents[:, 1:] != documents[:, :-1]  # (B, T'-1): token t + 1 begins a document
+            if prepended == 0:
+                scored &= ~starts
+            else:  # each document's first token is predicted from the last prepended position
+                predictor = torch.arange(hidden.shape[1], device=hidden.device).expand_as(starts)
+                predictor = predictor.masked_fill(starts, prepended - 1)
+                hidden = hidden.gather(1, predictor[..., None].expand(-1, -1, hidden.shape[-1]))
+                scored = (targets != -100) & real.gather(1, predictor)
+        hidden, targets = hidden[scored], targets[scored]  # (N, D), (N,)
         if isinstance(self.lm_head, nn.Linear) and not self.lm_head.weight.requires_grad:
             total = linear_cross_entropy(hidden, self.lm_head.weight, targets)
         else:  # lm_head has its own adapter: the plain way
