@@ -94,11 +94,11 @@ def test_each_method_gets_its_own_learning_rate_and_settings_unless_given():
 
 def test_packed_and_unpacked_runs_see_the_same_documents(default_weights, code_data, tmp_path):
     """--no-packing keeps one sample per row; packing puts several in a row and takes fewer rows for them."""
-    common = ["--data", str(code_data), "--max-steps", "2", "--seq-len", "128", "--batch", "2", "--accum", "1"]
+    common = ["--data", str(code_data), "--max-steps", "2", "--seq-len", "512", "--batch", "2", "--accum", "1"]
     packed, single = (train_code(*common, "--out", str(tmp_path / name), *extra)
                       for name, extra in (("packed", []), ("single", ["--no-packing"])))
     assert packed.returncode == 0 and single.returncode == 0, packed.stderr[-2000:] + single.stderr[-2000:]
-    assert "packed rows of 128 tokens" in packed.stdout and "one sample per row" in single.stdout
+    assert "packed rows of 512 tokens" in packed.stdout and "one sample per row" in single.stdout
     seen = {name: json.loads((tmp_path / name / "report.json").read_text())["tokens_seen"] for name in ("packed", "single")}
     assert seen["packed"] > 1.5 * seen["single"]  # the same rows hold more code
 
