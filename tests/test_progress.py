@@ -2,6 +2,8 @@
 
 import io
 
+from safetensors.torch import load_file
+
 from minipeft import load_model
 from minipeft.llama.loader import safetensors_files, tensor_bytes
 from minipeft.progress import Progress, clock
@@ -10,9 +12,8 @@ from tests.helpers import write_hf_checkpoint
 
 def test_progress_lines_in_a_log():
     log = io.StringIO()  # not a terminal: whole lines, no carriage returns
-    progress = Progress("loading weights", total=4e9, every=0)
+    progress = Progress("loading weights", total=4e9, stream=log, every=0)
     progress.QUIET_UNDER = 0
-    progress.stream, progress.terminal = log, False
     progress.advance(1e9)
     progress.advance(1e9)
     progress.advance(2e9)
@@ -28,7 +29,6 @@ def test_load_reports_every_byte_of_the_checkpoint(tmp_path, capsys, monkeypatch
     write_hf_checkpoint(tmp_path, sharded=True)
     files = safetensors_files(tmp_path)
     assert len(files) > 1
-    from safetensors.torch import load_file
     expected = sum(t.numel() * t.element_size() for f in files for t in load_file(f).values())
     assert tensor_bytes(files) == expected
     load_model(tmp_path, quantize="nf4", progress=True)  # quick: nothing to say
