@@ -32,7 +32,7 @@ def loss_and_gradients(model, run):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def assert_packed_equals_alone(model, rows, atol=1e-5):
+def assert_packed_equals_alone(model, rows, atol=1e-5, grad_atol=1e-5):
     """Per token, as training divides the summed loss (a sum of ~100 tokens' losses would carry fp32's
     rounding at its own magnitude)."""
     ids, mask, labels, documents = pack_rows(rows, "cpu")
@@ -53,7 +53,7 @@ def assert_packed_equals_alone(model, rows, atol=1e-5):
     assert_close(packed, reference, rtol=0, atol=atol)
     assert reference_grads
     for name, grad in reference_grads.items():
-        assert_close(packed_grads[name], grad, rtol=0, atol=atol, msg=name)
+        assert_close(packed_grads[name], grad, rtol=0, atol=grad_atol, msg=name)
     return packed, reference
 
 
@@ -92,7 +92,9 @@ def test_packed_rows_on_the_default_model(default_weights):
     texts = ["import os\nprint(os.getcwd())\n", "def add(a, b):\n    return a + b\n",
              "class Point:\n    x: int = 0\n    y: int = 0\n"]
     docs = [tokenizer.encode(t) + [tokenizer.eos_id] for t in texts]
-    packed, alone = assert_packed_equals_alone(model, [docs])
+    # Through 30 fp32 layers, multithreaded matmuls of other shapes round differently: the gradients (up to 1.39)
+    # differ by 3.6e-5 on 2 threads (under 1e-5 on one); a wrong mask or position moves them by 1e-2 and more.
+    packed, alone = assert_packed_equals_alone(model, [docs], grad_atol=1e-4)
     # and a row that mixed its documents up would not: the same tokens as one document (1000x the tolerance)
     ids = torch.tensor([sum(docs, [])])
     assert abs(model.loss(ids, ids).item() - alone.item()) > 1e-2
