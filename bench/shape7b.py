@@ -1,10 +1,15 @@
-"""QLoRA at the Llama-7B shape on a GPU (or a small shape on CPU): peak memory and tokens/s, both stacks.
+"""QLoRA (or prompt tuning) at the Llama-7B shape: load time, peak memory and tokens/s, both stacks.
 
 Speed and memory depend on shapes, not values, so the checkpoint is random: written once, shard by
 shard, in HF layout (13.5 GB in bf16 at 7B), then each stack loads it into 4-bit its own standard way.
 
     .venv/bin/python bench/shape7b.py --shape 7b --device cuda --dtype bf16      # on a GPU
+    .venv/bin/python bench/shape7b.py --shape 7b --device cpu --method prompt --batches 1x64 --steps 1 \
+        --checkpoint /work/llama7b-random                                        # on a 24 GB CPU machine
     .venv/bin/python bench/shape7b.py --shape small --device cpu                 # anywhere (tested)
+
+On CPU the checkpoint stays bf16 and compute is fp32 (`--dtype fp32 --checkpoint-dtype bf16`, the
+defaults there), as a user with a downloaded Llama would run it.
 """
 
 import argparse
@@ -21,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from minipeft import LlamaConfig, build_model  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 SHAPES = {
     "7b": LlamaConfig(),  # the dataclass defaults are Llama-7B
@@ -57,29 +64,43 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32",
+                        help="compute dtype (default: %(default)s)")
+    parser.add_argument("--checkpoint-dtype", choices=["fp32", "bf16"], default="bf16",
+                        help="dtype of the random checkpoint's tensors (default: %(default)s)")
+    parser.add_argument("--method", choices=["lora", "prompt"], default="lora")
     parser.add_argument("--batches", default="1x512,4x512", help="comma-separated BxT (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--workdir", help="where the random checkpoint goes (default: a temporary directory)")
+    parser.add_argument("--stacks", default="minipeft,peer", help="default: %(default)s")
+    parser.add_argument("--workdir", help="where the temporary random checkpoint goes (default: the system's)")
+    parser.add_argument("--checkpoint", help="keep the random checkpoint in this directory, and reuse it if there")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
-        write_random_checkpoint(SHAPES[args.shape], Path(workdir), torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+        weights = Path(args.checkpoint or workdir)
+        if not (weights / "config.json").is_file():
+            weights.mkdir(parents=True, exist_ok=True)
+            print(f"writing a random {args.shape} checkpoint to {weights}", flush=True)
+            write_random_checkpoint(SHAPES[args.shape], weights, DTYPES[args.checkpoint_dtype])
         rows = []
         for batch in args.batches.split(","):
             b, t = batch.split("x")
-            for stack in ("minipeft", "peer"):
+            for stack in args.stacks.split(","):
                 command = [sys.executable, str(ROOT / "bench" / "worker.py"), "--stack", stack, "--task", "train",
-                           "--weights", workdir, "--dtype", args.dtype, "--device", args.device,
-                           "--steps", str(args.steps), "--batch", b, "--seq", t]
+                           "--weights", str(weights), "--dtype", args.dtype, "--device", args.device,
+                           "--method", args.method, "--steps", str(args.steps), "--batch", b, "--seq", t]
                 result = subprocess.run(command, capture_output=True, text=True)
                 if result.returncode != 0:
                     raise SystemExit(f"{stack} {batch} failed:\n{result.stderr[-3000:]}")
                 row = {"shape": args.shape, "batch": batch, **json.loads(result.stdout.strip().splitlines()[-1])}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print("\n| batch | stack | peak memory (MB) | tokens/s |\n| --- | --- | --- | --- |")
+    unit = "GPU memory" if args.device.startswith("cuda") else "RSS"
+    print(f"\n{args.method}, {args.dtype} compute, {args.checkpoint_dtype} checkpoint, {args.device}\n")
+    print(f"| batch | stack | load (s) | peak {unit} after load (MB) | peak {unit} (MB) | step (s) | tokens/s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        print(f"| {row['batch']} | {row['stack']} | {row['peak_memory_mb']:.0f} | {row['tokens_per_second']:.0f} |")
+        print(f"| {row['batch']} | {row['stack']} | {row['load_seconds']:.0f} | {row['load_peak_memory_mb']:,.0f} | "
+              f"{row['peak_memory_mb']:,.0f} | {row['step_seconds']:.1f} | {row['tokens_per_second']:,.0f} |")
 
 
 if __name__ == "__main__":

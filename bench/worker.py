@@ -4,6 +4,7 @@ Stacks, with the same settings on both sides:
     minipeft  minipeft.load(quantize="nf4") + add_lora(q, k, v, r=8) + enable_checkpointing
     peer      transformers + BitsAndBytesConfig(nf4) + peft LoraConfig(r=8, q, k, v)
               + gradient_checkpointing_enable(use_reentrant=False)
+    (--method prompt: 16 learned prompts initialised from vocabulary rows instead of LoRA, on both sides)
 
 Tasks:
     train     median seconds per optimizer step (AdamW, batch B x T, every position labelled)
@@ -11,7 +12,8 @@ Tasks:
     load      seconds to load the checkpoint into 4-bit
     peak      this CPU's (or GPU's) matmul peak at the dtype: the best GFLOP/s of a plain 2048^3 matmul,
               the roof that bench/run.py sets the training step's achieved GFLOP/s against
-Every task also reports the process's peak memory (RSS on CPU, max_memory_allocated on CUDA).
+Every task also reports the process's peak memory (RSS on CPU, max_memory_allocated on CUDA), at the end
+and right after the load.
 """
 
 import argparse
@@ -53,15 +55,22 @@ def train_steps(stack, model, args, dtype, device):
     if stack == "minipeft":
         import minipeft
 
-        minipeft.add_lora(model, ["q_proj", "k_proj", "v_proj"], r=8, alpha=16)
+        if args.method == "lora":
+            minipeft.add_lora(model, ["q_proj", "k_proj", "v_proj"], r=8, alpha=16)
+        else:
+            minipeft.add_prompt_tuning(model, num_prompts=16, init="vocab")
         minipeft.enable_checkpointing(model)
         loss_of = lambda ids: model.loss(ids, labels=ids)
     else:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PromptTuningConfig, get_peft_model
 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"],
-                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+        if args.method == "lora":
+            config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0,
+                                task_type="CAUSAL_LM")
+        else:
+            config = PromptTuningConfig(num_virtual_tokens=16, prompt_tuning_init="SAMPLE_VOCAB", task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
         loss_of = lambda ids: model(input_ids=ids, labels=ids).loss
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -132,6 +141,7 @@ def main():
     parser.add_argument("--weights", required=True)
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--method", choices=["lora", "prompt"], default="lora")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
@@ -150,7 +160,8 @@ def main():
         model = load_minipeft(args.weights, dtype, device)
     else:
         model = load_peer(args.weights, dtype, device, fp32_kernels=args.stack == "peer-fp32")
-    result = {"stack": args.stack, "task": args.task, "load_seconds": sync(device) - start}
+    result = {"stack": args.stack, "task": args.task, "load_seconds": sync(device) - start,
+              "load_peak_memory_mb": peak_memory_mb(device)}
     if args.task == "train":
         result.update(train_steps(args.stack, model, args, dtype, device))
     elif args.task == "generate":

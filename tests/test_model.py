@@ -113,6 +113,46 @@ def test_4bit_equals_bitsandbytes_dequantization(tmp_path):
     assert quantized.model.embed_tokens.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_16bit_embedding_and_lm_head_stay_16bit_under_fp32_compute(tmp_path, tied):
+    """A bf16 checkpoint loaded into NF4 with fp32 compute keeps its embedding and lm_head in bf16 (half the
+    memory) and computes exactly what transformers + bitsandbytes compute from fp32 copies of them."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    write_hf_checkpoint(tmp_path / "fp32", tied=tied).bfloat16().save_pretrained(tmp_path / "bf16")
+    model = load_model(tmp_path / "bf16", quantize="nf4")
+    assert model.model.embed_tokens.weight.dtype == model.lm_head.weight.dtype == torch.bfloat16
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=quantization,
+                                                     dtype=torch.float32).eval()
+    assert reference.lm_head.weight.dtype == torch.float32
+    for module in reference.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False  # its bf16 inference kernel, where the CPU has one
+
+    ids = torch.randint(0, 256, (2, 10))
+    cache = minipeft.KVCache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        theirs = reference(ids).logits
+        ours = model(ids)
+        cached = torch.cat([model(ids[:, :6], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(6, 10)], 1)
+    assert ours.dtype == cached.dtype == torch.float32
+    assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert_close(cached, theirs, rtol=0, atol=1e-5)
+
+    hidden = torch.randn(2, 10, 64, requires_grad=True)  # the fused loss: lm_head widened a block at a time
+    loss = model.loss(labels=ids, inputs_embeds=hidden)
+    reference_loss = reference(inputs_embeds=hidden, labels=ids).loss
+    (grad,), (reference_grad,) = torch.autograd.grad(loss, hidden), torch.autograd.grad(reference_loss, hidden)
+    assert_close(loss, reference_loss, rtol=0, atol=1e-5)
+    assert_close(grad, reference_grad, rtol=0, atol=1e-6)
+    prompts = minipeft.add_prompt_tuning(model, num_prompts=4, init="vocab").learned_prompts
+    vocabulary = reference.model.embed_tokens.weight  # (V, D) fp32: each learned prompt starts as one of its rows
+    assert prompts.dtype == torch.float32 and (prompts[:, None] == vocabulary[None]).all(-1).any(-1).all()
+
+
 def test_llama_7b_parameter_counts_on_meta():
     model = build_model(LlamaConfig())
     total = sum(p.numel() for p in model.parameters())

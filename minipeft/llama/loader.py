@@ -19,11 +19,12 @@ from ..errors import MiniPeftError
 from ..progress import Progress
 from .config import LlamaConfig
 from .model import Llama
-from .quant import QUANTIZED_LINEARS, quantize_linear
+from .quant import QUANTIZED_LINEARS, WidenedEmbedding, WidenedLinear, quantize_linear
 from .tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed, not learned; older checkpoints store it
+WIDENED = ("model.embed_tokens.weight", "lm_head.weight")  # kept 16-bit beside a 4-bit base (quant.py)
 
 
 def set_malloc_mmap_threshold(size: int):
@@ -101,8 +102,9 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
     """Build the Llama described by `weights_dir`/config.json and stream its weights in.
 
     Args:
-        quantize: None for full precision, "nf4" or "fp4" for 4-bit linears (embeddings, norms and
-            lm_head stay in `dtype`).
+        quantize: None for full precision, "nf4" or "fp4" for 4-bit linears (the norms stay in `dtype`; the
+            embedding and lm_head too, unless the checkpoint has them in 16 bits and `dtype` is fp32: then
+            they stay 16-bit and are widened exactly as they are used).
         dtype: parameter dtype, and the compute dtype of 4-bit linears.
         progress: print the bytes read and the time left (minipeft/progress.py): True for stdout, or a stream.
     """
@@ -139,6 +141,12 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
             bias = model.get_submodule(parent).get_submodule(child).bias  # loaded already, still to come, or None
             layer = quantize_linear(tensor.to(dtype), quantize, dtype, double_quant, device, bias)
             setattr(model.get_submodule(parent), child, layer)
+        elif quantize and name in WIDENED and dtype == torch.float32 and tensor.dtype in (torch.bfloat16, torch.float16):
+            weight = nn.Parameter(tensor.to(device=device, copy=True), requires_grad=False)  # stays 16-bit
+            if name == "lm_head.weight":
+                model.lm_head = WidenedLinear(weight)
+            else:
+                model.model.embed_tokens, model.model.compute_dtype = WidenedEmbedding(weight, dtype), dtype
         else:  # full-precision tensors, and the biases of 4-bit linears
             set_tensor(model, name, tensor.to(device=device, dtype=dtype, copy=True))  # a copy: no view into the file
         seen.add(name)
@@ -155,6 +163,8 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
                             f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''} "
                             f"extra {extra[:8]}{' ...' if len(extra) > 8 else ''}")
     if config.tie_word_embeddings:
+        if isinstance(model.model.embed_tokens, WidenedEmbedding):
+            model.lm_head = WidenedLinear(model.model.embed_tokens.weight)
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
 

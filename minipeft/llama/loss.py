@@ -8,9 +8,37 @@
 A plain `cross_entropy(lm_head(hidden))` keeps the logits' log-softmax for backward and builds their
 gradient: three N x V float32 tensors, 600 MB for 4 x 256 tokens and a 49,152 vocabulary. Here the
 peak is one chunk. W must be frozen (it is: lm_head is part of the base model).
+
+W may be stored narrower than the hidden states (a bf16 checkpoint's lm_head under fp32 compute, see
+quant.py): it is then widened a block of rows at a time, which is exact, so no wide copy of it exists.
 """
 
 import torch
+
+
+def widened_blocks(weight, dtype, rows=8192):
+    """(start, block) over the rows of a (V, D) weight, each block in `dtype`; the weight itself, whole,
+    when it is stored in `dtype` already."""
+    if weight.dtype == dtype:
+        yield 0, weight
+        return
+    for start in range(0, len(weight), rows):
+        yield start, weight[start:start + rows].to(dtype)  # bf16/fp16 -> fp32 is exact
+
+
+def times_transposed(x, weight):
+    """x @ weight.T in x's dtype: (..., D) x (V, D) -> (..., V)."""
+    blocks = [x @ block.t() for _, block in widened_blocks(weight, x.dtype)]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
+
+
+def times(x, weight):
+    """x @ weight in x's dtype: (N, V) x (V, D) -> (N, D)."""
+    total = None
+    for start, block in widened_blocks(weight, x.dtype):
+        part = x[:, start:start + len(block)] @ block
+        total = part if total is None else total.add_(part)
+    return total
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -20,14 +48,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, len(targets), chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = (hidden[rows] @ weight.t()).float()  # (chunk, V)
+            logits = times_transposed(hidden[rows], weight).float()  # (chunk, V)
             target = targets[rows, None]  # (chunk, 1)
             logsumexp = logits.logsumexp(-1, keepdim=True)  # (chunk, 1)
             total += (logsumexp - logits.gather(1, target)).sum()
             if grad_hidden is not None:
                 d_logits = logits.sub_(logsumexp).exp_()  # softmax, in place of the logits
                 d_logits.scatter_add_(1, target, torch.full_like(target, -1, dtype=d_logits.dtype))
-                grad_hidden[rows] = d_logits.to(weight.dtype) @ weight  # (chunk, D)
+                grad_hidden[rows] = times(d_logits.to(hidden.dtype), weight)  # (chunk, D)
         ctx.save_for_backward(grad_hidden)
         return total
 

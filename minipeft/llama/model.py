@@ -184,6 +184,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.learned_past = None  # contract 3: a module returning per-layer keys and values, or None
+        self.compute_dtype = None  # set when embed_tokens is stored narrower (quant.WidenedEmbedding)
         self.gradient_checkpointing = False  # set by minipeft.enable_checkpointing
 
     def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, with_mask=False,
@@ -200,6 +201,7 @@ class LlamaModel(nn.Module):
             x = self.embed_tokens(input_ids)  # (B, P + T, D): contract 2
         else:  # continuing a cached sequence: any prepended positions are in the cache already
             x = F.embedding(input_ids, self.embed_tokens.weight)  # (B, T, D)
+            x = x.to(self.compute_dtype) if self.compute_dtype else x
         x, prepended_real = x if isinstance(x, tuple) else (x, None)  # (B, P) in a mixed batch
         B, T = x.shape[:2]
         learned = self.learned_past(B) if new_sequence and self.learned_past is not None else None  # contract 3

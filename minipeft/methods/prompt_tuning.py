@@ -83,18 +83,18 @@ class PromptTuningSettings:
 
 def initial_prompts(embedding, num_prompts, init, init_text, tokenizer, generator):
     """Lester et al.'s three starting points: random normal, sampled vocabulary rows, or a text's embedding."""
-    vocab = embedding.weight.detach().float()  # (V, D)
+    vocab = embedding.weight.detach()  # (V, D); may be stored 16-bit: only the rows taken are widened
     if vocab.is_meta:  # a model without weights, for shape and count checks
         return torch.empty(num_prompts, vocab.shape[1], device="meta")
     if init == "random":  # at the scale of the vocabulary's own vectors
-        return torch.randn(num_prompts, vocab.shape[1], generator=generator) * vocab.std()
+        return torch.randn(num_prompts, vocab.shape[1], generator=generator) * vocab.float().std()
     if init == "vocab":
-        return vocab[torch.randint(0, vocab.shape[0], (num_prompts,), generator=generator)]
+        return vocab[torch.randint(0, vocab.shape[0], (num_prompts,), generator=generator)].float()
     if not init_text or tokenizer is None:
         raise MiniPeftError("add_prompt_tuning: init='text' needs init_text and tokenizer")
     ids = tokenizer.encode(init_text, add_bos=False)
     ids = (ids * (num_prompts // max(len(ids), 1) + 1))[:num_prompts]  # repeat, then cut, as peft does
-    return vocab[torch.tensor(ids)]
+    return vocab[torch.tensor(ids)].float()
 
 
 def add_prompt_tuning(model, num_prompts=16, init="vocab", init_text=None, tokenizer=None, seed=0, name="default"):
