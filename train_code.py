@@ -8,13 +8,17 @@ any other method: --method lora|dora|ia3|prefix|prompt|bottleneck|bitfit (only t
       ─► held-out loss before/after, samples.md, report.json, an adapter file (peft's layout)
 
 Checkpoints go to OUT/checkpoint.safetensors every --save-every steps and on Ctrl-C; --resume continues exactly.
+Under torchrun (torchrun --nproc_per_node=N train_code.py ...) the processes share each step's micro-batches
+(DDP: minipeft/train/distributed.py); rank 0 alone prints and writes.
 """
 
 import argparse
 import json
 import math
+import os
 import signal
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,16 +30,19 @@ from minipeft.llama.loader import check_device
 from minipeft.methods.wrappers import fingerprint_digest
 from minipeft.train.batches import Batches, pack_rows, pad_batch
 from minipeft.train.data import Filters, describe, load_corpus
+from minipeft.train.distributed import (DataParallelLoss, collective_failure, start_processes, total,
+                                        world_from_environment)
 from minipeft.train.method_choice import FLAGS, add_method_arguments, choose_method
-from minipeft.train.loop import (accumulate_gradients, clip_and_check, compute_dtype, heldout_loss, peak_memory_mb,
-                                 warmup_cosine)
+from minipeft.train.loop import (accumulate_gradients, clip_and_check, compute_dtype, heldout_loss, micro_batch_seed,
+                                 peak_memory_mb, warmup_cosine)
 from minipeft.train.reporting import (check_positive, check_weights, plot_losses, prepare_output_dir, write_report,
                                       write_samples)
-from minipeft.train.run_state import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from minipeft.train.run_state import CHECKPOINT_FILE, check_resume_settings, load_checkpoint, save_checkpoint
 
 PROMPTS = ["", "import", "from", "while", "try", "if", "for", "torch"]
 # Every setting that changes the result: a resume with any of them changed is refused by name.
-RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "method", *FLAGS, "lr", "seq_len", "batch", "accum", "warmup",
+# Under torchrun the number of processes may change, as long as processes x --accum (micro_batches_per_step) does not.
+RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "method", *FLAGS, "lr", "seq_len", "batch", "warmup",
                      "max_steps", "seed", "dtype", "no_4bit", "device", "max_chars", "no_packing")
 FREE_ON_RESUME = ("out", "resume", "save_every", "new_tokens")  # where files go, and the samples shown after
 
@@ -56,7 +63,8 @@ def build_parser():
                                                  "are cut (default: %(default)s)")
     add("--batch", type=int, default=1, help="rows per micro-batch (default: %(default)s)")
     add("--no-packing", action="store_true", help="one sample per row, padded, instead of packed rows")
-    add("--accum", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)")
+    add("--accum", type=int, default=1, help="micro-batches per optimizer step, per process under torchrun "
+                                             "(default: %(default)s)")
     add("--max-chars", type=int, default=512, help="characters kept from each file's start, 0 for all (default: %(default)s)")
     add("--save-every", type=int, default=50, help="checkpoint every N steps (default: %(default)s)")
     add("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
@@ -97,17 +105,22 @@ def main():
     if args.lr is not None:
         check_positive(lr=args.lr)
     device = check_device(args.device)
-    out = prepare_output_dir(args.out, need_bytes=64 * 2**20)
+    world = world_from_environment()  # one process, or this one's place under torchrun
+    out = prepare_output_dir(args.out, need_bytes=64 * 2**20) if world.main else Path(args.out)
     if args.resume and not (out / CHECKPOINT_FILE).is_file():
         raise MiniPeftError(f"--resume: no checkpoint at {out / CHECKPOINT_FILE}; run without --resume to start")
-    torch.manual_seed(args.seed)
     args.dtype = compute_dtype(args.dtype, device)  # recorded resolved: a resume elsewhere must compute the same
+    settings = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH}, "micro_batches_per_step": world.size * args.accum}
+    if args.resume:  # refused here, once, before any process waits on another
+        check_resume_settings(out / CHECKPOINT_FILE, settings)
+    device = start_processes(world, device)
+    torch.manual_seed(args.seed)
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
     # 1. The frozen base, in 4-bit NF4.
     model, tokenizer = minipeft.load(check_weights(args.weights), quantize=None if args.no_4bit else "nf4",
-                                     dtype=autocast_dtype or torch.float32, device=device, progress=True)
+                                     dtype=autocast_dtype or torch.float32, device=device, progress=world.main)
     fingerprint = minipeft.base_fingerprint(model)
     separator = tokenizer.eos_id  # ends every training file, and starts the '' prompt
 
@@ -130,11 +143,12 @@ def main():
           f"{'one sample per row' if args.no_packing else f'packed rows of {seq_len} tokens'}")
     minipeft.enable_checkpointing(model)
     params = minipeft.count_parameters(model, verbose=True)
+    parallel = DataParallelLoss(model, world)  # with one process: model.loss, no more
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.warmup, args.max_steps))
     batches = Batches(train, args.batch, args.seed)
-    settings = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH}, "base_fingerprint": fingerprint_digest(fingerprint)}
+    settings["base_fingerprint"] = fingerprint_digest(fingerprint)
 
     # 4. Before training (or what the interrupted run measured then).
     if args.resume:
@@ -145,33 +159,42 @@ def main():
     else:
         model.eval()
         with autocast(), minipeft.disabled(model):  # the bare base (learned prompts would count from their start)
-            loss = heldout_loss(model, heldout, device, autocast_dtype=autocast_dtype)
-            before = {"heldout_loss": loss, "samples": generations(model, tokenizer, separator, args.new_tokens, args.seed)}
+            loss = heldout_loss(model, heldout, device, autocast_dtype=autocast_dtype, world=world)
+            samples = generations(model, tokenizer, separator, args.new_tokens, args.seed) if world.main else None
+            before = {"heldout_loss": loss, "samples": samples}
         print(f"held-out loss before: {loss:.4f} (perplexity {math.exp(loss):.2f}) on {len(heldout)} samples")
         step, tokens_seen, seconds, metrics = 0, 0, 0.0, []
-    write_atomically(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics).encode())
+    if world.main:
+        write_atomically(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics).encode())
 
     def checkpoint():
-        save_checkpoint(out / CHECKPOINT_FILE, model, optimizer, scheduler, batches, device, step=step,
-                        tokens_seen=tokens_seen, seconds=seconds, before=before, settings=settings)
+        if world.main:
+            save_checkpoint(out / CHECKPOINT_FILE, model, optimizer, scheduler, batches, device, step=step,
+                            tokens_seen=tokens_seen, seconds=seconds, before=before, settings=settings)
 
     # 5. Train. Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and exits.
-    stop = []
+    requested = []
 
     def request_stop(signum, frame):
-        if stop:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        stop.append(signum)
+        if requested and time.time() - requested[0] > 2:  # a second Ctrl-C stops at once (under torchrun each
+            raise KeyboardInterrupt                        # process gets the terminal's and torchrun's copy of one)
+        requested.append(time.time())
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
     model.train()
     started = time.time() - seconds
-    with open(out / "metrics.jsonl", "a") as log:
+    stop = False
+    log = open(out / "metrics.jsonl", "a") if world.main else open(os.devnull, "w")
+    with log, collective_failure(world, then=f" The last checkpoint in {out} is intact: rerun with --resume"):
         while step < args.max_steps and not stop:
-            micro_batches = [pad_batch(batches.next(), device) if args.no_packing else
-                             pack_rows(batches.next_packed(seq_len), device) for _ in range(args.accum)]
-            step_loss, step_tokens = accumulate_gradients(model, micro_batches, autocast)  # every token weighs the same
+            # the step's micro-batches over all ranks, in one order whatever their number; rank r runs r, r+N, ...
+            rows = [batches.next() if args.no_packing else batches.next_packed(seq_len)
+                    for _ in range(world.size * args.accum)]
+            mine = range(world.rank, len(rows), world.size)
+            micro_batches = [(pad_batch if args.no_packing else pack_rows)(rows[i], device) for i in mine]
+            seeds = [micro_batch_seed(args.seed, step, i) for i in mine]  # dropout masks: the same for any world size
+            step_loss, step_tokens = accumulate_gradients(model, micro_batches, autocast, parallel, seeds)
             clip_and_check(step_loss, trainable, step + 1)
             optimizer.step()
             scheduler.step()
@@ -187,15 +210,21 @@ def main():
                   f"{record['tokens_per_second']:.0f} tok/s  ETA {eta / 60:.1f} min", flush=True)
             if step % args.save_every == 0 or step == args.max_steps:
                 checkpoint()
+            stop = total(len(requested), world, device) > 0  # every rank stops after the same step
     if stop:
         checkpoint()
         print(f"interrupted: checkpoint saved at step {step}; continue with --resume")
+        parallel.close()
         raise SystemExit(130)
 
-    # 6. After: the same held-out set and prompts, the adapter, the report.
+    # 6. After: the same held-out set and prompts, the adapter, the report (rank 0).
     model.eval()
     with autocast():
-        loss_after = heldout_loss(model, heldout, device, autocast_dtype=autocast_dtype)
+        loss_after = heldout_loss(model, heldout, device, autocast_dtype=autocast_dtype, world=world)
+    parallel.close()
+    if not world.main:
+        return
+    with autocast():
         after = generations(model, tokenizer, separator, args.new_tokens, args.seed)
     print(f"held-out loss: before {before['heldout_loss']:.4f} -> after {loss_after:.4f} "
           f"(perplexity {math.exp(before['heldout_loss']):.2f} -> {math.exp(loss_after):.2f})")

@@ -6,10 +6,12 @@
 
 Run with defaults on the embedded SmolLM2-135M-Instruct (CPU, a few minutes), or on any Hugging Face
 Llama: python train_fox.py --weights weights/llama-7b --device cuda
+Under torchrun every process trains on the same text, and rank 0 alone prints and writes.
 """
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -17,6 +19,8 @@ import minipeft
 from minipeft.errors import run_cli
 from minipeft.llama.default_model import DEFAULT_DIR
 from minipeft.llama.loader import check_device
+from minipeft.train.distributed import (DataParallelLoss, collective_failure, start_processes,
+                                        world_from_environment)
 from minipeft.train.method_choice import add_method_arguments, choose_method
 from minipeft.train.reporting import check_positive, check_weights, plot_losses, prepare_output_dir, write_report
 
@@ -49,13 +53,15 @@ def main():
     args = parse_args()
     check_positive(max_steps=args.max_steps, new_tokens=args.new_tokens, **({"lr": args.lr} if args.lr is not None else {}))
     device = check_device(args.device)
-    out = prepare_output_dir(args.out)
+    world = world_from_environment()  # one process, or this one's place under torchrun
+    out = prepare_output_dir(args.out) if world.main else Path(args.out)
+    device = start_processes(world, device)
     torch.manual_seed(args.seed)
 
     # 1. Load the frozen base, 4-bit NF4 unless asked otherwise.
     start = time.time()
     model, tokenizer = minipeft.load(check_weights(args.weights), quantize=None if args.no_4bit else "nf4", device=device,
-                                     progress=True)
+                                     progress=world.main)
     fingerprint = minipeft.base_fingerprint(model)
     print(f"loaded {args.weights} ({'fp32' if args.no_4bit else 'nf4'}, {device}) in {time.time() - start:.1f} s")
     before = continuation(model, tokenizer, PROMPT, args.new_tokens)
@@ -68,20 +74,25 @@ def main():
 
     # 3. Train the method's tensors alone on the target text; the loss covers the target's tokens only.
     ids = torch.tensor([tokenizer.encode(TARGET)], device=device)
+    parallel = DataParallelLoss(model, world)  # model.loss, gradients averaged over processes under torchrun
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     losses, start = [], time.time()
     model.train()  # LoRA's dropout, if any, is on while training and off when showing
-    for step in range(1, args.max_steps + 1):
-        loss = model.loss(ids, labels=ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 10 == 0 or step == 1 or losses[-1] <= args.target_loss:
-            print(f"step {step:4d}  loss {losses[-1]:.4f}  {time.time() - start:6.1f} s", flush=True)
-        if losses[-1] <= args.target_loss:
-            break
+    with collective_failure(world):
+        for step in range(1, args.max_steps + 1):
+            loss = parallel(ids, labels=ids)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if step % 10 == 0 or step == 1 or losses[-1] <= args.target_loss:
+                print(f"step {step:4d}  loss {losses[-1]:.4f}  {time.time() - start:6.1f} s", flush=True)
+            if losses[-1] <= args.target_loss:
+                break
     seconds = time.time() - start
+    parallel.close()
+    if not world.main:
+        return
 
     # 4. Show: with the method, without it (the base is untouched), and on nearby inputs.
     model.eval()

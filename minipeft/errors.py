@@ -53,11 +53,22 @@ def refuse_unhonoured(config: dict, read, not_math, only_default: dict, source):
 
 
 def run_cli(main):
-    """Run a command-line entry point: a MiniPeftError becomes `error: ...` on stderr and exit code 2."""
+    """Run a command-line entry point: a MiniPeftError becomes `error: ...` on stderr and exit code 2.
+
+    Under torchrun every process checks the same arguments: rank 0 alone reports what they all found, and
+    another rank speaks only of what happened to it (its errors say which rank)."""
+    import os
     import sys
+    import time
 
     try:
         return main()
     except MiniPeftError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0" or str(e).startswith("rank "):
+            print(f"error: {e}", file=sys.stderr)
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # rank 0 says it: torchrun ends this process once it has,
+            time.sleep(30)  # but would end rank 0 first, unheard, if this one exited before it
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # no teardown that could wait on a dead process
+            sys.stderr.flush()
+            os._exit(2)
         sys.exit(2)

@@ -5,6 +5,7 @@ adds its summed loss, divided by the labelled tokens of the whole step. (Dividin
 mean by the number of micro-batches would make a short sample's tokens weigh more.)
 """
 
+import contextlib
 import math
 import resource
 
@@ -12,6 +13,7 @@ import torch
 
 from ..errors import MiniPeftError
 from .batches import pad_batch
+from .distributed import World, total
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -31,33 +33,51 @@ def scored_tokens(labels, documents=None) -> int:
     return int(scored.sum())
 
 
-def accumulate_gradients(model, micro_batches, autocast) -> tuple[float, int]:
+def accumulate_gradients(model, micro_batches, autocast, parallel=None, seeds=None) -> tuple[float, int]:
     """Backward through each (ids, mask, labels) or packed (ids, mask, labels, documents) micro-batch,
     every labelled token weighted the same.
 
-    Returns the step's mean loss per token and the number of tokens it covers (padding excluded)."""
-    total_scored = max(sum(scored_tokens(*batch[2:]) for batch in micro_batches), 1)
+    Args:
+        parallel: a distributed.DataParallelLoss when the step is shared by several processes: these are
+            this rank's micro-batches, weighed against the tokens of all ranks, synced on the last one.
+        seeds: one per micro-batch, set before its forward, so that its dropout masks depend on the
+            micro-batch alone (not on the world size, nor on what ran before).
+
+    Returns the step's mean loss per token and the number of tokens it covers (padding excluded), over
+    every rank."""
+    world = parallel.world if parallel else World()
+    device = micro_batches[0][0].device
+    total_scored = max(total(sum(scored_tokens(*batch[2:]) for batch in micro_batches), world, device), 1)
+    loss_of = parallel or model.loss
     step_loss, step_tokens = 0.0, 0
-    for ids, mask, labels, *documents in micro_batches:
-        with autocast():
-            loss = model.loss(ids, labels, attention_mask=mask, reduction="sum",
-                              documents=documents[0] if documents else None) / total_scored
-        loss.backward()
-        step_loss, step_tokens = step_loss + loss.item(), step_tokens + int(mask.sum())
-    return step_loss, step_tokens
+    for index, (ids, mask, labels, *documents) in enumerate(micro_batches):
+        if seeds is not None:
+            torch.manual_seed(seeds[index])
+        with parallel.sync(last=index == len(micro_batches) - 1) if parallel else contextlib.nullcontext():
+            with autocast():  # DDP averages over ranks: x world.size makes it their sum
+                loss = loss_of(ids, labels, attention_mask=mask, reduction="sum",
+                               documents=documents[0] if documents else None) * world.size / total_scored
+            loss.backward()
+        step_loss, step_tokens = step_loss + loss.item() / world.size, step_tokens + int(mask.sum())
+    return total(step_loss, world, device), int(total(step_tokens, world, device))
+
+
+def micro_batch_seed(seed: int, step: int, index: int) -> int:
+    """The RNG seed of a step's index-th micro-batch (counted over all ranks)."""
+    return ((seed * 1_000_003 + step) * 1_000_003 + index) % 2**63
 
 
 @torch.no_grad()
-def heldout_loss(model, samples, device, batch_size=8, autocast_dtype=None) -> float:
-    """Mean next-token NLL over every held-out token."""
-    total, count = 0.0, 0
-    for start in range(0, len(samples), batch_size):
+def heldout_loss(model, samples, device, batch_size=8, autocast_dtype=None, world=None) -> float:
+    """Mean next-token NLL over every held-out token (each rank of a `world` takes its share of the batches)."""
+    world = world or World()
+    loss_sum, count = 0.0, 0
+    for start in range(world.rank * batch_size, len(samples), world.size * batch_size):
         ids, mask, labels = pad_batch(samples[start:start + batch_size], device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = model.loss(ids, labels, attention_mask=mask)
-        tokens = scored_tokens(labels)
-        total, count = total + loss.item() * tokens, count + tokens
-    return total / count
+            loss = model.loss(ids, labels, attention_mask=mask, reduction="sum")
+        loss_sum, count = loss_sum + loss.item(), count + scored_tokens(labels)
+    return total(loss_sum, world, device) / total(count, world, device)
 
 
 def clip_and_check(loss_value, parameters, step, max_norm=1.0):

@@ -65,8 +65,20 @@ def read_checkpoint(path) -> tuple[dict, dict]:
 
 def changed_settings(saved: dict, settings: dict) -> list[str]:
     """The settings (script arguments, and the base's fingerprint) that differ from the checkpoint's."""
-    names = {"base_fingerprint": "the base weights (their fingerprint)"}
+    names = {"base_fingerprint": "the base weights (their fingerprint)",
+             "micro_batches_per_step": f"the micro-batches per step, processes x --accum "
+                                       f"({saved.get('micro_batches_per_step')} in the checkpoint, "
+                                       f"{settings.get('micro_batches_per_step')} here)"}
     return [names.get(k, "--" + k.replace("_", "-")) for k in settings if saved.get(k, "missing") != settings[k]]
+
+
+def check_resume_settings(path, settings, state=None):
+    """Refuse, by name, a resume whose settings differ from the checkpoint's (`state`, or read from `path`)."""
+    state = state if state is not None else read_checkpoint(path)[0]
+    changed = changed_settings(state.get("settings") or {}, settings)
+    if changed:
+        raise MiniPeftError(f"--resume: {', '.join(changed)} differ from the checkpoint's; use the same settings "
+                            f"or a new --out")
 
 
 def load_checkpoint(path, model, optimizer, scheduler, batches, device, settings=None) -> dict:
@@ -74,10 +86,7 @@ def load_checkpoint(path, model, optimizer, scheduler, batches, device, settings
 
     `settings` that change the result must equal the checkpoint's; a mismatch is refused by name."""
     state, tensors = read_checkpoint(path)
-    changed = changed_settings(state.get("settings") or {}, settings or {})
-    if changed:
-        raise MiniPeftError(f"--resume: {', '.join(changed)} differ from the checkpoint's; use the same settings "
-                            f"or a new --out")
+    check_resume_settings(path, settings or {}, state)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if state.get("trainable_names") != list(trainable):
         raise MiniPeftError(f"{path}: its trainable tensors do not match this model's (other method, --r or --targets?)")
