@@ -153,6 +153,25 @@ def test_16bit_embedding_and_lm_head_stay_16bit_under_fp32_compute(tmp_path, tie
     assert prompts.dtype == torch.float32 and (prompts[:, None] == vocabulary[None]).all(-1).any(-1).all()
 
 
+@pytest.mark.parametrize("shape", [(200, 100), (197, 4096), (11008, 4096)], ids=["small", "odd-rows", "7b-mlp"])
+def test_quantizing_by_rows_equals_bitsandbytes_quantizing_the_whole_weight(shape):
+    """The loader quantizes a few rows at a time (small temporaries): the same bytes and scales as
+    bitsandbytes' own quantization of the whole weight, for NF4 and FP4, with and without double quantization."""
+    import bitsandbytes as bnb
+
+    from minipeft.llama.quant import dequantize, quantize_linear
+
+    weight = (torch.randn(*shape) * 0.02).to(torch.bfloat16)
+    for quant_type in ("nf4", "fp4"):
+        for double_quant in (False, True):
+            ours = quantize_linear(weight, quant_type, torch.float32, double_quant)
+            theirs = bnb.nn.Params4bit(weight.float(), requires_grad=False, compress_statistics=double_quant,
+                                       quant_type=quant_type).to("cpu")
+            assert torch.equal(ours.weight.data, theirs.data)
+            assert torch.equal(dequantize(ours), bnb.functional.dequantize_4bit(theirs.data, theirs.quant_state))
+            assert ours.weight.quant_state.dtype == torch.float32
+
+
 def test_llama_7b_parameter_counts_on_meta():
     model = build_model(LlamaConfig())
     total = sum(p.numel() for p in model.parameters())

@@ -162,7 +162,7 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
         if quantize and module_name in QUANTIZED_LINEARS and name.endswith(".weight"):
             parent, child = name.removesuffix(".weight").rsplit(".", 1)
             bias = model.get_submodule(parent).get_submodule(child).bias  # loaded already, still to come, or None
-            layer = quantize_linear(tensor.to(dtype), quantize, dtype, double_quant, device, bias)
+            layer = quantize_linear(tensor, quantize, dtype, double_quant, device, bias)
             setattr(model.get_submodule(parent), child, layer)
         elif quantize and name in WIDENED and dtype == torch.float32 and tensor.dtype in (torch.bfloat16, torch.float16):
             weight = nn.Parameter(tensor.to(device=device), requires_grad=False)  # stays 16-bit

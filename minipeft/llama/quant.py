@@ -28,26 +28,53 @@ from ..errors import MiniPeftError
 from .loss import times_transposed
 
 QUANT_TYPES = ("nf4", "fp4")
+BLOCK = 64  # weights per absmax scale
 # The linears that go 4-bit, by their Hugging Face names.
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def quantize_linear(weight, quant_type="nf4", compute_dtype=torch.float32, double_quant=False, device="cpu",
                     bias=None):
-    """A bitsandbytes Linear4bit holding `weight` (out, in), quantized on `device`; `bias` stays as given."""
+    """A bitsandbytes Linear4bit holding `weight` (out, in), quantized on `device` from its values in
+    `compute_dtype`; `bias` stays as given."""
     if quant_type not in QUANT_TYPES:
         raise MiniPeftError(f"quantize: unknown quant type {quant_type!r}; expected one of {QUANT_TYPES}")
     out_features, in_features = weight.shape
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
                               compress_statistics=double_quant, quant_type=quant_type, device="meta")
-    layer.weight = bnb.nn.Params4bit(weight.detach(), requires_grad=False, compress_statistics=double_quant,
-                                     quant_type=quant_type, module=layer).to(device)  # .to() quantizes
+    if torch.device(device).type == "cpu":
+        packed, state = quantize_by_rows(weight, quant_type, compute_dtype, double_quant)
+        layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCK,
+                                         compress_statistics=double_quant, quant_type=quant_type, module=layer,
+                                         bnb_quantized=True)
+    else:
+        layer.weight = bnb.nn.Params4bit(weight.detach().to(compute_dtype), requires_grad=False, quant_type=quant_type,
+                                         compress_statistics=double_quant, module=layer).to(device)  # .to() quantizes
     # On CPUs with AVX512-BF16, bitsandbytes repacks the weight on the first eval forward into a layout
     # that computes in bf16 whatever compute_dtype says, and rewrites the stored weight. Keep the
     # requested precision and a base that never changes.
     layer.support_avx512bf16_for_cpu = False
     layer.bias = bias  # full precision (attention_bias / mlp_bias checkpoints); None for Llama
     return layer
+
+
+def quantize_by_rows(weight, quant_type, compute_dtype, double_quant, numbers=1 << 22):
+    """bitsandbytes' quantize_4bit of `weight` in `compute_dtype`, about `numbers` weights at a time.
+
+    Each block of 64 lies within one chunk of whole rows, so the codes and scales are the ones that the
+    whole weight would get; but bitsandbytes' CPU temporaries (the weight in fp32, scaled, clamped,
+    bucketed) stay a chunk's size: quantizing a 7B MLP weight whole holds 0.6 GB of them."""
+    out_features, in_features = weight.shape
+    rows = max(numbers // in_features // BLOCK, 1) * BLOCK  # a multiple of 64 rows: whole blocks per chunk
+    parts = [bnb.functional.quantize_4bit(weight[start:start + rows].detach().to(compute_dtype), blocksize=BLOCK,
+                                          quant_type=quant_type) for start in range(0, out_features, rows)]
+    packed, absmax = torch.cat([p for p, _ in parts]), torch.cat([state.absmax for _, state in parts])
+    common = dict(shape=weight.shape, dtype=compute_dtype, blocksize=BLOCK, code=parts[0][1].code, quant_type=quant_type)
+    if not double_quant:
+        return packed, bnb.functional.QuantState(absmax=absmax, **common)
+    offset = absmax.mean()  # as bitsandbytes does it: the scales, less their mean, quantized to 8 bits by 256
+    quantized_absmax, state2 = bnb.functional.quantize_blockwise(absmax - offset, blocksize=256)
+    return packed, bnb.functional.QuantState(absmax=quantized_absmax, offset=offset, state2=state2, **common)
 
 
 def is_4bit(layer) -> bool:
