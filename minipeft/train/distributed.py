@@ -27,7 +27,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import MiniPeftError
 
-TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("MINIPEFT_DIST_TIMEOUT", "300")))  # a dead rank's peers stop
 
 
 @dataclass
@@ -56,9 +55,16 @@ def start_processes(world: World, device: torch.device) -> torch.device:
     if world.size == 1:
         return device
     if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise MiniPeftError(f"LOCAL_RANK {world.local_rank}: this machine has {torch.cuda.device_count()} GPUs; "
+                                f"start at most that many processes per node")
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
+    seconds = os.environ.get("MINIPEFT_DIST_TIMEOUT", "1800")  # how long a collective waits: torch's default
+    if not seconds.isdigit() or int(seconds) == 0:
+        raise MiniPeftError(f"MINIPEFT_DIST_TIMEOUT: expected a whole number of seconds > 0, got {seconds!r}")
+    timeout = datetime.timedelta(seconds=int(seconds))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
                             **({"device_id": device} if device.type == "cuda" else {}))
     if not world.main:
         sys.stdout = open(os.devnull, "w")
@@ -68,7 +74,7 @@ def start_processes(world: World, device: torch.device) -> torch.device:
 @contextlib.contextmanager
 def collective_failure(world: World, then=""):
     """A collective that fails (another rank died: killed, out of memory) ends this rank with one line,
-    not a hang: gloo and nccl raise when a peer's connection drops, or after TIMEOUT. `then`: what to do."""
+    not a hang: gloo and nccl raise when a peer's connection drops, or after MINIPEFT_DIST_TIMEOUT. `then`: what to do."""
     try:
         yield
     except RuntimeError as e:
