@@ -64,11 +64,12 @@ def run_cli(main):
     try:
         return main()
     except MiniPeftError as e:
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun
         if os.environ.get("RANK", "0") == "0" or str(e).startswith("rank "):
             print(f"error: {e}", file=sys.stderr)
-        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # rank 0 says it: torchrun ends this process once it has,
+        elif several:  # rank 0 says it: torchrun ends this process once it has,
             time.sleep(30)  # but would end rank 0 first, unheard, if this one exited before it
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # no teardown that could wait on a dead process
+        if several:  # no teardown that could wait on a dead process
             sys.stderr.flush()
             os._exit(2)
         sys.exit(2)
