@@ -114,11 +114,15 @@ def test_4bit_equals_bitsandbytes_dequantization(tmp_path):
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_16bit_embedding_and_lm_head_stay_16bit_under_fp32_compute(tmp_path, tied):
+def test_16bit_embedding_and_lm_head_stay_16bit_under_fp32_compute(tmp_path, tied, monkeypatch):
     """A bf16 checkpoint loaded into NF4 with fp32 compute keeps its embedding and lm_head in bf16 (half the
     memory) and computes exactly what transformers + bitsandbytes compute from fp32 copies of them."""
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from minipeft.llama import loss
+
+    monkeypatch.setattr(loss, "NUMBERS_AT_A_TIME", 60 * 64)  # lm_head (256, 64) is widened 60 rows at a time
 
     write_hf_checkpoint(tmp_path / "fp32", tied=tied).bfloat16().save_pretrained(tmp_path / "bf16")
     model = load_model(tmp_path / "bf16", quantize="nf4")
@@ -170,6 +174,88 @@ def test_quantizing_by_rows_equals_bitsandbytes_quantizing_the_whole_weight(shap
             assert torch.equal(ours.weight.data, theirs.data)
             assert torch.equal(dequantize(ours), bnb.functional.dequantize_4bit(theirs.data, theirs.quant_state))
             assert ours.weight.quant_state.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(200, 64), (197, 96), (130, 100)], ids=["whole-blocks", "odd-rows", "odd-in"])
+def test_4bit_matmul_by_rows_equals_bitsandbytes(monkeypatch, shape):
+    """On CPU a large 4-bit weight is dequantized a block of rows at a time: the same output and input
+    gradient as bitsandbytes' matmul_4bit over the whole weight, and the same dequantized numbers."""
+    import bitsandbytes as bnb
+
+    from minipeft.llama import quant
+
+    monkeypatch.setattr(quant, "NUMBERS_AT_A_TIME", 64 * 64)  # every weight here splits into 3-4 blocks of rows
+    weight = torch.randn(*shape) * 0.02
+    for quant_type in ("nf4", "fp4"):
+        for double_quant in (False, True):
+            layer = quant.quantize_linear(weight, quant_type, torch.float32, double_quant)
+            blocks = list(quant.dequantized_rows(layer))
+            assert len(blocks) > 2
+            assert torch.equal(torch.cat([rows for _, _, rows in blocks]), quant.dequantize(layer))
+            x = torch.randn(2, 5, shape[1], requires_grad=True)
+            ours = layer(x)
+            theirs = bnb.nn.Linear4bit.forward(layer, x)  # bitsandbytes' own path, the whole weight at once
+            grad_out = torch.randn_like(ours)
+            (our_grad,), (their_grad,) = (torch.autograd.grad(y, x, grad_out) for y in (ours, theirs))
+            assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+            assert_close(our_grad, their_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_model_with_4bit_weights_by_rows_equals_whole(tmp_path, monkeypatch):
+    """Logits and LoRA gradients of a 4-bit model whose every linear goes by rows equal the model whose
+    linears bitsandbytes multiplies whole."""
+    from minipeft.llama import quant
+
+    write_hf_checkpoint(tmp_path, intermediate_size=192)
+    ids = torch.randint(0, 256, (2, 9))
+    results = []
+    for numbers in (quant.NUMBERS_AT_A_TIME, 64 * 64):
+        monkeypatch.setattr(quant, "NUMBERS_AT_A_TIME", numbers)
+        model = load_model(tmp_path, quantize="nf4")
+        torch.manual_seed(1)
+        minipeft.add_lora(model, ["q_proj", "down_proj"], r=4, alpha=8)
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1)  # B starts at zero: make both A and B matter
+        loss = model.loss(ids, labels=ids)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), (by_rows_loss, by_rows_grads) = results
+    assert_close(by_rows_loss, loss, rtol=0, atol=1e-6)
+    assert grads.keys() == by_rows_grads.keys() and len(grads) == 8
+    for name in grads:
+        assert_close(by_rows_grads[name], grads[name], rtol=1e-5, atol=1e-6)
+
+
+MATMUL_PEAK = """
+import sys, torch
+from minipeft.llama.quant import quantize_linear
+def kilobytes(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+weight = torch.randn(11008, 4096, dtype=torch.bfloat16) * 0.02  # a Llama-7B MLP weight
+layer = quantize_linear(weight, "nf4", torch.float32, True)
+del weight
+x = torch.randn(1, 64, 4096, requires_grad=True)
+if sys.argv[1] == "whole":
+    layer.forward = lambda x: layer.__class__.__mro__[1].forward(layer, x)  # bitsandbytes' own path
+quantize_linear(torch.zeros(64, 4096), "nf4", torch.float32, True)(x).sum().backward()  # warm-up, a small weight
+before = kilobytes("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
+layer(x).sum().backward()
+print((kilobytes("VmHWM") - before) / 1024)
+"""
+
+
+def test_4bit_matmul_of_a_7b_weight_stays_small_on_cpu():
+    """A forward and backward through a 4-bit 11008 x 4096 weight raises the peak RSS by a few MB,
+    where dequantizing the whole weight at once (bitsandbytes' CPU path) takes its fp32 size, 180 MB."""
+    import subprocess
+    import sys
+
+    rise = {how: float(subprocess.run([sys.executable, "-c", MATMUL_PEAK, how], capture_output=True, text=True,
+                                      check=True).stdout) for how in ("by-rows", "whole")}
+    print(f"peak RSS rise (MB): {rise}")
+    assert rise["by-rows"] < 40 and rise["whole"] > 150  # measured: 3 and 177 MB (the weight in fp32 is 180 MB)
 
 
 def test_llama_7b_parameter_counts_on_meta():

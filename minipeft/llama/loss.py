@@ -15,13 +15,16 @@ quant.py): it is then widened a block of rows at a time, which is exact, so no w
 
 import torch
 
+NUMBERS_AT_A_TIME = 1 << 22  # a narrower weight is widened about this many numbers at a time (16 MB in fp32)
 
-def widened_blocks(weight, dtype, rows=8192):
-    """(start, block) over the rows of a (V, D) weight, each block in `dtype`; the weight itself, whole,
-    when it is stored in `dtype` already."""
+
+def widened_blocks(weight, dtype):
+    """(start, block) over the rows of a (V, D) weight, each block of about NUMBERS_AT_A_TIME weights in
+    `dtype`; the weight itself, whole, when it is stored in `dtype` already."""
     if weight.dtype == dtype:
         yield 0, weight
         return
+    rows = max(NUMBERS_AT_A_TIME // weight.shape[1], 1)
     for start in range(0, len(weight), rows):
         yield start, weight[start:start + rows].to(dtype)  # bf16/fp16 -> fp32 is exact
 

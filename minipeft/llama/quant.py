@@ -7,7 +7,9 @@ Each block of 64 consecutive weights is stored as 4-bit codes plus one absmax sc
     w ≈ absmax(block) * codebook[code]        codebook: NF4 (normal-float, QLoRA's) or FP4
 
 Double quantization also quantizes the absmax scales (0.5 -> 0.127 bits per weight). Matmuls run in
-`compute_dtype` after dequantizing a weight on the fly, so a 7B base takes ~3.5 GB instead of 13.5.
+`compute_dtype` after dequantizing a weight on the fly, so a 7B base takes ~3.5 GB instead of 13.5. On
+CPU a large weight is quantized and dequantized a block of rows at a time, so no full-precision copy
+of a whole weight exists either.
 The embeddings, the norms and lm_head are not quantized: they are small and sensitive. A 16-bit
 checkpoint's embedding and lm_head stay 16-bit even under fp32 compute, and are widened a block at a
 time as they are used (exact: every bf16 or fp16 number is an fp32 number): at 7B that is 0.5 GB less.
@@ -29,19 +31,20 @@ from .loss import times_transposed
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCK = 64  # weights per absmax scale
+NUMBERS_AT_A_TIME = 1 << 22  # on CPU, a 4-bit weight is quantized and dequantized about this many weights at a time
 # The linears that go 4-bit, by their Hugging Face names.
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def quantize_linear(weight, quant_type="nf4", compute_dtype=torch.float32, double_quant=False, device="cpu",
                     bias=None):
-    """A bitsandbytes Linear4bit holding `weight` (out, in), quantized on `device` from its values in
-    `compute_dtype`; `bias` stays as given."""
+    """A Linear4bit (bitsandbytes', below) holding `weight` (out, in), quantized on `device` from its
+    values in `compute_dtype`; `bias` stays as given."""
     if quant_type not in QUANT_TYPES:
         raise MiniPeftError(f"quantize: unknown quant type {quant_type!r}; expected one of {QUANT_TYPES}")
     out_features, in_features = weight.shape
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
-                              compress_statistics=double_quant, quant_type=quant_type, device="meta")
+    layer = Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
+                       compress_statistics=double_quant, quant_type=quant_type, device="meta")
     if torch.device(device).type == "cpu":
         packed, state = quantize_by_rows(weight, quant_type, compute_dtype, double_quant)
         layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCK,
@@ -58,14 +61,14 @@ def quantize_linear(weight, quant_type="nf4", compute_dtype=torch.float32, doubl
     return layer
 
 
-def quantize_by_rows(weight, quant_type, compute_dtype, double_quant, numbers=1 << 22):
-    """bitsandbytes' quantize_4bit of `weight` in `compute_dtype`, about `numbers` weights at a time.
+def quantize_by_rows(weight, quant_type, compute_dtype, double_quant):
+    """bitsandbytes' quantize_4bit of `weight` in `compute_dtype`, about NUMBERS_AT_A_TIME weights at a time.
 
     Each block of 64 lies within one chunk of whole rows, so the codes and scales are the ones that the
     whole weight would get; but bitsandbytes' CPU temporaries (the weight in fp32, scaled, clamped,
     bucketed) stay a chunk's size: quantizing a 7B MLP weight whole holds 0.6 GB of them."""
     out_features, in_features = weight.shape
-    rows = max(numbers // in_features // BLOCK, 1) * BLOCK  # a multiple of 64 rows: whole blocks per chunk
+    rows = rows_at_a_time(in_features)
     parts = [bnb.functional.quantize_4bit(weight[start:start + rows].detach().to(compute_dtype), blocksize=BLOCK,
                                           quant_type=quant_type) for start in range(0, out_features, rows)]
     packed, absmax = torch.cat([p for p, _ in parts]), torch.cat([state.absmax for _, state in parts])
@@ -75,6 +78,61 @@ def quantize_by_rows(weight, quant_type, compute_dtype, double_quant, numbers=1 
     offset = absmax.mean()  # as bitsandbytes does it: the scales, less their mean, quantized to 8 bits by 256
     quantized_absmax, state2 = bnb.functional.quantize_blockwise(absmax - offset, blocksize=256)
     return packed, bnb.functional.QuantState(absmax=quantized_absmax, offset=offset, state2=state2, **common)
+
+
+def rows_at_a_time(in_features):
+    return max(NUMBERS_AT_A_TIME // in_features // BLOCK, 1) * BLOCK  # a multiple of 64 rows: whole blocks each
+
+
+class Linear4bit(bnb.nn.Linear4bit):
+    """bitsandbytes' Linear4bit, except that on CPU a weight of more than NUMBERS_AT_A_TIME numbers is
+    dequantized a block of rows at a time, in the forward and again for the input gradient.
+
+    bitsandbytes' CPU matmul dequantizes the whole weight to `compute_dtype` first: a 180 MB fp32
+    temporary for a 7B MLP weight, above everything else. Smaller weights, and CUDA, take bitsandbytes'
+    own path unchanged."""
+
+    def forward(self, x):
+        if x.device.type != "cpu" or self.weight.quant_state.shape.numel() <= NUMBERS_AT_A_TIME:
+            return super().forward(x)
+        out = TimesRows.apply(x.to(self.compute_dtype), self)  # x @ W.T
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.to(x.dtype)
+
+
+class TimesRows(torch.autograd.Function):
+    """x @ W.T for a frozen 4-bit W, dequantized a block of rows at a time (W gets no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return torch.cat([x @ rows.T for _, _, rows in dequantized_rows(layer)], dim=-1)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = 0
+        for start, stop, rows in dequantized_rows(ctx.layer):
+            grad_x = grad_x + grad_out[..., start:stop] @ rows  # (..., in)
+        return grad_x, None
+
+
+def dequantized_rows(layer):
+    """Yield (start, stop, W[start:stop]) for a 4-bit layer, each block equal to those rows of
+    bitsandbytes' dequantization of the whole weight (a block of 64 never straddles two)."""
+    state = layer.weight.quant_state
+    out_features, in_features = state.shape
+    absmax = state.absmax  # one scale per 64 weights, in row-major order
+    if state.nested:  # double quantization: the scales are 8-bit, by 256, around their mean
+        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    packed = layer.weight.data.view(-1)  # two 4-bit codes per byte, row-major
+    rows = rows_at_a_time(in_features)
+    for start in range(0, out_features, rows):
+        stop = min(start + rows, out_features)
+        codes = packed[start * in_features // 2:(stop * in_features + 1) // 2]
+        scales = absmax[start * in_features // BLOCK:-(-stop * in_features // BLOCK)]
+        yield start, stop, torch.ops.bitsandbytes.dequantize_4bit.default(
+            codes, scales, BLOCK, state.quant_type, (stop - start, in_features), state.dtype)
 
 
 def is_4bit(layer) -> bool:
