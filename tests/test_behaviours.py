@@ -64,6 +64,21 @@ def test_fused_cross_entropy_over_several_chunks(dtype, atol):
     assert_close(grad.float(), reference_grad, rtol=0, atol=atol)
 
 
+def test_fused_cross_entropy_under_autocast_takes_bf16_logits_like_a_plain_lm_head():
+    """Under bf16 autocast a plain lm_head's matmul runs in bf16; the fused loss must do the same (its
+    matmul writes into reused memory, which autocast does not cast by itself)."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(40, 16, generator=generator).requires_grad_()
+    weight = torch.randn(300, 16, generator=generator)
+    targets = torch.randint(0, 300, (40,), generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(hidden, weight, targets, chunk_size=16)
+        reference = F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
+    in_fp32 = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    assert_close(ours, reference, rtol=1e-6, atol=0)
+    assert (ours - in_fp32).abs() > 1e-3  # bf16 logits really differ from fp32 ones here
+
+
 def test_plain_loss_path_when_lm_head_has_an_adapter(tiny):
     _, path = tiny
     model = load_model(path)

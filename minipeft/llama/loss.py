@@ -57,11 +57,13 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk_size):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        logits_memory = hidden.new_empty(min(chunk_size, len(targets)), len(weight))  # (chunk, V), reused
+        device = hidden.device.type  # a matmul with out= is not autocast: take autocast's dtype by hand
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        logits_memory = hidden.new_empty(min(chunk_size, len(targets)), len(weight), dtype=dtype)  # (chunk, V), reused
         for start in range(0, len(targets), chunk_size):
             rows = slice(start, start + chunk_size)
             target = targets[rows, None]  # (chunk, 1)
-            logits = times_transposed(hidden[rows], weight, out=logits_memory[:len(target)]).float()  # (chunk, V)
+            logits = times_transposed(hidden[rows].to(dtype), weight, out=logits_memory[:len(target)]).float()
             picked = logits.gather(1, target)  # (chunk, 1): the target's logit
             peak = logits.amax(-1, keepdim=True)  # (chunk, 1)
             exps = logits.sub_(peak).exp_()  # exp(logits - max) <= 1, in place of the logits
