@@ -13,6 +13,7 @@ import minipeft
 from minipeft import KVCache, add_lora, enable_checkpointing, load_model, merge
 from minipeft.llama.generate import choose_next
 from minipeft.llama.loss import linear_cross_entropy
+from minipeft.llama.quant import WidenedLinear
 from minipeft.methods.lora import lora_layers
 from minipeft.train.batches import Batches
 from minipeft.train.data import Filters, load_corpus
@@ -77,6 +78,19 @@ def test_fused_cross_entropy_under_autocast_takes_bf16_logits_like_a_plain_lm_he
     in_fp32 = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
     assert_close(ours, reference, rtol=1e-6, atol=0)
     assert (ours - in_fp32).abs() > 1e-3  # bf16 logits really differ from fp32 ones here
+
+
+def test_a_16bit_lm_head_under_autocast_computes_as_a_plain_one():
+    """A bf16 lm_head kept beside fp32 compute (quant.WidenedLinear) gives, under bf16 autocast, what an
+    autocast matmul gives: bf16 logits."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(300, 16, generator=generator).bfloat16(), requires_grad=False)
+    hidden = torch.randn(5, 16, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = WidenedLinear(weight)(hidden)
+        reference = hidden @ weight.float().t()
+    assert ours.dtype == reference.dtype == torch.bfloat16
+    assert_close(ours, reference, rtol=0, atol=0)
 
 
 def test_plain_loss_path_when_lm_head_has_an_adapter(tiny):

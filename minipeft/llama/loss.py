@@ -35,8 +35,16 @@ def widened_blocks(weight, dtype):
         yield start, weight[start:start + rows].to(dtype)  # bf16/fp16 -> fp32 is exact
 
 
+def matmul_dtype(x):
+    """The dtype a matmul of x runs in: autocast's where it is on, else x's. A matmul written into `out=`
+    is not autocast, so times_transposed casts by hand."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def times_transposed(x, weight, out=None):
-    """x @ weight.T in x's dtype: (..., D) x (V, D) -> (..., V), written into `out` when given."""
+    """x @ weight.T in matmul_dtype(x): (..., D) x (V, D) -> (..., V), written into `out` when given."""
+    x = x.to(matmul_dtype(x))
     out = x.new_empty(*x.shape[:-1], len(weight)) if out is None else out
     for start, block in widened_blocks(weight, x.dtype):
         torch.matmul(x, block.t(), out=out[..., start:start + len(block)])
@@ -57,13 +65,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk_size):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        device = hidden.device.type  # a matmul with out= is not autocast: take autocast's dtype by hand
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        logits_memory = hidden.new_empty(min(chunk_size, len(targets)), len(weight), dtype=dtype)  # (chunk, V), reused
+        logits_memory = hidden.new_empty(min(chunk_size, len(targets)), len(weight),
+                                         dtype=matmul_dtype(hidden))  # (chunk, V), reused by every chunk
         for start in range(0, len(targets), chunk_size):
             rows = slice(start, start + chunk_size)
             target = targets[rows, None]  # (chunk, 1)
-            logits = times_transposed(hidden[rows].to(dtype), weight, out=logits_memory[:len(target)]).float()
+            logits = times_transposed(hidden[rows], weight, out=logits_memory[:len(target)]).float()  # (chunk, V)
             picked = logits.gather(1, target)  # (chunk, 1): the target's logit
             peak = logits.amax(-1, keepdim=True)  # (chunk, 1)
             exps = logits.sub_(peak).exp_()  # exp(logits - max) <= 1, in place of the logits
