@@ -48,6 +48,7 @@ def times_transposed(x, weight, out=None):
     out = x.new_empty(*x.shape[:-1], len(weight)) if out is None else out
     for start, block in widened_blocks(weight, x.dtype):
         torch.matmul(x, block.t(), out=out[..., start:start + len(block)])
+        del block  # before the next block is widened: one alive at a time, not two
     return out
 
 
@@ -57,6 +58,7 @@ def times(x, weight):
     for start, block in widened_blocks(weight, x.dtype):
         part = x[:, start:start + len(block)] @ block
         total = part if total is None else total.add_(part)
+        del block
     return total
 
 

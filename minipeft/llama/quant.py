@@ -107,13 +107,18 @@ class TimesRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer = layer
-        return torch.cat([x @ rows.T for _, _, rows in dequantized_rows(layer)], dim=-1)  # (..., out)
+        parts = []
+        for _, _, rows in dequantized_rows(layer):
+            parts.append(x @ rows.T)
+            del rows  # before the next block is dequantized: one block alive at a time, not two
+        return torch.cat(parts, dim=-1)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x = 0
         for start, stop, rows in dequantized_rows(ctx.layer):
             grad_x = grad_x + grad_out[..., start:stop] @ rows  # (..., in)
+            del rows
         return grad_x, None
 
 
