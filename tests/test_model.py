@@ -176,10 +176,12 @@ def test_quantizing_by_rows_equals_bitsandbytes_quantizing_the_whole_weight(shap
             assert ours.weight.quant_state.dtype == torch.float32
 
 
-@pytest.mark.parametrize("shape", [(200, 64), (197, 96), (130, 100)], ids=["whole-blocks", "odd-rows", "odd-in"])
+@pytest.mark.parametrize("shape", [(200, 64), (197, 128), (130, 100)], ids=["whole-blocks", "odd-rows", "odd-in"])
 def test_4bit_matmul_by_rows_equals_bitsandbytes(monkeypatch, shape):
     """On CPU a large 4-bit weight is dequantized a block of rows at a time: the same output and input
-    gradient as bitsandbytes' matmul_4bit over the whole weight, and the same dequantized numbers."""
+    gradient as bitsandbytes' matmul_4bit over the whole weight, and the same dequantized numbers. (Widths
+    where bitsandbytes' AVX512 kernel is wrong, such as 96, are checked against the formula in
+    test_4bit_decoding.py.)"""
     import bitsandbytes as bnb
 
     from minipeft.llama import quant

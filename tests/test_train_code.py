@@ -104,8 +104,13 @@ def test_packed_and_unpacked_runs_see_the_same_documents(default_weights, code_d
 
 
 def test_bf16_compute_keeps_the_held_out_loss(default_weights, code_data, tmp_path):
-    """--dtype bf16 (autocast; the adapter and AdamW's state stay fp32) ends within 0.02 of fp32's held-out loss.
-    On CPUs without native bf16 (this one: AVX2) it is emulated and slow, so the run is short."""
+    """--dtype bf16 (autocast; the adapter and AdamW's state stay fp32) ends within 0.04 of fp32's held-out loss,
+    against the 0.67 this run learns. The gap is the CPU's bf16 arithmetic, not a lossy path in minipeft: measured
+    0.011 on an AMD EPYC with AVX2 (bf16 emulated), 0.0215 on one with AVX512-BF16, 0.0275 on an Intel Xeon with
+    AMX. Of the 0.0215, about 0.012 is training drift and 0.010 the bf16 evaluation itself (the bf16-trained
+    adapter evaluated in fp32 gives 2.854 against fp32's 2.843). test_bf16.py checks the sharper claim that one
+    step's bf16 gradients are as close to fp32 as transformers + peft's. The run is short since emulated bf16 is
+    slow."""
     common = ["--data", str(code_data), "--max-steps", "4", "--seq-len", "48", "--lr", "2e-3", "--new-tokens", "1"]
     runs = {dtype: train_code(*common, "--dtype", dtype, "--out", str(tmp_path / dtype)) for dtype in ("fp32", "bf16")}
     for dtype, result in runs.items():
@@ -113,7 +118,7 @@ def test_bf16_compute_keeps_the_held_out_loss(default_weights, code_data, tmp_pa
     fp32, bf16 = (json.loads((tmp_path / dtype / "report.json").read_text()) for dtype in ("fp32", "bf16"))
     assert bf16["settings"]["dtype"] == "bf16" and fp32["settings"]["dtype"] == "fp32"
     assert fp32["heldout_loss_before"] - fp32["heldout_loss_after"] > 0.05  # the run learned something
-    assert abs(bf16["heldout_loss_after"] - fp32["heldout_loss_after"]) <= 0.02
+    assert abs(bf16["heldout_loss_after"] - fp32["heldout_loss_after"]) <= 0.04
     adapter = load_file(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors")
     assert {str(t.dtype) for t in adapter.values()} == {"torch.float32"}
     state = load_file(tmp_path / "bf16" / "checkpoint.safetensors")

@@ -10,6 +10,7 @@ import ctypes
 import json
 import math
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from ..errors import MiniPeftError
 from ..progress import Progress
 from .config import LlamaConfig
 from .model import Llama
-from .quant import QUANTIZED_LINEARS, WidenedEmbedding, WidenedLinear, quantize_linear
+from .quant import QUANTIZED_LINEARS, WidenedEmbedding, WidenedLinear, misdecoded_by_bitsandbytes, quantize_linear
 from .tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -146,6 +147,7 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
     if config.tie_word_embeddings:
         del expected["lm_head.weight"]
     seen, extra = set(), []
+    misdecoded = {}  # {in_features: linear names} that bitsandbytes' AVX512 CPU kernel would decode wrongly
     shown = Progress("loading weights" + (f" into {quantize.upper()}" if quantize else ""), tensor_bytes(files),
                      stream=None if progress is True else progress) if progress else None
 
@@ -163,6 +165,8 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
             parent, child = name.removesuffix(".weight").rsplit(".", 1)
             bias = model.get_submodule(parent).get_submodule(child).bias  # loaded already, still to come, or None
             layer = quantize_linear(tensor, quantize, dtype, double_quant, device, bias)
+            if misdecoded_by_bitsandbytes(layer.in_features):
+                misdecoded.setdefault(layer.in_features, set()).add(child)
             setattr(model.get_submodule(parent), child, layer)
         elif quantize and name in WIDENED and dtype == torch.float32 and tensor.dtype in (torch.bfloat16, torch.float16):
             weight = nn.Parameter(tensor.to(device=device), requires_grad=False)  # stays 16-bit
@@ -180,6 +184,10 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
     set_malloc_mmap_threshold(8 << 20)
     if shown:
         shown.close()
+    if misdecoded and torch.device(device).type == "cpu":
+        widths = ", ".join(f"{width} ({', '.join(sorted(names))})" for width, names in sorted(misdecoded.items()))
+        warnings.warn(f"{weights_dir}: 4-bit rows of {widths} numbers are not whole blocks of 64: bitsandbytes' "
+                      f"AVX512 CPU kernel decodes them with the wrong scales, so minipeft decodes them itself")
     missing = sorted(set(expected) - seen)
     if missing or extra:
         raise MiniPeftError(f"{weights_dir}: tensors do not match config.json: "

@@ -13,6 +13,11 @@ of a whole weight exists either.
 The embeddings, the norms and lm_head are not quantized: they are small and sensitive. A 16-bit
 checkpoint's embedding and lm_head stay 16-bit even under fp32 compute, and are widened a block at a
 time as they are used (exact: every bf16 or fp16 number is an fp32 number): at 7B that is 0.5 GB less.
+
+On CPU, minipeft decodes the 4-bit weights itself (`dequantize_4bit`): bitsandbytes' C++ kernel only where each
+row is whole blocks of 64, the formula above in torch elsewhere. bitsandbytes 0.50's AVX512 kernel takes the
+scale of row r, column c as absmax[r * (in // 64) + c // 64], which is right only when 64 divides `in`
+(docs/bitsandbytes-avx512-dequantize.md).
 """
 
 import logging
@@ -85,15 +90,15 @@ def rows_at_a_time(in_features):
 
 
 class Linear4bit(bnb.nn.Linear4bit):
-    """bitsandbytes' Linear4bit, except that on CPU a weight of more than NUMBERS_AT_A_TIME numbers is
-    dequantized a block of rows at a time, in the forward and again for the input gradient.
+    """bitsandbytes' Linear4bit, except that on CPU the weight is decoded by `dequantize_4bit`, a block of
+    about NUMBERS_AT_A_TIME numbers (whole rows) at a time, in the forward and again for the input gradient.
 
-    bitsandbytes' CPU matmul dequantizes the whole weight to `compute_dtype` first: a 180 MB fp32
-    temporary for a 7B MLP weight, above everything else. Smaller weights, and CUDA, take bitsandbytes'
-    own path unchanged."""
+    bitsandbytes' CPU matmul dequantizes the whole weight to `compute_dtype` first (a 180 MB fp32 temporary
+    for a 7B MLP weight, above everything else), through a kernel that is wrong for some widths on AVX512
+    CPUs. CUDA takes bitsandbytes' own path unchanged."""
 
     def forward(self, x):
-        if x.device.type != "cpu" or self.weight.quant_state.shape.numel() <= NUMBERS_AT_A_TIME:
+        if x.device.type != "cpu":
             return super().forward(x)
         out = TimesRows.apply(x.to(self.compute_dtype), self)  # x @ W.T
         if self.bias is not None:
@@ -122,22 +127,45 @@ class TimesRows(torch.autograd.Function):
         return grad_x, None
 
 
-def dequantized_rows(layer):
-    """Yield (start, stop, W[start:stop]) for a 4-bit layer, each block equal to those rows of
-    bitsandbytes' dequantization of the whole weight (a block of 64 never straddles two)."""
+def dequantized_rows(layer, rows=None):
+    """Yield (start, stop, W[start:stop]) for a 4-bit layer, about NUMBERS_AT_A_TIME numbers at a time, or
+    `rows` rows. Both are multiples of 64 rows (or all of them), so a block of 64 never straddles two."""
     state = layer.weight.quant_state
     out_features, in_features = state.shape
-    absmax = state.absmax  # one scale per 64 weights, in row-major order
-    if state.nested:  # double quantization: the scales are 8-bit, by 256, around their mean
-        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    packed = layer.weight.data.view(-1)  # two 4-bit codes per byte, row-major
-    rows = rows_at_a_time(in_features)
+    absmax = scales(state)
+    packed = layer.weight.data.view(torch.uint8).view(-1)  # two 4-bit codes per byte, row-major
+    rows = rows or rows_at_a_time(in_features)
     for start in range(0, out_features, rows):
         stop = min(start + rows, out_features)
         codes = packed[start * in_features // 2:(stop * in_features + 1) // 2]
-        scales = absmax[start * in_features // BLOCK:-(-stop * in_features // BLOCK)]
-        yield start, stop, torch.ops.bitsandbytes.dequantize_4bit.default(
-            codes, scales, BLOCK, state.quant_type, (stop - start, in_features), state.dtype)
+        block_scales = absmax[start * in_features // BLOCK:-(-stop * in_features // BLOCK)]
+        yield start, stop, dequantize_4bit(codes, block_scales, state.quant_type, (stop - start, in_features),
+                                           state.dtype)
+
+
+def scales(state) -> torch.Tensor:
+    """The fp32 absmax of every block of 64 weights, in row-major order."""
+    if state.nested:  # double quantization: the scales are 8-bit, by 256, around their mean
+        return bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return state.absmax
+
+
+def dequantize_4bit(packed, absmax, quant_type, shape, dtype) -> torch.Tensor:
+    """w = absmax[block] * codebook[code] for the weights of `shape`, on CPU.
+
+    bitsandbytes' C++ kernel where every row is whole blocks of 64 (there it is right on every CPU, and
+    fast); the same formula in torch elsewhere, where its AVX512 path takes the wrong scales."""
+    if shape[-1] % BLOCK == 0:
+        return bitsandbytes_dequantize_4bit(packed, absmax, BLOCK, quant_type, shape, dtype)
+    numbers = shape[0] * shape[1]
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).view(-1)[:numbers]  # the high half-byte first
+    values = bnb.functional.get_4bit_type(quant_type, packed.device)[codes.int()]  # (numbers,) in [-1, 1]
+    blocks = -(-numbers // BLOCK)
+    values = F.pad(values, (0, blocks * BLOCK - numbers)).view(blocks, BLOCK) * absmax[:blocks, None]
+    return values.view(-1)[:numbers].view(shape).to(dtype)
+
+
+bitsandbytes_dequantize_4bit = torch.ops.bitsandbytes.dequantize_4bit.default  # its C++ kernel, on CPU
 
 
 def is_4bit(layer) -> bool:
@@ -145,8 +173,17 @@ def is_4bit(layer) -> bool:
 
 
 def dequantize(layer) -> torch.Tensor:
-    """The (out, in) weight that a 4-bit layer really multiplies by, as bitsandbytes itself decodes it."""
-    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    """The (out, in) weight that a 4-bit layer really multiplies by."""
+    state = layer.weight.quant_state
+    if layer.weight.device.type != "cpu":
+        return bnb.functional.dequantize_4bit(layer.weight.data, state)
+    return torch.cat([rows for _, _, rows in dequantized_rows(layer, rows=state.shape[0])])
+
+
+def misdecoded_by_bitsandbytes(in_features) -> bool:
+    """Whether bitsandbytes' AVX512 CPU kernel decodes rows of `in_features` numbers with the wrong scales
+    (measured: every multiple of 16 that 64 does not divide; other widths take its scalar path)."""
+    return in_features % BLOCK != 0 and in_features % 16 == 0
 
 
 def requantize_(layer, weight) -> float:
