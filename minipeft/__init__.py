@@ -5,7 +5,7 @@
     methods/    prompt/prefix tuning, LoRA/DoRA, IA3, BitFit, bottleneck adapters put their modules into the model's slots (contract: llama/model.py);
                 freezing, counting and fingerprints ask those modules (wrappers.py)
                                                          │
-    adapter_files.py   each method's tensors and config ─► peft-layout files, and back
+    formats/          each method's tensors and config ─► peft-layout files, and back (peft.py: one table a method)
                                                          │
     train/      data ─► batches ─► the loop's pieces ─► resumable run state, reports
 
@@ -13,7 +13,7 @@ Imports run one way, down this picture: llama/ knows nothing of methods/ or trai
 nothing of train/.
 """
 
-from .adapter_files import load_adapter, save_adapter
+from .formats import load_adapter, save_adapter
 from .errors import MiniPeftError
 from .llama.config import LlamaConfig
 from .llama.generate import generate

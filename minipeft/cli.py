@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save as save_safetensors_bytes
 
-from . import adapter_files
+from . import formats
 from .errors import MiniPeftError, run_cli
 from .files import write_atomically
 from .llama.config import LlamaConfig
@@ -71,7 +71,7 @@ def command_generate(args):
     model, tokenizer = load(args.weights, quantize="nf4" if args.four_bit else None, device=args.device,
                             progress=sys.stderr)  # stdout is the answers alone
     for name, path in adapters.items():
-        adapter_files.load_adapter(model, path, name=name)
+        formats.load_adapter(model, path, name=name)
     if adapters:
         set_adapter(model, [name for name, _ in rows])
     answers = generate(model, [tokenizer.encode(text) for _, text in rows], args.max_new_tokens,
@@ -121,7 +121,7 @@ def command_merge(args):
     if out.exists() and any(out.iterdir()):
         raise MiniPeftError(f"--out {out}: exists and is not empty; choose a new directory")
     model = load_model(weights, quantize="nf4" if args.four_bit else None, progress=sys.stderr)
-    config_name = adapter_files.load_adapter(model, args.adapter)["peft_type"]
+    config_name = formats.load_adapter(model, args.adapter)["peft_type"]
     probe = torch.arange(32)[None] * 7919 % model.config.vocab_size  # any tokens: the same before and after
     with torch.no_grad():
         unmerged = model(probe)

@@ -5,12 +5,13 @@ import sys
 from pathlib import Path
 
 import minipeft
-from minipeft import adapter_files
+from minipeft import formats
 
 PACKAGE = Path(minipeft.__file__).parent
-# Each folder, and the minipeft modules it must never import: the pipeline runs llama -> methods -> files -> train.
-FORBIDDEN = {"llama": ("minipeft.methods", "minipeft.train", "minipeft.adapter_files"),
-             "methods": ("minipeft.train", "minipeft.adapter_files")}
+# Each folder, and the minipeft modules it must never import: the pipeline runs llama -> methods -> formats -> train.
+FORBIDDEN = {"llama": ("minipeft.methods", "minipeft.train", "minipeft.formats"),
+             "methods": ("minipeft.train", "minipeft.formats"),
+             "formats": ("minipeft.train",)}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -55,19 +56,35 @@ def test_the_import_check_sees_a_back_arrow(tmp_path, monkeypatch):
                                     "llama/model.py imports minipeft.train.loop.warmup_cosine"]
 
 
-def test_each_method_file_holds_its_whole_method():
-    """Wrapper, add_ function, settings and both directions of its file format, in one file per method."""
-    assert set(adapter_files.METHODS) == {"LORA", "PROMPT_TUNING", "PREFIX_TUNING", "IA3", "BEFT", "BOTTLENECK"}
-    for peft_type, method in adapter_files.METHODS.items():
+def test_each_method_file_holds_its_method_and_its_format_is_one_entry():
+    """Wrapper, add_ function and settings in one file per method; its file format is one entry in formats/."""
+    assert set(formats.FORMATS) == {"LORA", "PROMPT_TUNING", "PREFIX_TUNING", "IA3", "BEFT", "BOTTLENECK"}
+    for peft_type, entry in formats.FORMATS.items():
+        method = sys.modules[entry.settings.__module__]
         assert Path(method.__file__).parent == PACKAGE / "methods"
         add = [name for name in vars(method) if name.startswith("add_")]
         wrappers = [v for v in vars(method).values() if isinstance(v, type) and hasattr(v, "trainable_names")]
-        settings = [v for v in vars(method).values() if getattr(v, "peft_type", None) == peft_type]
-        assert add and wrappers and settings and callable(method.to_peft) and callable(method.from_peft), peft_type
+        assert add and wrappers and callable(entry.write) and callable(entry.read), peft_type
+        assert Path(sys.modules[entry.write.__module__].__file__).parent == PACKAGE / "formats", peft_type
+
+
+def test_method_files_name_no_peft_keys():
+    """peft's key names live in formats/: no string constant in a method file's code is one of them."""
+    keys = {key for entry in formats.FORMATS.values()
+            for key in (*entry.keys.read, *entry.keys.not_math, *entry.keys.only_default)} - {"format"}
+    keys |= {"peft_type", "task_type", "base_model.model."}
+    for path in (PACKAGE / "methods").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        strings = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                   and isinstance(node.value, str) and id(node) not in docstrings}
+        assert strings & keys == set(), (path.name, strings & keys)
 
 
 def test_no_shared_list_of_methods_outside_the_one_table():
-    """No if/elif over peft types: the only place that names them all is adapter_files.METHODS."""
+    """No if/elif over peft types: the only place that names them all is formats.FORMATS."""
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
         assert "== \"LORA\"" not in text and "== \"PROMPT_TUNING\"" not in text, path

@@ -8,6 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from minipeft import MiniPeftError, add_lora, load_adapter, load_model, merge, save_adapter
+from minipeft.formats.peft import COMMON, LORA_KEYS, PROMPT_TUNING_KEYS
 from minipeft.methods import lora, prompt_tuning
 from tests.helpers import write_hf_checkpoint
 
@@ -64,12 +65,12 @@ def unset_to_set(default):
     return {False: True, None: [0], "none": "all"}.get(default, "changed")
 
 
-def walk(peft_config_class, method):
+def walk(peft_config_class, keys):
     names = {f.name for f in dataclasses.fields(peft_config_class)}
-    accounted = set(method.PEFT_READ) | set(method.PEFT_NOT_MATH) | set(method.PEFT_ONLY_DEFAULT)
+    accounted = set(keys.read) | set(COMMON) | set(keys.not_math) | set(keys.only_default)
     assert names - accounted == set(), f"peft has keys minipeft does not account for: {names - accounted}"
     defaults = peft_config_class()
-    for key, ours in method.PEFT_ONLY_DEFAULT.items():
+    for key, ours in keys.only_default.items():
         theirs = getattr(defaults, key)
         assert theirs == ours or theirs in (None, {}, []) and ours is None, (key, theirs, ours)
 
@@ -77,11 +78,11 @@ def walk(peft_config_class, method):
 def test_every_lora_config_key_is_accounted_for_and_refused_when_set(pair):
     from peft import LoraConfig
 
-    walk(LoraConfig, lora)
+    walk(LoraConfig, LORA_KEYS)
     reference, tmp_path = pair
     directory, _ = peft_adapter(reference, tmp_path, r=4, lora_alpha=8, target_modules=["q_proj"])
     config = json.loads((directory / "adapter_config.json").read_text())
-    for key, default in lora.PEFT_ONLY_DEFAULT.items():
+    for key, default in LORA_KEYS.only_default.items():
         (directory / "adapter_config.json").write_text(json.dumps({**config, key: unset_to_set(default)}))
         with pytest.raises(MiniPeftError, match=f"key '{key}' is"):
             load_adapter(load_model(tmp_path / "base"), directory)
@@ -93,7 +94,7 @@ def test_every_lora_config_key_is_accounted_for_and_refused_when_set(pair):
 def test_every_prompt_tuning_config_key_is_accounted_for_and_refused_when_set(pair):
     from peft import PromptTuningConfig
 
-    walk(PromptTuningConfig, prompt_tuning)
+    walk(PromptTuningConfig, PROMPT_TUNING_KEYS)
     _, tmp_path = pair
     model = load_model(tmp_path / "base")
     prompt_tuning.add_prompt_tuning(model, num_prompts=3)

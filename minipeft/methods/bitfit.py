@@ -19,56 +19,41 @@ On disk (peft's layout, method BEFT): adapter_config.json {"peft_type": "BEFT", 
 """
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from ..errors import MiniPeftError, refuse_unhonoured, require
-from .wrappers import (PEFT_PREFIX, SHORT_NAMES, adapters_named, check_free, freeze_base, in_rows, innermost,
+from ..errors import MiniPeftError
+from .contract import Mergeable, Wrapper
+from .wrappers import (SHORT_NAMES, check_free, freeze_base, innermost,
                        linear_names, record_settings, target_matches, wrap)
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm", "model.norm")  # suffixes, as peft's modules_to_save
-PEFT_READ = ("target_modules", "modules_to_save")
-PEFT_NOT_MATH = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-                 "inference_mode", "init_weights")
 
 
-class LinearWithLearnedBias(nn.Module):
-    trainable_names, wrapped = ("beft_bias",), "base_layer"
+class LinearWithLearnedBias(Wrapper, Mergeable):
+    trainable_names = ("beft_bias",)
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         linear = innermost(base_layer)  # the frozen linear, under any other adapters on it
         self.beft_bias = nn.Parameter(torch.zeros(1, linear.out_features, device=linear.weight.device))
-        self.merged, self.enabled, self.adapter_name, self.rows = False, True, "default", None
 
-    def forward(self, x):
-        y = self.base_layer(x)  # (..., out)
-        return y if self.merged else in_rows(self, x, y, lambda x, y: y + self.beft_bias.flatten().to(y.dtype))
+    def adapt_output(self, x, y):
+        return y + self.beft_bias.flatten().to(y.dtype)  # W x + b
 
-    @torch.no_grad()
-    def merge(self) -> float:
+    def fold(self, sign: int) -> float:
         if self.base_layer.bias is None:
             raise MiniPeftError("merge: BitFit's biases need a bias in the base layer to fold into, and this Llama's "
                                 "linears have none; keep the adapter unmerged")
-        if not self.merged:
-            self.base_layer.bias += self.beft_bias.flatten().to(self.base_layer.bias.dtype)
-        self.merged = True
-        return 0.0
-
-    @torch.no_grad()
-    def unmerge(self) -> float:
-        if self.merged:
-            self.base_layer.bias -= self.beft_bias.flatten().to(self.base_layer.bias.dtype)
-        self.merged = False
+        self.base_layer.bias += sign * self.beft_bias.flatten().to(self.base_layer.bias.dtype)
         return 0.0
 
 
-class NormWithLearnedGain(nn.Module):
+class NormWithLearnedGain(Wrapper, Mergeable):
     """The frozen norm's own computation, with a trainable copy of its gain in place of the frozen one."""
     trainable_names, wrapped = ("weight",), "base_norm"
 
@@ -76,34 +61,20 @@ class NormWithLearnedGain(nn.Module):
         super().__init__()
         self.base_norm = base_norm
         self.weight = nn.Parameter(innermost(base_norm).weight.detach().clone().float())  # (D,): the base's gain
-        self.merged, self.enabled, self.adapter_name, self.rows = False, True, "default", None
 
-    def forward(self, x):
-        y = self.base_norm(x)
-        if self.merged:
-            return y
-        return in_rows(self, x, y, lambda x, y: functional_call(innermost(self), {"weight": self.weight}, (x,)))
+    def adapt_output(self, x, y):
+        return functional_call(innermost(self), {"weight": self.weight}, (x,))  # rms_norm(x) * g, g trained
 
-    @torch.no_grad()
-    def merge(self) -> float:
-        if not self.merged:
+    def fold(self, sign: int) -> float:
+        if sign > 0:
             self.frozen_gain = self.base_norm.weight.clone()
-            self.base_norm.weight.copy_(self.weight)
-        self.merged = True
-        return 0.0
-
-    @torch.no_grad()
-    def unmerge(self) -> float:
-        if self.merged:
-            self.base_norm.weight.copy_(self.frozen_gain)
-        self.merged = False
+        self.base_norm.weight.copy_(self.weight if sign > 0 else self.frozen_gain)
         return 0.0
 
 
 @dataclass
 class BitFitSettings:
-    """What add_bitfit was asked for; saved as peft's BeftConfig."""
-    peft_type: ClassVar[str] = "BEFT"
+    """What add_bitfit was asked for: what its adapter file is written from (formats/peft.py)."""
     targets: list = field(default_factory=list)
     norms: list | None = None
 
@@ -137,25 +108,3 @@ def add_bitfit(model, targets=BLOCK_LINEARS, norms=False, name="default") -> int
                                                 norm_suffixes or None))
     freeze_base(model)
     return len(linears) + len(chosen)
-
-
-# ---- the adapter file, in peft's layout ------------------------------------------------------------------
-
-def to_peft(model, settings: BitFitSettings, name="default") -> tuple[dict, dict]:
-    config = {"peft_type": "BEFT", "task_type": "CAUSAL_LM", "target_modules": settings.targets,
-              "modules_to_save": settings.norms, "init_weights": True}
-    biases = {f"{PEFT_PREFIX}{slot}.beft_bias": m.beft_bias
-              for slot, m in adapters_named(model, name, LinearWithLearnedBias).items()}
-    gains = {f"{PEFT_PREFIX}{slot}.weight": m.weight for slot, m in adapters_named(model, name, NormWithLearnedGain).items()}
-    return config, {**biases, **gains}
-
-
-def from_peft(model, config: dict, source, name="default") -> dict:
-    refuse_unhonoured(config, PEFT_READ, PEFT_NOT_MATH, {}, source)
-    targets = require(config, "target_modules", (list, str), source)
-    norms = require(config, "modules_to_save", list, source) if config.get("modules_to_save") is not None else None
-    try:
-        add_bitfit(model, targets, norms, name)
-    except MiniPeftError as e:
-        raise MiniPeftError(f"{source}: {e}") from None
-    return to_peft(model, model.peft_settings[name]["BEFT"], name)[1]

@@ -24,25 +24,20 @@ file): adapter_config.json {"peft_type": "BOTTLENECK", "placement": "houlsby" | 
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
 
-import torch
 import torch.nn as nn
 
-from ..errors import MiniPeftError, refuse_unhonoured, require
-from .wrappers import (PEFT_PREFIX, adapters_named, check_free, freeze_base, in_rows, innermost, linear_names,
+from ..errors import MiniPeftError
+from .contract import Wrapper
+from .wrappers import (check_free, freeze_base, innermost, linear_names,
                        record_settings, target_matches, wrap)
 
 PLACEMENTS = {"houlsby": ("o_proj", "down_proj"), "pfeiffer": ("down_proj",)}  # after attention and/or the MLP
 NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-FORMAT = "minipeft bottleneck adapters (Houlsby/Pfeiffer); peft cannot read this file"
-READ = ("placement", "bottleneck_size", "non_linearity")
-NOT_MATH = ("peft_type", "task_type", "format", "base_model_name_or_path", "inference_mode")
 
 
-class BottleneckAdapter(nn.Module):
+class BottleneckAdapter(Wrapper):
     trainable_names = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
-    wrapped = "base_layer"
 
     def __init__(self, base_layer: nn.Module, bottleneck_size: int, non_linearity: str):
         super().__init__()
@@ -54,12 +49,8 @@ class BottleneckAdapter(nn.Module):
         self.adapter_up = nn.Linear(bottleneck_size, D, device=device)  # W_up (D, m), b_up (D,)
         nn.init.zeros_(self.adapter_up.weight)
         nn.init.zeros_(self.adapter_up.bias)
-        self.enabled, self.adapter_name, self.rows = True, "default", None
 
-    def forward(self, x):
-        return in_rows(self, x, self.base_layer(x), self.adapt)  # in the rows this adapter serves
-
-    def adapt(self, x, h):
+    def adapt_output(self, x, h):
         """h + up(act(down(h))), from the wrapped layer's output h (..., D)."""
         update = self.adapter_up(self.non_linearity(self.adapter_down(h.to(self.adapter_down.weight.dtype))))
         return h + update.to(h.dtype)  # (..., D): the skip connection around the bottleneck
@@ -67,7 +58,7 @@ class BottleneckAdapter(nn.Module):
 
 @dataclass
 class BottleneckSettings:
-    peft_type: ClassVar[str] = "BOTTLENECK"
+    """What add_bottleneck_adapters was asked for: what its adapter file is written from (formats/bottleneck.py)."""
     placement: str
     bottleneck_size: int
     non_linearity: str
@@ -97,25 +88,3 @@ def add_bottleneck_adapters(model, bottleneck_size=64, placement="houlsby", non_
     record_settings(model, name, BottleneckSettings(placement, bottleneck_size, non_linearity))
     freeze_base(model)
     return len(wrapped)
-
-
-# ---- the adapter file: minipeft's own layout -------------------------------------------------------------
-
-def to_peft(model, settings: BottleneckSettings, name="default") -> tuple[dict, dict]:
-    config = {"peft_type": "BOTTLENECK", "format": FORMAT, "placement": settings.placement,
-              "bottleneck_size": settings.bottleneck_size, "non_linearity": settings.non_linearity}
-    return config, {f"{PEFT_PREFIX}{slot}.{tensor_name}": module.get_parameter(tensor_name)
-                    for slot, module in adapters_named(model, name, BottleneckAdapter).items()
-                    for tensor_name in module.trainable_names}
-
-
-def from_peft(model, config: dict, source, name="default") -> dict:
-    refuse_unhonoured(config, READ, NOT_MATH, {}, source)
-    placement = require(config, "placement", str, source)
-    size = require(config, "bottleneck_size", int, source, 1, model.config.hidden_size)
-    non_linearity = require(config, "non_linearity", str, source)
-    try:
-        add_bottleneck_adapters(model, size, placement, non_linearity, name)
-    except MiniPeftError as e:
-        raise MiniPeftError(f"{source}: {e}") from None
-    return to_peft(model, model.peft_settings[name]["BOTTLENECK"], name)[1]

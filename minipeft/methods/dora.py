@@ -16,8 +16,8 @@ LoRA's A and B learn the direction, m the magnitude: out more numbers per wrappe
 for a 4096x4096 projection; 6,684,672 for r=8 on q, k and v of Llama-7B (LoRA's 6,291,456 + 393,216).
 On a 4-bit base (QDoRA) the norm is taken of the dequantized W, as peft does.
 
-On disk (peft's layout): LoRA's file with "use_dora": true and, per wrapped layer, one more tensor
-    base_model.model.<layer name>.lora_magnitude_vector   (out,)
+On disk (peft's layout, formats/peft.py): LoRA's file with "use_dora": true and, per wrapped layer, one
+more tensor, base_model.model.<layer name>.lora_magnitude_vector (out,).
 """
 
 import torch
@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..llama.quant import dequantize, is_4bit
+from .lora import LoRALayer
 from .wrappers import innermost
 
 
@@ -33,39 +34,41 @@ def full_precision_weight(base_layer) -> torch.Tensor:
     return dequantize(base_layer) if is_4bit(base_layer) else base_layer.weight
 
 
-def row_norms(weight, delta, scaling) -> torch.Tensor:
-    """||W + s B A|| of each output row: (out,)."""
-    return torch.linalg.norm(weight + scaling * delta, dim=1)
-
-
 class MagnitudeVector(nn.Module):
-    """m, one length per output row, and the rescaling of a LoRA layer's output that it stands for."""
+    """m: one learned length per output row, (out,). B = 0 at the start, so m = ||W||_row: an untouched
+    adapter changes nothing."""
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self, linear: nn.Module):
         super().__init__()
-        with torch.no_grad():  # B = 0 at the start, so m = ||W||: an untouched adapter changes nothing
-            self.weight = nn.Parameter(torch.linalg.norm(full_precision_weight(base_layer).float(), dim=1))  # (out,)
+        with torch.no_grad():
+            self.weight = nn.Parameter(torch.linalg.norm(full_precision_weight(linear).float(), dim=1))
 
-    def forward(self, x, base_output, lora_output, layer):
-        """y = (m / n) ⊙ (W x + s B A x) + bias, from the base output and the unscaled B A x of `layer`."""
-        linear = innermost(layer.base_layer)  # the frozen linear, under any other adapters on it
-        weight = full_precision_weight(linear).to(x.dtype)  # (out, in)
-        delta = (layer.lora_B.weight @ layer.lora_A.weight).detach().to(x.dtype)  # B A: (out, in), no gradient
-        scale = (self.weight / row_norms(weight, delta, layer.scaling).detach()).to(x.dtype)  # m / n: (out,)
-        bias = linear.bias
-        without_bias = base_output if bias is None else base_output - bias
-        if layer.dropout_is_on():  # W x must see the same dropped-out x as the side path, as in peft
-            without_bias = F.linear(x, weight)
-        y = (scale - 1) * without_bias + scale * layer.scaling * lora_output
-        return base_output + y.to(base_output.dtype)
 
-    @torch.no_grad()
-    def merge(self, weight, delta) -> torch.Tensor:
-        """W' = (m / n) ⊙ (W + s B A): the (out, in) weight that computes what the layer does. n is kept."""
-        self.norms_at_merge = torch.linalg.norm(weight + delta, dim=1)  # (out,)
-        return (self.weight / self.norms_at_merge)[:, None] * (weight + delta)
+class DoRALayer(LoRALayer):
+    trainable_names = (*LoRALayer.trainable_names, "lora_magnitude_vector.weight")
 
-    @torch.no_grad()
-    def unmerge(self, merged, delta) -> torch.Tensor:
-        """W = W' n / m - s B A."""
-        return merged * (self.norms_at_merge / self.weight)[:, None] - delta
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora=False):
+        super().__init__(base_layer, r, alpha, dropout, use_rslora)
+        self.lora_magnitude_vector = MagnitudeVector(innermost(base_layer))  # m: (out,)
+
+    def adapt_output(self, x, y):
+        """y = (m / n) ⊙ (W x + s B A x) + bias, from the wrapped layer's output y = W x + bias."""
+        x = self.dropout(x.to(self.lora_A.weight.dtype))
+        linear = innermost(self.base_layer)  # the frozen linear, under any other adapters on it
+        weight = full_precision_weight(linear).to(x.dtype)  # W: (out, in)
+        delta = (self.lora_B.weight @ self.lora_A.weight).detach().to(x.dtype)  # B A: (out, in), no gradient
+        n = torch.linalg.norm(weight + self.scaling * delta, dim=1).detach()  # ||W + s B A||_row: (out,)
+        scale = (self.lora_magnitude_vector.weight / n).to(x.dtype)  # m / n: (out,)
+        base = y if linear.bias is None else y - linear.bias  # W x
+        if self.training and isinstance(self.dropout, nn.Dropout):  # W x sees the dropped-out x too, as in peft
+            base = F.linear(x, weight)
+        update = self.lora_B(self.lora_A(x))  # B A x: (..., out)
+        return y + ((scale - 1) * base + scale * self.scaling * update).to(y.dtype)
+
+    def folded(self, weight, sign: int) -> torch.Tensor:
+        """W' = (m / n) ⊙ (W + s B A), keeping n; and back: W = W' n / m - s B A."""
+        delta, m = self.delta_weight().float(), self.lora_magnitude_vector.weight
+        if sign > 0:
+            self.norms_at_merge = torch.linalg.norm(weight + delta, dim=1)  # n: (out,)
+            return (m / self.norms_at_merge)[:, None] * (weight + delta)
+        return weight * (self.norms_at_merge / m)[:, None] - delta

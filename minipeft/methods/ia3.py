@@ -19,69 +19,63 @@ On disk (peft's layout): adapter_config.json {"peft_type": "IA3", "target_module
 """
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from ..errors import MiniPeftError, refuse_unhonoured, require
+from ..errors import MiniPeftError
 from ..llama.quant import is_4bit
-from .wrappers import (PEFT_PREFIX, SHORT_NAMES, adapters_named, check_free, freeze_base, in_rows, innermost,
+from .contract import Mergeable, Wrapper
+from .wrappers import (SHORT_NAMES, check_free, freeze_base, innermost,
                        linear_names, record_settings, target_matches, wrap)
 
-PEFT_READ = ("target_modules", "feedforward_modules")
-PEFT_NOT_MATH = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-                 "inference_mode", "init_ia3_weights")
-PEFT_ONLY_DEFAULT = {"fan_in_fan_out": False, "modules_to_save": None, "exclude_modules": None}
 
+class IA3Layer(Wrapper, Mergeable):
+    """l ⊙ (W x): one learned number per output feature (k_proj, v_proj)."""
+    trainable_names = ("ia3_l",)
+    scales_bias = True  # W x + b is scaled as a whole
 
-class IA3Layer(nn.Module):
-    trainable_names, wrapped = ("ia3_l",), "base_layer"
-
-    def __init__(self, base_layer: nn.Module, feedforward: bool):
+    def __init__(self, base_layer: nn.Module):
         super().__init__()
-        self.base_layer, self.feedforward = base_layer, feedforward
+        self.base_layer = base_layer
         linear = innermost(base_layer)  # the frozen linear, under any other adapters on it
-        shape = (1, linear.in_features) if feedforward else (linear.out_features, 1)
-        self.ia3_l = nn.Parameter(torch.ones(shape, device=linear.weight.device))
-        self.merged, self.enabled, self.adapter_name, self.rows = False, True, "default", None
+        self.ia3_l = nn.Parameter(torch.ones(self.shape(linear), device=linear.weight.device))  # ones: no change
 
-    def forward(self, x):
-        if self.merged:
-            return self.base_layer(x)
-        if self.feedforward:  # scale the input features, in the rows this adapter serves
-            return self.base_layer(in_rows(self, x, x, lambda x, _: (x.to(self.ia3_l.dtype) * self.ia3_l.flatten())))
-        return in_rows(self, x, self.base_layer(x), lambda x, y: y * self.ia3_l.flatten())  # scale the outputs
+    def shape(self, linear):
+        return (linear.out_features, 1)  # (out, 1)
 
-    @torch.no_grad()
-    def merge(self) -> float:
-        """W <- W scaled (rows, or columns for a feedforward layer); an output layer's bias is scaled too."""
+    def adapt_output(self, x, y):
+        return y * self.ia3_l.flatten()  # l ⊙ (W x)
+
+    def fold(self, sign: int) -> float:
+        """W <- diag(l) W, and back; an output layer's bias is scaled too. Refused on a 4-bit base."""
         if is_4bit(self.base_layer):
             raise MiniPeftError("merge: IA3 on a 4-bit base cannot be folded into the weight without rounding it to "
                                 "the 4-bit grid again (peft refuses it too); keep the adapter unmerged")
-        if not self.merged:
-            self.rescale(self.ia3_l)
-        self.merged = True
-        return 0.0
-
-    @torch.no_grad()
-    def unmerge(self) -> float:
-        if self.merged:
-            self.rescale(1 / self.ia3_l)
-        self.merged = False
-        return 0.0
-
-    def rescale(self, by):
+        by = self.ia3_l if sign > 0 else 1 / self.ia3_l
         weight = self.base_layer.weight
         weight.copy_((weight.float() * by).to(weight.dtype))  # (out, in) * (out, 1) or (1, in)
-        if not self.feedforward and self.base_layer.bias is not None:
+        if self.scales_bias and self.base_layer.bias is not None:
             self.base_layer.bias.copy_(self.base_layer.bias * by.flatten())
+        return 0.0
+
+
+class IA3FeedforwardLayer(IA3Layer):
+    """W (l ⊙ x): one learned number per input feature (down_proj, a "feedforward" layer)."""
+    scales_bias = False  # the bias is added after W (l ⊙ x): untouched
+
+    def shape(self, linear):
+        return (1, linear.in_features)  # (1, in)
+
+    def adapt_input(self, x):
+        return x.to(self.ia3_l.dtype) * self.ia3_l.flatten()  # l ⊙ x, then the frozen W
+
+    adapt_output = Wrapper.adapt_output  # the output passes as it is
 
 
 @dataclass
 class IA3Settings:
-    """What add_ia3 was asked for; saved as peft's IA3Config."""
-    peft_type: ClassVar[str] = "IA3"
+    """What add_ia3 was asked for: what its adapter file is written from (formats/peft.py)."""
     targets: list = field(default_factory=list)
     feedforward: list = field(default_factory=list)
 
@@ -105,30 +99,7 @@ def add_ia3(model, targets=("k_proj", "v_proj", "down_proj"), feedforward=("down
         raise MiniPeftError(f"feedforward: {outside} are not among the wrapped targets {targets!r}")
     for layer in wrapped:
         check_free(model, layer, name, IA3Layer)
-        wrap(model, layer, lambda base: IA3Layer(base, is_feedforward(layer)), name)
+        wrap(model, layer, IA3FeedforwardLayer if is_feedforward(layer) else IA3Layer, name)
     record_settings(model, name, IA3Settings(sorted(wrapped) if isinstance(targets, str) else list(targets), feedforward))
     freeze_base(model)
     return len(wrapped)
-
-
-# ---- the adapter file, in peft's layout ------------------------------------------------------------------
-
-def to_peft(model, settings: IA3Settings, name="default") -> tuple[dict, dict]:
-    config = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": settings.targets,
-              "feedforward_modules": settings.feedforward, "fan_in_fan_out": False, "modules_to_save": None,
-              "init_ia3_weights": True}
-    layers = adapters_named(model, name, IA3Layer)
-    return config, {f"{PEFT_PREFIX}{slot}.ia3_l": layer.ia3_l for slot, layer in layers.items()}
-
-
-def from_peft(model, config: dict, source, name="default") -> dict:
-    refuse_unhonoured(config, PEFT_READ, PEFT_NOT_MATH, PEFT_ONLY_DEFAULT, source)
-    targets = require(config, "target_modules", (list, str), source)
-    feedforward = require(config, "feedforward_modules", (list, str), source, default=[])
-    if isinstance(feedforward, str):  # a regex in peft: the wrapped names it matches
-        feedforward = [n for n in linear_names(model) if target_matches(n, feedforward)]
-    try:
-        add_ia3(model, targets, feedforward, name)
-    except MiniPeftError as e:
-        raise MiniPeftError(f"{source}: target_modules {targets!r} do not fit this model ({e})") from None
-    return to_peft(model, model.peft_settings[name]["IA3"], name)[1]

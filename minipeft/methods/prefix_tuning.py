@@ -22,23 +22,17 @@ tensor, prompt_embeddings (P, num_layers x 2 x kv_dim): with a projection, its o
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from ..errors import MiniPeftError, refuse_unhonoured, require
+from ..errors import MiniPeftError
 from ..llama.model import KVCache
-from .wrappers import adapters_named, check_free, disabled, freeze_base, record_settings, row_mask
-
-PEFT_READ = ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules",
-             "prefix_projection", "encoder_hidden_size")
-PEFT_NOT_MATH = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-                 "inference_mode", "init_weights")
-PEFT_ONLY_DEFAULT = {"modules_to_save": None}
+from .contract import PastWrapper
+from .wrappers import check_free, disabled, freeze_base, record_settings
 
 
-class LearnedPast(nn.Module):
+class LearnedPast(PastWrapper):
     """P learned keys and values for every layer: called with the batch size, returns them per layer."""
     trainable_names, wrapped = ("embedding.weight",), "inner"  # with a projection: the MLP's tensors too
 
@@ -55,31 +49,18 @@ class LearnedPast(nn.Module):
             self.embedding = nn.Embedding(num_prompts, flat)
         self.trainable_names = tuple(name for name, _ in self.named_parameters())
         self.inner = None  # another adapter's learned past, when several share the base
-        self.enabled, self.adapter_name, self.rows = True, "default", None
 
     def prompt_embeddings(self) -> torch.Tensor:
         """(P, num_layers x 2 x kv_dim): every layer's keys and values, flattened as peft flattens them."""
         weight = self.embedding.weight
         return self.transform(weight) if self.projection_hidden else weight
 
-    def forward(self, batch_size):
-        inner = self.inner(batch_size) if self.inner is not None else None  # another adapter's, in a mixed batch
-        serves = row_mask(self, batch_size, self.embedding.weight.device)  # (B,): the rows with this adapter
-        if not serves.any():
-            return inner
+    def keys_and_values(self, batch_size):
+        """Each layer's learned keys and values, (B, KV heads, P, head_dim) each: two lists of num_layers."""
         P, L = self.num_prompts, self.num_layers
         past = self.prompt_embeddings().view(P, L * 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)  # (2L, KV, P, hd)
         past = past[:, None].expand(-1, batch_size, -1, -1, -1)  # (2L, B, KV, P, hd)
-        keys, values = list(past[0::2]), list(past[1::2])  # keys of layers 0..L-1, then their values
-        if serves.all() and inner is None:
-            return keys, values
-        real = serves[:, None].expand(-1, P)  # (B, P): the positions are real only in this adapter's rows
-        if inner is None:
-            return keys, values, real
-        inner_keys, inner_values, inner_real = inner if len(inner) == 3 else (
-            *inner, torch.ones(batch_size, inner[0][0].shape[2], dtype=torch.bool, device=real.device))
-        join = lambda a, b: [torch.cat([x, y], dim=2) for x, y in zip(a, b)]  # along the positions
-        return join(inner_keys, keys), join(inner_values, values), torch.cat([inner_real, real], dim=1)
+        return list(past[0::2]), list(past[1::2])  # keys of layers 0..L-1, then their values
 
 
 @torch.no_grad()
@@ -95,8 +76,7 @@ def keys_and_values_of_tokens(model, token_ids) -> torch.Tensor:
 
 @dataclass
 class PrefixTuningSettings:
-    """What add_prefix_tuning was asked for; saved as peft's PrefixTuningConfig."""
-    peft_type: ClassVar[str] = "PREFIX_TUNING"
+    """What add_prefix_tuning was asked for: what its adapter file is written from (formats/peft.py)."""
     num_prompts: int
     projection_hidden: int | None
     init: str
@@ -135,37 +115,3 @@ def add_prefix_tuning(model, num_prompts=20, projection_hidden=None, init="vocab
     record_settings(model, name, PrefixTuningSettings(num_prompts, projection_hidden, init))
     freeze_base(model)
     return past
-
-
-# ---- the adapter file, in peft's layout ------------------------------------------------------------------
-
-def to_peft(model, settings: PrefixTuningSettings, name="default") -> tuple[dict, dict]:
-    """peft's PrefixTuningConfig (for Llama's grouped-query heads: token_dim is kv_dim) and prompt_embeddings."""
-    shape = model.config
-    kv_dim = shape.num_key_value_heads * shape.head_dim
-    config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": settings.num_prompts,
-              "token_dim": kv_dim, "num_transformer_submodules": 1, "num_attention_heads": shape.num_key_value_heads,
-              "num_layers": shape.num_hidden_layers, "prefix_projection": bool(settings.projection_hidden),
-              "encoder_hidden_size": settings.projection_hidden or kv_dim,
-              "init_weights": "zero" if settings.init == "zero" else None}
-    past, = adapters_named(model, name, LearnedPast).values()
-    return config, {"prompt_embeddings": past.prompt_embeddings()}
-
-
-def from_peft(model, config: dict, source, name="default") -> dict:
-    """Give `model` the learned past the PrefixTuningConfig describes; return {file key: parameter}.
-
-    A file trained with a projection holds the MLP's output, so it loads as keys and values to use (and to
-    train further) directly, as peft does when it loads one for inference."""
-    refuse_unhonoured(config, PEFT_READ, PEFT_NOT_MATH, PEFT_ONLY_DEFAULT, source)
-    shape = model.config
-    kv_heads, kv_dim = shape.num_key_value_heads, shape.num_key_value_heads * shape.head_dim
-    require(config, "token_dim", int, source, kv_dim, kv_dim)  # num_key_value_heads x head_dim of this base
-    require(config, "num_attention_heads", int, source, kv_heads, kv_heads)
-    require(config, "num_layers", int, source, shape.num_hidden_layers, shape.num_hidden_layers)
-    require(config, "num_transformer_submodules", int, source, 1, 1, default=1)
-    require(config, "prefix_projection", bool, source, default=False)
-    require(config, "encoder_hidden_size", int, source, 1, 1 << 20, default=kv_dim)
-    num_prompts = require(config, "num_virtual_tokens", int, source, 1, shape.max_position_embeddings)
-    past = add_prefix_tuning(model, num_prompts, init="zero", name=name)  # the file's values replace these
-    return {"prompt_embeddings": past.embedding.weight}

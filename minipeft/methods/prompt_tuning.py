@@ -15,24 +15,18 @@ On disk (peft's layout): adapter_config.json {"peft_type": "PROMPT_TUNING", "num
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from ..errors import MiniPeftError, refuse_unhonoured, require
-from .wrappers import adapters_named, check_free, freeze_base, record_settings, row_mask, wrap
+from ..errors import MiniPeftError
+from .contract import Prepends
+from .wrappers import check_free, freeze_base, record_settings, wrap
 
-PEFT_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}  # ours -> peft's prompt_tuning_init
-# Every key of peft's PromptTuningConfig: honoured, without effect once the prompts are trained, or refused.
-PEFT_READ = ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "prompt_tuning_init",
-             "prompt_tuning_init_text")
-PEFT_NOT_MATH = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-                 "inference_mode", "num_attention_heads", "num_layers", "tokenizer_name_or_path", "tokenizer_kwargs")
-PEFT_ONLY_DEFAULT = {"modules_to_save": None}
+INITS = ("random", "vocab", "text")  # Lester et al.'s three starting points
 
 
-class WordEmbeddingsWithLearnedPrompts(nn.Module):
+class WordEmbeddingsWithLearnedPrompts(Prepends):
     """Wraps the frozen token embedding and prepends `num_prompts` learned vectors to every sequence."""
     trainable_names, wrapped = ("learned_prompts",), "word_embeddings"
 
@@ -40,7 +34,6 @@ class WordEmbeddingsWithLearnedPrompts(nn.Module):
         super().__init__()
         self.word_embeddings = word_embeddings
         self.learned_prompts = nn.Parameter(learned_prompts.detach().clone().float())  # (P, D)
-        self.enabled, self.adapter_name, self.rows = True, "default", None
 
     @property
     def num_prompts(self) -> int:
@@ -50,32 +43,15 @@ class WordEmbeddingsWithLearnedPrompts(nn.Module):
     def weight(self):  # the vocabulary matrix, for lookups that must not prepend (cached decoding)
         return self.word_embeddings.weight
 
-    def forward(self, input_ids):
-        inner = self.word_embeddings(input_ids)  # (B, T, D), or another adapter's (B, P' + T, D) and its mask
-        tokens, inner_real = inner if isinstance(inner, tuple) else (inner, None)
-        serves = row_mask(self, len(input_ids), tokens.device)  # (B,): the rows with this adapter
-        if not serves.any():
-            return inner
-        prompts = self.learned_prompts.to(tokens.dtype).expand(len(input_ids), -1, -1)  # (B, P, D)
-        if serves.all() and inner_real is None:
-            return torch.cat([prompts, tokens], dim=1)  # (B, P + T, D)
-        # A mixed batch: the P positions are real only in this adapter's rows (contract 2's mask), where they
-        # go last, next to the text (its first token is predicted from the last prompt, as when alone).
-        real = serves[:, None].expand(-1, self.num_prompts)  # (B, P)
-        prompts = prompts * serves[:, None, None]
-        if inner_real is None:
-            return torch.cat([prompts, tokens], dim=1), real  # (B, P + T, D)
-        inner_prompts, text = tokens[:, :inner_real.shape[1]], tokens[:, inner_real.shape[1]:]  # (B, P', D), (B, T, D)
-        mine_last = serves[:, None, None]
-        x = torch.where(mine_last, torch.cat([inner_prompts, prompts], 1), torch.cat([prompts, inner_prompts], 1))
-        real = torch.where(mine_last[..., 0], torch.cat([inner_real, real], 1), torch.cat([real, inner_real], 1))
-        return torch.cat([x, text], dim=1), real  # (B, P + P' + T, D), (B, P + P')
+    def adapt_output(self, input_ids, tokens):
+        """The learned prompts in front of the tokens' embeddings (B, T, D): (B, P + T, D)."""
+        prompts = self.learned_prompts.to(tokens.dtype).expand(len(tokens), -1, -1)  # (B, P, D)
+        return torch.cat([prompts, tokens], dim=1)
 
 
 @dataclass
 class PromptTuningSettings:
-    """What add_prompt_tuning was asked for; saved as peft's PromptTuningConfig."""
-    peft_type: ClassVar[str] = "PROMPT_TUNING"
+    """What add_prompt_tuning was asked for: what its adapter file is written from (formats/peft.py)."""
     num_prompts: int
     init: str
     init_text: str | None = None
@@ -107,8 +83,8 @@ def add_prompt_tuning(model, num_prompts=16, init="vocab", init_text=None, token
     """
     if not isinstance(num_prompts, int) or num_prompts <= 0:
         raise MiniPeftError(f"num_prompts: expected a positive integer, got {num_prompts!r}")
-    if init not in PEFT_INITS:
-        raise MiniPeftError(f"add_prompt_tuning: init must be one of {tuple(PEFT_INITS)}, got {init!r}")
+    if init not in INITS:
+        raise MiniPeftError(f"add_prompt_tuning: init must be one of {INITS}, got {init!r}")
     check_free(model, "model.embed_tokens", name, WordEmbeddingsWithLearnedPrompts)
     embedding = model.model.embed_tokens
     generator = torch.Generator().manual_seed(seed)
@@ -117,30 +93,3 @@ def add_prompt_tuning(model, num_prompts=16, init="vocab", init_text=None, token
     record_settings(model, name, PromptTuningSettings(num_prompts, init, init_text if init == "text" else None))
     freeze_base(model)
     return model.model.embed_tokens
-
-
-# ---- the adapter file, in peft's layout ------------------------------------------------------------------
-
-def to_peft(model, settings: PromptTuningSettings, name="default") -> tuple[dict, dict]:
-    """peft's PromptTuningConfig and the one tensor, prompt_embeddings (P, D)."""
-    shape = model.config
-    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": settings.num_prompts,
-              "token_dim": shape.hidden_size, "num_transformer_submodules": 1,
-              "num_attention_heads": shape.num_attention_heads, "num_layers": shape.num_hidden_layers,
-              "prompt_tuning_init": PEFT_INITS[settings.init], "prompt_tuning_init_text": settings.init_text}
-    wrapper, = adapters_named(model, name, WordEmbeddingsWithLearnedPrompts).values()
-    return config, {"prompt_embeddings": wrapper.learned_prompts}
-
-
-def from_peft(model, config: dict, source, name="default") -> dict:
-    """Put learned prompts in front of `model` as the PromptTuningConfig says; return {file key: parameter}."""
-    refuse_unhonoured(config, PEFT_READ, PEFT_NOT_MATH, PEFT_ONLY_DEFAULT, source)
-    hidden = model.config.hidden_size
-    require(config, "token_dim", int, source, hidden, hidden, default=hidden)  # the vectors live in the embedding
-    require(config, "num_transformer_submodules", int, source, 1, 1, default=1)  # decoder-only: one stack
-    num_prompts = require(config, "num_virtual_tokens", int, source, 1, model.config.max_position_embeddings)
-    init = {peft: ours for ours, peft in PEFT_INITS.items()}.get(config.get("prompt_tuning_init"), "random")
-    wrapper = add_prompt_tuning(model, num_prompts, init="random", name=name)  # the file's values replace these
-    model.peft_settings[name]["PROMPT_TUNING"] = PromptTuningSettings(num_prompts, init,
-                                                                      config.get("prompt_tuning_init_text"))
-    return {"prompt_embeddings": wrapper.learned_prompts}

@@ -1,19 +1,10 @@
-"""What every PEFT method shares: freezing, counting, fingerprints, which rows each adapter serves, and
-peft's rules for naming the layers to wrap. None of it keeps a list of methods: it asks the modules that
-the methods put into the model.
+"""What every PEFT method shares: freezing, counting, fingerprints, merge and `disabled()`, and peft's rules
+for naming the layers to wrap. None of it keeps a list of methods: it asks the modules that the methods put
+into the model, which keep the contract in contract.py (trainable_names, wrapped, adapter_name, enabled,
+rows, merged). Which rows each adapter serves is named_adapters.py's.
 
-A wrapper (any module a method adds) declares
-    trainable_names   the names of its own parameters that train, e.g. ("lora_A.weight", "lora_B.weight")
-    wrapped           the attribute holding the module it wraps, if any, e.g. "base_layer"
-    adapter_name      the named adapter it belongs to ("default" unless asked otherwise)
-    enabled           False makes it pass the bare base through (see `disabled`)
-    rows              None: it serves every row of the batch; a tuple: only those rows (see `route`)
-
-Several adapters on one slot are stacked: the second wraps the first, and each applies itself only to
-its own rows, so every row sees exactly one adapter and the frozen base runs once, innermost.
-
-Each method records what it was asked for (a small settings dataclass with its `peft_type`) in
-`model.peft_settings[adapter name]`, which is what its adapter file is written from.
+Each method records what it was asked for (a small settings dataclass) in
+`model.adapter_settings[adapter name][its class]`, which is what its adapter file is written from (formats/).
 """
 
 import hashlib
@@ -24,16 +15,11 @@ import torch
 import torch.nn as nn
 
 from ..errors import MiniPeftError
+from .named_adapters import route, wrappers
 
 
 SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
                "up": "up_proj", "down": "down_proj"}  # the linears' names, short, as targets may give them
-PEFT_PREFIX = "base_model.model."  # in front of every layer name in peft's adapter files
-
-
-def wrappers(model):
-    """(name, module) for every module a PEFT method added."""
-    return [(name, m) for name, m in model.named_modules() if hasattr(m, "trainable_names")]
 
 
 def adapter_parameters(model) -> dict:
@@ -55,53 +41,6 @@ def freeze_base(model):
     for _, module in wrappers(model):
         module.train(model.training)
     route(model)
-
-
-def route(model):
-    """Give every wrapper the rows it serves, from `model.active_adapter`: one name (its adapters serve all
-    rows, the others none), None (none serve any), or a list with a name or None per row. Only adapters that
-    serve some row train."""
-    active = getattr(model, "active_adapter", None)
-    for _, module in wrappers(model):
-        if isinstance(active, list):
-            module.rows = tuple(row for row, name in enumerate(active) if name == module.adapter_name)
-        else:
-            module.rows = None if active == module.adapter_name else ()
-        for tensor_name in module.trainable_names:
-            module.get_parameter(tensor_name).requires_grad_(module.rows is None or len(module.rows) > 0)
-
-
-def row_index(module, batch_size: int, device):
-    """The rows a wrapper serves, as an index tensor; None for every row."""
-    if module.rows is None:
-        return None
-    if module.rows and module.rows[-1] >= batch_size:
-        raise MiniPeftError(f"set_adapter: adapters were set for {module.rows[-1] + 1}+ rows, the batch has "
-                            f"{batch_size}")
-    return torch.tensor(module.rows, dtype=torch.long, device=device)
-
-
-def in_rows(module, x, y, adapt):
-    """A wrapper's output: adapt(x, y) in the rows its adapter serves, the output y of what it wraps in the
-    others. Only the served rows are computed. x: (B, ..., in), y: (B, ..., out)."""
-    if not module.enabled:
-        return y
-    rows = row_index(module, x.shape[0], x.device)
-    if rows is None:
-        return adapt(x, y)
-    if len(rows) == 0:
-        return y
-    return y.index_copy(0, rows, adapt(x[rows], y[rows]).to(y.dtype))
-
-
-def row_mask(module, batch_size: int, device) -> torch.Tensor:
-    """(B,) bool: True in the rows a wrapper serves (for prepended positions, which exist in every row)."""
-    rows = row_index(module, batch_size, device)
-    if not module.enabled:
-        return torch.zeros(batch_size, dtype=torch.bool, device=device)
-    if rows is None:
-        return torch.ones(batch_size, dtype=torch.bool, device=device)
-    return torch.zeros(batch_size, dtype=torch.bool, device=device).index_fill(0, rows, True)
 
 
 def target_matches(name: str, targets) -> bool:
@@ -170,9 +109,9 @@ def record_settings(model, name: str, settings):
     first adapter added is the active one."""
     if not isinstance(name, str) or not name:
         raise MiniPeftError(f"name: expected a non-empty adapter name, got {name!r}")
-    if not hasattr(model, "peft_settings"):
-        model.peft_settings = {}
-    model.peft_settings.setdefault(name, {})[settings.peft_type] = settings
+    if not hasattr(model, "adapter_settings"):
+        model.adapter_settings = {}
+    model.adapter_settings.setdefault(name, {})[type(settings)] = settings
     if not hasattr(model, "active_adapter"):
         model.active_adapter = name
 
@@ -229,7 +168,7 @@ def merge(model) -> float:
     """Fold every change to a weight (LoRA, DoRA, IA3, BitFit) into the base, for inference; return the worst
     rounding error (0 unless the base is 4-bit). Learned prompts, a learned past and bottleneck adapters are
     not changes to a weight: they stay as they are, and still work."""
-    names = list(getattr(model, "peft_settings", {}))
+    names = list(getattr(model, "adapter_settings", {}))
     if len(names) > 1:
         raise MiniPeftError(f"merge: the model holds adapters {names}; folding one into the base would change it "
                             f"under the others. delete_adapter the others first")

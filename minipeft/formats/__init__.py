@@ -3,8 +3,8 @@
     adapter_config.json          {"peft_type": "LORA", ...} or {"peft_type": "PROMPT_TUNING", ...}
     adapter_model.safetensors    the method's tensors, named as peft names them
 
-Each method writes and reads its own config and tensor names (`to_peft` / `from_peft` in its file);
-this module finds the method by `peft_type` in one table, checks that the tensors fit the base, and
+Each method's keys and tensor names are one entry in peft.py (bottleneck adapters, which peft lacks, in
+bottleneck.py); this module finds the entry by `peft_type`, checks that the tensors fit the base, and
 writes atomically, so an adapter trained here loads in peft (and the serving stacks that read peft's
 files), and one trained with peft loads here.
 
@@ -19,29 +19,31 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from .errors import MiniPeftError
-from .files import write_atomically
-from .methods import bitfit, bottleneck, ia3, lora, prefix_tuning, prompt_tuning
+from ..errors import MiniPeftError
+from ..files import write_atomically
+from .bottleneck import BOTTLENECK
+from .peft import FORMATS as PEFT_FORMATS
 
-METHODS = {"LORA": lora, "PROMPT_TUNING": prompt_tuning, "PREFIX_TUNING": prefix_tuning, "IA3": ia3, "BEFT": bitfit,
-           "BOTTLENECK": bottleneck}  # peft_type -> the method's file (BOTTLENECK is minipeft's own)
+FORMATS = {entry.peft_type: entry for entry in [*PEFT_FORMATS, BOTTLENECK]}  # BOTTLENECK is minipeft's own
+BY_SETTINGS = {entry.settings: entry for entry in FORMATS.values()}  # a method's settings class -> its format
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 
 def adapter_state(model, name: str) -> tuple[dict, dict]:
     """The peft config and tensors of adapter `name`, which holds one PEFT method."""
-    settings = getattr(model, "peft_settings", {}).get(name, {})
+    settings = getattr(model, "adapter_settings", {}).get(name, {})
     if len(settings) > 1:
-        raise MiniPeftError(f"save_adapter: adapter {name!r} carries {' and '.join(settings)}; peft's format holds "
+        kinds = " and ".join(BY_SETTINGS[kind].peft_type for kind in settings)
+        raise MiniPeftError(f"save_adapter: adapter {name!r} carries {kinds}; peft's format holds "
                             f"one method per adapter (give each its own name)")
-    (peft_type, method_settings), = settings.items()
-    return METHODS[peft_type].to_peft(model, method_settings, name)
+    (kind, method_settings), = settings.items()
+    return BY_SETTINGS[kind].write(model, method_settings, name)
 
 
 def save_adapter(model, directory, base_model_name_or_path=None):
     """Write each adapter's adapter_config.json and adapter_model.safetensors (trained tensors only):
     "default" into `directory`, any other into `directory/<name>`."""
-    names = list(getattr(model, "peft_settings", {}))
+    names = list(getattr(model, "adapter_settings", {}))
     if not names:
         raise MiniPeftError("save_adapter: the model has no PEFT method on it (add_lora, add_prompt_tuning, ...)")
     for name in names:
@@ -80,13 +82,14 @@ def load_adapter(model, directory, name="default"):
     config, tensors = read_adapter(directory)
     source, weights_path = Path(directory) / CONFIG_FILE, Path(directory) / WEIGHTS_FILE
     peft_type = config.get("peft_type")
-    method = METHODS.get(peft_type) if isinstance(peft_type, str) else None
-    if method is None:
+    entry = FORMATS.get(peft_type) if isinstance(peft_type, str) else None
+    if entry is None:
         raise MiniPeftError(f"{source}: peft_type {peft_type!r} is not supported; "
-                            f"expected one of {sorted(METHODS)}")
-    if name in getattr(model, "peft_settings", {}):
+                            f"expected one of {sorted(FORMATS)}")
+    if name in getattr(model, "adapter_settings", {}):
         raise MiniPeftError(f"load_adapter: the model already has an adapter named {name!r}; pass another name=")
-    expected = method.from_peft(model, config, source, name)  # {file key: parameter}, after wrapping the model
+    entry.keys.check(config, source)
+    expected = entry.read(model, config, source, name)  # {file key: parameter}, after wrapping the model
 
     tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}  # peft's in-memory names
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

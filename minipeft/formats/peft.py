@@ -1,0 +1,237 @@
+"""peft's adapter files, for every method peft has: the config keys minipeft honours or refuses, and the names
+of the tensors. The method files know nothing of this; they record what they were asked for (a small settings
+dataclass) and hold the modules whose tensors are written here.
+
+    adapter_config.json          {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
+    adapter_model.safetensors    base_model.model.<layer name>.lora_A.weight (r, in), ...
+
+Every key of a config is read (it changes the math, so it is honoured), is one that changes nothing once the
+adapter is trained, or is refused unless it has the value that changes nothing: never silently ignored. A key
+peft adds later is accepted only while it is unset. The keys every peft config has are listed once (COMMON);
+each method's entry below is a small table of its own keys and two functions, write and read.
+"""
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import MiniPeftError, refuse_unhonoured, require, require_mapping
+from ..methods.bitfit import BitFitSettings, LinearWithLearnedBias, NormWithLearnedGain, add_bitfit
+from ..methods.dora import DoRALayer
+from ..methods.ia3 import IA3Layer, IA3Settings, add_ia3
+from ..methods.lora import LoRALayer, LoRASettings, add_lora
+from ..methods.prefix_tuning import LearnedPast, PrefixTuningSettings, add_prefix_tuning
+from ..methods.prompt_tuning import PromptTuningSettings, WordEmbeddingsWithLearnedPrompts, add_prompt_tuning
+from ..methods.wrappers import adapters_named, linear_names, target_matches
+
+PREFIX = "base_model.model."  # in front of every layer name in peft's tensor names
+COMMON = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+          "inference_mode")  # in every peft config; none changes the math of a trained adapter
+
+
+@dataclass(frozen=True)
+class Keys:
+    """One method's config keys: read (honoured), not_math (no effect once trained, beside COMMON), and
+    only_default {key: the one value minipeft accepts}."""
+    read: tuple
+    not_math: tuple = ()
+    only_default: dict = field(default_factory=dict)
+
+    def check(self, config: dict, source):
+        refuse_unhonoured(config, self.read, COMMON + self.not_math, self.only_default, source)
+
+
+@dataclass(frozen=True)
+class Format:
+    """How one method's adapter is written and read. write(model, settings, name) -> (config, tensors);
+    read(model, config, source, name) adds the method to the model as the config says and returns
+    {tensor name in the file: the parameter to fill}."""
+    peft_type: str
+    settings: type  # the method's settings dataclass: what its add_... function was asked for
+    keys: Keys
+    write: Callable
+    read: Callable
+
+
+def settings_of(model, name: str, kind: type):
+    return model.adapter_settings[name][kind]
+
+
+def reported_against(source, add, *args, what="{e}"):
+    """add(*args), a MiniPeftError from it reported against the file: `what` formats its message."""
+    try:
+        return add(*args)
+    except (MiniPeftError, re.error) as e:
+        raise MiniPeftError(f"{source}: " + what.replace("{e}", str(e))) from None
+
+
+# ---- LoRA (and DoRA: use_dora) --------------------------------------------------------------------------
+
+LORA_KEYS = Keys(
+    read=("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora",
+          "use_dora"),
+    not_math=("init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
+              "megatron_core", "qalora_group_size"),
+    only_default={"bias": "none", "fan_in_fan_out": False, "lora_bias": False, "use_qalora": False,
+                  "ensure_weight_tying": False, "exclude_modules": None, "modules_to_save": None,
+                  "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
+                  "target_parameters": None, "trainable_token_indices": None, "megatron_config": None,
+                  "velora_config": None, "alora_invocation_tokens": None, "monteclora_config": None,
+                  "use_bdlora": None, "arrow_config": None, "kasa_config": None})
+
+
+def write_lora(model, settings: LoRASettings, name):
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.r, "lora_alpha": settings.alpha,
+              "target_modules": settings.targets, "lora_dropout": settings.dropout, "bias": "none",
+              "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
+              "rank_pattern": dict(settings.rank_pattern), "alpha_pattern": dict(settings.alpha_pattern),
+              "use_rslora": settings.use_rslora, "use_dora": settings.use_dora}
+    tensors = {}
+    for slot, layer in adapters_named(model, name, LoRALayer).items():
+        tensors[f"{PREFIX}{slot}.lora_A.weight"] = layer.lora_A.weight
+        tensors[f"{PREFIX}{slot}.lora_B.weight"] = layer.lora_B.weight
+        if isinstance(layer, DoRALayer):
+            tensors[f"{PREFIX}{slot}.lora_magnitude_vector"] = layer.lora_magnitude_vector.weight
+    return config, tensors
+
+
+def read_lora(model, config, source, name):
+    shape = model.config
+    largest = max(shape.hidden_size, shape.intermediate_size, shape.vocab_size)
+    r = require(config, "r", int, source, 1, largest)
+    alpha = require(config, "lora_alpha", (int, float), source, -1e9, 1e9)
+    dropout = require(config, "lora_dropout", (int, float), source, 0, 0.999, default=0.0)
+    ranks = require_mapping(config, "rank_pattern", int, source, largest)
+    alphas = require_mapping(config, "alpha_pattern", (int, float), source, 1e9)
+    use_rslora = require(config, "use_rslora", bool, source, default=False)
+    use_dora = require(config, "use_dora", bool, source, default=False)
+    targets = require(config, "target_modules", (list, str), source)
+    named_by_list = isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
+    if not (named_by_list or isinstance(targets, str)):
+        raise MiniPeftError(f"{source}: target_modules should be a regex or a list of module names, got {targets!r}")
+    reported_against(source, add_lora, model, targets, r, alpha, dropout, ranks, alphas, use_rslora, use_dora, name,
+                     what=f"target_modules {targets!r} are not all modules of this model (" + "{e})")
+    return write_lora(model, settings_of(model, name, LoRASettings), name)[1]
+
+
+# ---- prompt tuning ----------------------------------------------------------------------------------------
+
+PROMPT_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}  # minipeft's -> prompt_tuning_init
+PROMPT_TUNING_KEYS = Keys(
+    read=("num_virtual_tokens", "token_dim", "num_transformer_submodules", "prompt_tuning_init",
+          "prompt_tuning_init_text"),
+    not_math=("num_attention_heads", "num_layers", "tokenizer_name_or_path", "tokenizer_kwargs"),
+    only_default={"modules_to_save": None})
+
+
+def write_prompt_tuning(model, settings: PromptTuningSettings, name):
+    shape = model.config
+    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": settings.num_prompts,
+              "token_dim": shape.hidden_size, "num_transformer_submodules": 1,
+              "num_attention_heads": shape.num_attention_heads, "num_layers": shape.num_hidden_layers,
+              "prompt_tuning_init": PROMPT_INITS[settings.init], "prompt_tuning_init_text": settings.init_text}
+    wrapper, = adapters_named(model, name, WordEmbeddingsWithLearnedPrompts).values()
+    return config, {"prompt_embeddings": wrapper.learned_prompts}
+
+
+def read_prompt_tuning(model, config, source, name):
+    hidden = model.config.hidden_size
+    require(config, "token_dim", int, source, hidden, hidden, default=hidden)  # the vectors live in the embedding
+    require(config, "num_transformer_submodules", int, source, 1, 1, default=1)  # decoder-only: one stack
+    num_prompts = require(config, "num_virtual_tokens", int, source, 1, model.config.max_position_embeddings)
+    init = {peft: ours for ours, peft in PROMPT_INITS.items()}.get(config.get("prompt_tuning_init"), "random")
+    wrapper = add_prompt_tuning(model, num_prompts, init="random", name=name)  # the file's values replace these
+    model.adapter_settings[name][PromptTuningSettings] = PromptTuningSettings(num_prompts, init,
+                                                                              config.get("prompt_tuning_init_text"))
+    return {"prompt_embeddings": wrapper.learned_prompts}
+
+
+# ---- prefix tuning ----------------------------------------------------------------------------------------
+
+PREFIX_TUNING_KEYS = Keys(
+    read=("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules",
+          "prefix_projection", "encoder_hidden_size"),
+    not_math=("init_weights",),
+    only_default={"modules_to_save": None})
+
+
+def write_prefix_tuning(model, settings: PrefixTuningSettings, name):
+    """For Llama's grouped-query heads, token_dim is kv_dim and num_attention_heads the KV heads."""
+    shape = model.config
+    kv_dim = shape.num_key_value_heads * shape.head_dim
+    config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": settings.num_prompts,
+              "token_dim": kv_dim, "num_transformer_submodules": 1, "num_attention_heads": shape.num_key_value_heads,
+              "num_layers": shape.num_hidden_layers, "prefix_projection": bool(settings.projection_hidden),
+              "encoder_hidden_size": settings.projection_hidden or kv_dim,
+              "init_weights": "zero" if settings.init == "zero" else None}
+    past, = adapters_named(model, name, LearnedPast).values()
+    return config, {"prompt_embeddings": past.prompt_embeddings()}
+
+
+def read_prefix_tuning(model, config, source, name):
+    """A file trained with a projection holds the MLP's output, so it loads as keys and values to use (and to
+    train further) directly, as peft does when it loads one for inference."""
+    shape = model.config
+    kv_heads, kv_dim = shape.num_key_value_heads, shape.num_key_value_heads * shape.head_dim
+    require(config, "token_dim", int, source, kv_dim, kv_dim)  # num_key_value_heads x head_dim of this base
+    require(config, "num_attention_heads", int, source, kv_heads, kv_heads)
+    require(config, "num_layers", int, source, shape.num_hidden_layers, shape.num_hidden_layers)
+    require(config, "num_transformer_submodules", int, source, 1, 1, default=1)
+    require(config, "prefix_projection", bool, source, default=False)
+    require(config, "encoder_hidden_size", int, source, 1, 1 << 20, default=kv_dim)
+    num_prompts = require(config, "num_virtual_tokens", int, source, 1, shape.max_position_embeddings)
+    past = add_prefix_tuning(model, num_prompts, init="zero", name=name)  # the file's values replace these
+    return {"prompt_embeddings": past.embedding.weight}
+
+
+# ---- IA3 --------------------------------------------------------------------------------------------------
+
+IA3_KEYS = Keys(read=("target_modules", "feedforward_modules"), not_math=("init_ia3_weights",),
+                only_default={"fan_in_fan_out": False, "modules_to_save": None, "exclude_modules": None})
+
+
+def write_ia3(model, settings: IA3Settings, name):
+    config = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": settings.targets,
+              "feedforward_modules": settings.feedforward, "fan_in_fan_out": False, "modules_to_save": None,
+              "init_ia3_weights": True}
+    layers = adapters_named(model, name, IA3Layer)
+    return config, {f"{PREFIX}{slot}.ia3_l": layer.ia3_l for slot, layer in layers.items()}
+
+
+def read_ia3(model, config, source, name):
+    targets = require(config, "target_modules", (list, str), source)
+    feedforward = require(config, "feedforward_modules", (list, str), source, default=[])
+    if isinstance(feedforward, str):  # a regex in peft: the wrapped names it matches
+        feedforward = [n for n in linear_names(model) if target_matches(n, feedforward)]
+    reported_against(source, add_ia3, model, targets, feedforward, name,
+                     what=f"target_modules {targets!r} do not fit this model (" + "{e})")
+    return write_ia3(model, settings_of(model, name, IA3Settings), name)[1]
+
+
+# ---- BitFit (peft's BEFT) ---------------------------------------------------------------------------------
+
+BITFIT_KEYS = Keys(read=("target_modules", "modules_to_save"), not_math=("init_weights",))
+
+
+def write_bitfit(model, settings: BitFitSettings, name):
+    """The norms' trained gains are written as peft's modules_to_save writes a module: <norm name>.weight."""
+    config = {"peft_type": "BEFT", "task_type": "CAUSAL_LM", "target_modules": settings.targets,
+              "modules_to_save": settings.norms, "init_weights": True}
+    biases = {f"{PREFIX}{slot}.beft_bias": m.beft_bias
+              for slot, m in adapters_named(model, name, LinearWithLearnedBias).items()}
+    gains = {f"{PREFIX}{slot}.weight": m.weight for slot, m in adapters_named(model, name, NormWithLearnedGain).items()}
+    return config, {**biases, **gains}
+
+
+def read_bitfit(model, config, source, name):
+    targets = require(config, "target_modules", (list, str), source)
+    norms = require(config, "modules_to_save", list, source) if config.get("modules_to_save") is not None else None
+    reported_against(source, add_bitfit, model, targets, norms, name)
+    return write_bitfit(model, settings_of(model, name, BitFitSettings), name)[1]
+
+
+FORMATS = [Format("LORA", LoRASettings, LORA_KEYS, write_lora, read_lora),
+           Format("PROMPT_TUNING", PromptTuningSettings, PROMPT_TUNING_KEYS, write_prompt_tuning, read_prompt_tuning),
+           Format("PREFIX_TUNING", PrefixTuningSettings, PREFIX_TUNING_KEYS, write_prefix_tuning, read_prefix_tuning),
+           Format("IA3", IA3Settings, IA3_KEYS, write_ia3, read_ia3),
+           Format("BEFT", BitFitSettings, BITFIT_KEYS, write_bitfit, read_bitfit)]

@@ -1,0 +1,107 @@
+"""The contract every method's module keeps, as code: what it trains, what it wraps, whether it is on, and,
+for a method that changes a weight, how it folds into that weight.
+
+    class LoRALayer(Wrapper, Mergeable):
+        trainable_names = ("lora_A.weight", "lora_B.weight")    the tensors it trains (the adapter file's)
+        wrapped = "base_layer"                                  the attribute holding the module it wraps
+        def adapt_output(self, x, y): return y + s B A x        the method, as a formula
+        def fold(self, sign): W <- W + sign s B A               merge (+1) and unmerge (-1)
+
+A Wrapper sits where the module it wraps was. Its forward runs the wrapped module on the whole batch, once,
+then the method's formula: adapt_input(x), what the wrapped module sees instead of x (IA3 on down_proj:
+l ⊙ x), and adapt_output(x, y), what comes out instead of its output y (LoRA: y + s B A x). In a mixed
+batch the formula runs only over the rows of this wrapper's adapter (named_adapters.py); a method never sees
+rows or other adapters. Every wrapper also has
+    enabled        False passes the bare base through (minipeft.disabled)
+    adapter_name   the named adapter it belongs to ("default")
+    rows           which rows of the batch it serves: None for all (set by named_adapters.route)
+and a Mergeable one `merged`: while merged, the wrapped module already computes the formula, and
+training the method's tensors, which would change nothing, is refused.
+"""
+
+import torch
+import torch.nn as nn
+
+from ..errors import MiniPeftError
+from .named_adapters import on_own_rows, past_on_own_rows, prepended_on_own_rows
+
+
+class Wrapper(nn.Module):
+    trainable_names: tuple = ()
+    wrapped: str = "base_layer"
+    merged = False  # only a Mergeable wrapper is ever merged
+
+    def __init__(self):
+        super().__init__()
+        self.enabled, self.adapter_name, self.rows = True, "default", None
+
+    def adapt_input(self, x):
+        """What the wrapped module sees instead of x: x itself, unless the method says otherwise."""
+        return x
+
+    def adapt_output(self, x, y):
+        """What comes out instead of the wrapped module's output y: y itself, unless the method says otherwise."""
+        return y
+
+    def forward(self, x):
+        inner = getattr(self, self.wrapped)
+        if self.merged:
+            self.refuse_training_while_merged()
+            return inner(x)
+        if type(self).adapt_input is not Wrapper.adapt_input:
+            x = on_own_rows(self, x, x, lambda x, _: self.adapt_input(x))
+        y = inner(x)
+        if type(self).adapt_output is not Wrapper.adapt_output:
+            y = on_own_rows(self, x, y, self.adapt_output)
+        return y
+
+    def refuse_training_while_merged(self):
+        trains = [name for name in self.trainable_names if self.get_parameter(name).requires_grad]
+        if self.training and torch.is_grad_enabled() and trains:
+            raise MiniPeftError(f"{type(self).__name__}: this adapter is merged into its base weight, so training "
+                                f"{trains[0]} would change nothing; unmerge() before training")
+
+
+class Mergeable:
+    """A method that changes a weight folds into it: merge() is fold(+1), unmerge() fold(-1), each at most once.
+    fold returns the worst rounding error (0 unless the base is 4-bit and must be quantized again)."""
+
+    def fold(self, sign: int) -> float:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> float:
+        if self.merged:
+            return 0.0
+        error = self.fold(+1)
+        self.merged = True
+        return error
+
+    @torch.no_grad()
+    def unmerge(self) -> float:
+        if not self.merged:
+            return 0.0
+        error = self.fold(-1)
+        self.merged = False
+        return error
+
+
+class Prepends(Wrapper):
+    """A wrapper whose output is longer than its input: positions in front of the text (prompt tuning).
+    adapt_output(x, y) returns y with them in front; in a mixed batch they are real only in this
+    adapter's rows (named_adapters.py)."""
+
+    def forward(self, x):
+        return prepended_on_own_rows(self, getattr(self, self.wrapped)(x), lambda y: self.adapt_output(x, y))
+
+
+class PastWrapper(Wrapper):
+    """Slot 3 of the decoder (llama/model.py): called with the batch size, it returns every layer's learned
+    keys and values, from keys_and_values(batch_size); `inner` is another adapter's, when several share the
+    base, and a mixed batch gives each row its own (named_adapters.py)."""
+    wrapped = "inner"
+
+    def forward(self, batch_size):
+        inner = self.inner(batch_size) if self.inner is not None else None
+        device = next(self.parameters()).device
+        return past_on_own_rows(self, inner, batch_size, device, self.keys_and_values)
