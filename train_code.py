@@ -27,7 +27,7 @@ from minipeft.errors import MiniPeftError, run_cli
 from minipeft.files import write_atomically
 from minipeft.llama.default_model import DEFAULT_DIR
 from minipeft.llama.loader import check_device
-from minipeft.methods.wrappers import fingerprint_digest
+from minipeft.methods.fingerprints import fingerprint_digest
 from minipeft.train.batches import Batches, pack_rows, pad_batch
 from minipeft.train.data import Filters, describe, load_corpus
 from minipeft.train.distributed import (DataParallelLoss, collective_failure, start_processes, total,
@@ -44,7 +44,6 @@ PROMPTS = ["", "import", "from", "while", "try", "if", "for", "torch"]
 # Under torchrun the number of processes may change, as long as processes x --accum (micro_batches_per_step) does not.
 RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "method", *FLAGS, "lr", "seq_len", "batch", "warmup",
                      "max_steps", "seed", "dtype", "no_4bit", "device", "max_chars", "no_packing")
-FREE_ON_RESUME = ("out", "resume", "save_every", "new_tokens")  # where files go, and the samples shown after
 
 
 def build_parser():
@@ -65,7 +64,8 @@ def build_parser():
     add("--no-packing", action="store_true", help="one sample per row, padded, instead of packed rows")
     add("--accum", type=int, default=1, help="micro-batches per optimizer step, per process under torchrun "
                                              "(default: %(default)s)")
-    add("--max-chars", type=int, default=512, help="characters kept from each file's start, 0 for all (default: %(default)s)")
+    add("--max-chars", type=int, default=512,
+        help="characters kept from each file's start, 0 for all (default: %(default)s)")
     add("--save-every", type=int, default=50, help="checkpoint every N steps (default: %(default)s)")
     add("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)")
@@ -159,7 +159,7 @@ def main():
     else:
         model.eval()
         with autocast(), minipeft.disabled(model):  # the bare base (learned prompts would count from their start)
-            loss = heldout_loss(model, heldout, device, autocast_dtype=autocast_dtype, world=world)
+            loss = heldout_loss(model, heldout, device, world=world)
             samples = generations(model, tokenizer, separator, args.new_tokens, args.seed) if world.main else None
             before = {"heldout_loss": loss, "samples": samples}
         print(f"held-out loss before: {loss:.4f} (perplexity {math.exp(loss):.2f}) on {len(heldout)} samples")
@@ -220,7 +220,7 @@ def main():
     # 6. After: the same held-out set and prompts, the adapter, the report (rank 0).
     model.eval()
     with autocast():
-        loss_after = heldout_loss(model, heldout, device, autocast_dtype=autocast_dtype, world=world)
+        loss_after = heldout_loss(model, heldout, device, world=world)
     parallel.close()
     if not world.main:
         return

@@ -40,7 +40,8 @@ def parse_args():
     parser.add_argument("--lr", type=float, help="Adam learning rate (default: the method's; 0.01 for prompt)")
     parser.add_argument("--max-steps", type=int, default=300, help="step budget (default: %(default)s)")
     parser.add_argument("--target-loss", type=float, default=0.1, help="stop at this loss (default: %(default)s)")
-    parser.add_argument("--new-tokens", type=int, default=24, help="tokens to generate when showing (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=24,
+                        help="tokens to generate when showing (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     return parser.parse_args()
 
@@ -51,7 +52,8 @@ def continuation(model, tokenizer, text, new_tokens):
 
 def main():
     args = parse_args()
-    check_positive(max_steps=args.max_steps, new_tokens=args.new_tokens, **({"lr": args.lr} if args.lr is not None else {}))
+    check_positive(max_steps=args.max_steps, new_tokens=args.new_tokens,
+                   **({"lr": args.lr} if args.lr is not None else {}))
     device = check_device(args.device)
     world = world_from_environment()  # one process, or this one's place under torchrun
     out = prepare_output_dir(args.out) if world.main else Path(args.out)
@@ -60,15 +62,19 @@ def main():
 
     # 1. Load the frozen base, 4-bit NF4 unless asked otherwise.
     start = time.time()
-    model, tokenizer = minipeft.load(check_weights(args.weights), quantize=None if args.no_4bit else "nf4", device=device,
-                                     progress=world.main)
+    model, tokenizer = minipeft.load(check_weights(args.weights), quantize=None if args.no_4bit else "nf4",
+                                     device=device, progress=world.main)
     fingerprint = minipeft.base_fingerprint(model)
     print(f"loaded {args.weights} ({'fp32' if args.no_4bit else 'nf4'}, {device}) in {time.time() - start:.1f} s")
     before = continuation(model, tokenizer, PROMPT, args.new_tokens)
     print(f"before:  {PROMPT!r} -> {before!r}")
 
-    # 2. Wrap: by default the embedding, with num_prompts learned vectors in front of every input.
-    method_settings = choose_method(model, args, task="fox")
+    # 2. Wrap: by default the embedding, with 16 learned vectors in front of every input.
+    if args.method == "prompt" and args.num_prompts is None and args.lr is None:  # the lesson's own line
+        minipeft.add_prompt_tuning(model, num_prompts=16, init="vocab", seed=args.seed)
+        method_settings, args.lr = {"num_prompts": 16}, 1e-2
+    else:  # any other method, or other settings, by name (minipeft/train/method_choice.py)
+        method_settings = choose_method(model, args, task="fox")
     print(f"{args.method}: {method_settings}, lr {args.lr}")
     params = minipeft.count_parameters(model, verbose=True)
 

@@ -44,7 +44,8 @@ def minipeft_gradients(weights, adapter, ids, dtype):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         loss = model.loss(ids, labels=ids, reduction="sum")
     loss.backward()
-    return loss.item(), {"base_model.model." + n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), {"base_model.model." + n: p.grad.float() for n, p in model.named_parameters()
+                         if p.requires_grad}
 
 
 def peer_gradients(weights, adapter, ids, dtype):

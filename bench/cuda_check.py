@@ -116,13 +116,15 @@ def main():
             for name, layer in quantized.named_modules():
                 if isinstance(layer, bnb.nn.Linear4bit):
                     decoded.get_submodule(name).weight.data = minipeft.llama.quant.dequantize(layer)
-            ok &= report("nf4 logits vs bitsandbytes' dequantization", (quantized(ids) - decoded(ids)).abs().max().item(),
+            ok &= report("nf4 logits vs bitsandbytes' dequantization",
+                         (quantized(ids) - decoded(ids)).abs().max().item(),
                          1e-4)
         for learned_past in (False, True):
             plain, plain_rng, plain_cuda_rng = lora_gradients(path, device, False, learned_past)
             ckpt, ckpt_rng, ckpt_cuda_rng = lora_gradients(path, device, True, learned_past)
             worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(plain, ckpt))
-            ok &= report(f"bf16 gradients, checkpointing vs not ({'learned past + ' if learned_past else ''}LoRA dropout)",
+            what = f"{'learned past + ' if learned_past else ''}LoRA dropout"
+            ok &= report(f"bf16 gradients, checkpointing vs not ({what})",
                          worst, 1e-6)
             same_rng = torch.equal(plain_rng, ckpt_rng) and (plain_cuda_rng is None or torch.equal(plain_cuda_rng,
                                                                                                    ckpt_cuda_rng))
@@ -132,7 +134,8 @@ def main():
             worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(plain, ckpt))
             ok &= report(f"{method}: bf16 NF4 gradients, checkpointing vs not", worst, 1e-6)
         straight, resumed = resumed_run(path, device, Path(workdir))
-        ok &= report("resumed losses vs straight run (max abs)", max(abs(a - b) for a, b in zip(straight, resumed)), 0.0)
+        ok &= report("resumed losses vs straight run (max abs)",
+                     max(abs(a - b) for a, b in zip(straight, resumed)), 0.0)
     sys.exit(0 if ok else 1)
 
 

@@ -64,7 +64,8 @@ def table(rank_pair=(8, 64)) -> str:
     for name, config in SHAPES.items():
         small, large = (step_memory(config, r) for r in rank_pair)
         gb = lambda x: f"{x / 1e9:.2f}"
-        fits = [", ".join(f"{g}" for g in GPUS_GB if t["total"] < g * 1e9 - 1e9) or "none: FSDP" for t in (small, large)]
+        fits = [", ".join(f"{g}" for g in GPUS_GB if t["total"] < g * 1e9 - 1e9) or "none: FSDP"
+                for t in (small, large)]
         lora_key = lambda t: next(k for k in t if k.startswith("LoRA"))
         lines.append(f"| {name} | {gb(small['4-bit weights'])} | {gb(small['16-bit rest'])} | "
                      f"{gb(small[lora_key(small)])} / {gb(large[lora_key(large)])} | "

@@ -45,7 +45,8 @@ def code_losses(out):
 def table(rows, args) -> str:
     lines = [f"# PEFT methods side by side ({date.today()}, {platform.processor() or platform.machine()}, "
              f"{args.device})", "",
-             f"Code task: train_code.py --method M --max-steps {args.steps} --seq-len {args.seq_len} (micro-batch 1 x 4, "
+             f"Code task: train_code.py --method M --max-steps {args.steps} --seq-len {args.seq_len} "
+             f"(micro-batch 1 x 4, "
              f"the same samples in the same order for every method), on the default model "
              f"(SmolLM2-135M-Instruct, NF4 base). Learning rates: each method's default in "
              f"minipeft/train/method_choice.py. Fox task: train_fox.py --method M, up to {args.fox_steps} steps "
@@ -54,7 +55,8 @@ def table(rows, args) -> str:
              "held-out after | fox denial reached | fox steps |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['trainable']:,} | {r['percent']:.3f} | {r['lr']:g} | {r['step_seconds']:.2f} | "
+        lines.append(f"| {r['method']} | {r['trainable']:,} | {r['percent']:.3f} | {r['lr']:g} | "
+                     f"{r['step_seconds']:.2f} | "
                      f"{r['peak_mb']:.0f} | {r['before']:.4f} | {r['after']:.4f} | "
                      f"{'yes' if r['fox_reached'] else 'no'} | {r['fox_steps']} |")
     lines += ["", "![training loss of every method](methods_loss.png)", ""]
@@ -68,7 +70,8 @@ def main():
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default: %(default)s)")
     parser.add_argument("--fox-steps", type=int, default=300, help="fox step budget (default: %(default)s)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--runs", default=str(ROOT / "runs" / "methods"), help="where the runs go (default: %(default)s)")
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "methods"),
+                        help="where the runs go (default: %(default)s)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "METHODS.md"))
     parser.add_argument("--reuse", action="store_true", help="keep the runs already done with the same settings")
     args = parser.parse_args()
@@ -84,7 +87,8 @@ def main():
         rows.append({"method": method, "trainable": code["trainable_params"], "percent": code["trainable_percent"],
                      "lr": code["settings"]["lr"], "step_seconds": code["seconds"] / code["steps"],
                      "peak_mb": code["peak_memory_mb"], "before": code["heldout_loss_before"],
-                     "after": code["heldout_loss_after"], "fox_reached": fox["reached_target"], "fox_steps": fox["steps"]})
+                     "after": code["heldout_loss_after"], "fox_reached": fox["reached_target"],
+                     "fox_steps": fox["steps"]})
         elapsed = time.time() - started
         print(f"{method}: held-out {rows[-1]['before']:.4f} -> {rows[-1]['after']:.4f}, fox "
               f"{'reached' if fox['reached_target'] else 'not reached'} in {fox['steps']} steps; "

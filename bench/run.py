@@ -113,7 +113,8 @@ def main():
     runs = {}
     for task in tasks:
         for round_ in range(args.rounds):
-            stacks = ("minipeft",) if task == "peak" else ("minipeft", "peer") + (("peer-fp32",) if task == "generate" else ())
+            stacks = ("minipeft",) if task == "peak" else (
+                ("minipeft", "peer") + (("peer-fp32",) if task == "generate" else ()))
             for stack in stacks:
                 result = measure(stack, task, args)
                 print(f"round {round_ + 1} {task:8s} {stack:8s} {json.dumps(result)}", flush=True)

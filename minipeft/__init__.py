@@ -2,15 +2,17 @@
 
     llama/      weights ─► config ─► loader (4-bit) ─► model ─► loss, generate        (tokenizers beside)
                                                          ▲
-    methods/    prompt/prefix tuning, LoRA/DoRA, IA3, BitFit, bottleneck adapters put their modules into the model's slots (contract: llama/model.py);
-                freezing, counting and fingerprints ask those modules (wrappers.py)
+    methods/    one file a method (prompt/prefix tuning, LoRA/DoRA, IA3, BitFit, bottleneck adapters), each
+                putting its modules into the model's slots (llama/model.py); what they all keep: contract.py;
+                several adapters and mixed batches: named_adapters.py; placing, freezing, counting,
+                fingerprints and merging ask the modules in the model
                                                          │
-    formats/          each method's tensors and config ─► peft-layout files, and back (peft.py: one table a method)
+    formats/    each method's tensors and config ─► peft-layout files, and back (peft.py: one table a method)
                                                          │
     train/      data ─► batches ─► the loop's pieces ─► resumable run state, reports
 
-Imports run one way, down this picture: llama/ knows nothing of methods/ or train/, and methods/
-nothing of train/.
+Imports run one way, down this picture: llama/ knows nothing of methods/, formats/ or train/, and methods/
+nothing of formats/ or train/.
 """
 
 from .formats import load_adapter, save_adapter
@@ -28,10 +30,12 @@ from .methods.lora import LoRALayer, add_lora
 from .methods.named_adapters import adapter_names, delete_adapter, set_adapter
 from .methods.prefix_tuning import add_prefix_tuning
 from .methods.prompt_tuning import WordEmbeddingsWithLearnedPrompts, add_prompt_tuning
-from .methods.wrappers import base_fingerprint, count_parameters, disabled, merge, unmerge
+from .methods.counting import count_parameters
+from .methods.fingerprints import base_fingerprint
+from .methods.merging import disabled, merge, unmerge
 
 __all__ = ["KVCache", "Llama", "LlamaConfig", "LoRALayer", "MiniPeftError", "WordEmbeddingsWithLearnedPrompts",
-           "adapter_names", "add_bitfit", "add_bottleneck_adapters", "add_ia3", "add_lora", "add_prefix_tuning", "add_prompt_tuning",
-           "base_fingerprint", "build_model", "count_parameters", "disabled", "enable_checkpointing", "generate", "load",
-           "delete_adapter", "load_adapter", "load_model", "load_tokenizer", "merge", "save_adapter", "set_adapter",
-           "unmerge"]
+           "adapter_names", "add_bitfit", "add_bottleneck_adapters", "add_ia3", "add_lora", "add_prefix_tuning",
+           "add_prompt_tuning", "base_fingerprint", "build_model", "count_parameters", "disabled",
+           "enable_checkpointing", "generate", "load", "delete_adapter", "load_adapter", "load_model", "load_tokenizer",
+           "merge", "save_adapter", "set_adapter", "unmerge"]

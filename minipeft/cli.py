@@ -31,7 +31,12 @@ from .llama.generate import generate
 from .llama.loader import build_model, load, load_model
 from .llama.quant import dequantize, is_4bit
 from .methods.named_adapters import set_adapter
-from .methods.wrappers import adapter_parameters, base_name, count_parameters, merge, slot_names, wrappers
+from .methods.counting import count_parameters
+from .methods.fingerprints import base_name
+from .methods.freezing import adapter_parameters
+from .methods.merging import merge
+from .methods.named_adapters import wrappers
+from .methods.placing import slot_names
 from .train.method_choice import add_method_arguments, choose_method
 
 PRESETS = {"llama-7b": LlamaConfig()}  # the dataclass defaults are Llama-2-7B
@@ -100,22 +105,6 @@ def dequantized_copy(model):
     return model
 
 
-def give_bitfit_biases_a_home(model, config: dict) -> dict:
-    """BitFit's learned biases fold into base biases: give a group's linears zero biases, and say so in config."""
-    from .methods.bitfit import LinearWithLearnedBias
-
-    groups = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp_bias": ("gate_proj", "up_proj", "down_proj")}
-    slot = lambda name: name.replace(".base_layer", "").rsplit(".", 1)[-1]  # q_proj, ..., lora_A, ...
-    biased = [slot(name) for name, m in model.named_modules() if isinstance(m, LinearWithLearnedBias)]
-    for key, members in groups.items():
-        if any(name in members for name in biased):
-            config[key] = True
-            for name, module in model.named_modules():
-                if isinstance(module, nn.Linear) and slot(name) in members and module.bias is None:
-                    module.bias = nn.Parameter(torch.zeros(module.out_features))
-    return config
-
-
 def command_merge(args):
     weights, out = Path(args.weights), Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -129,7 +118,9 @@ def command_merge(args):
     if cannot:
         raise MiniPeftError(f"--adapter {args.adapter}: a {config_name} adapter ({cannot[0]}) is not a change to a "
                             f"weight, so it cannot be merged; serve it unmerged (minipeft generate)")
-    config = give_bitfit_biases_a_home(dequantized_copy(model), json.loads((weights / "config.json").read_text()))
+    config, plain = json.loads((weights / "config.json").read_text()), dequantized_copy(model)
+    for kind in {type(m) for _, m in wrappers(model)}:  # a method whose merge needs more of the base says so
+        config = kind.prepare_export(plain, config)
     merge(model)
     with torch.no_grad():
         error = (model(probe) - unmerged).abs().max().item()

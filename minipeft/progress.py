@@ -19,7 +19,8 @@ def clock(seconds: float) -> str:
 class Progress:
     QUIET_UNDER = 2.0
 
-    def __init__(self, label: str, total: float, unit: str = "GB", scale: float = 1e9, stream=None, every: float = 10.0):
+    def __init__(self, label: str, total: float, unit: str = "GB", scale: float = 1e9, stream=None,
+                 every: float = 10.0):
         self.label, self.total, self.unit, self.scale = label, total, unit, scale
         self.stream = stream or sys.stdout
         self.terminal = self.stream.isatty()

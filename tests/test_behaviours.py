@@ -273,7 +273,8 @@ def test_data_filters_at_their_thresholds(tmp_path):
 
     just = {  # (kept, dropped) around each threshold
         "mean line": ("\n".join([line(100)] * 3), "\n".join([line(101)] * 3)),
-        "longest line": (line(1000) + "\n" + "\n".join([line(10)] * 20), line(1001) + "\n" + "\n".join([line(10)] * 20)),
+        "longest line": (line(1000) + "\n" + "\n".join([line(10)] * 20),
+                         line(1001) + "\n" + "\n".join([line(10)] * 20)),
         "alphanumeric": ("a" * 25 + " " * 75, "a" * 24 + " " * 76),
     }
     texts = [kept for kept, _ in just.values()] + [dropped for _, dropped in just.values()]

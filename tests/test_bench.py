@@ -32,4 +32,5 @@ def test_cuda_check_script_passes_on_cpu():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "cuda_check.py"), "--device", "cpu"],
                             capture_output=True, text=True, timeout=600)
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"check"')]
-    assert result.returncode == 0 and len(rows) == 7 + 8 and all(row["ok"] for row in rows), result.stdout + result.stderr
+    assert result.returncode == 0 and len(rows) == 7 + 8 and all(row["ok"] for row in rows), (
+        result.stdout + result.stderr)

@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from minipeft import add_bitfit, load_adapter, load_model, save_adapter
-from minipeft.methods.wrappers import adapter_parameters
+from minipeft.methods.freezing import adapter_parameters
 from tests.helpers import write_hf_checkpoint
 
 

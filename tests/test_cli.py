@@ -12,7 +12,7 @@ from torch.testing import assert_close
 import minipeft
 from minipeft import load_adapter, load_model, save_adapter
 from minipeft.methods.table import parameter_table
-from minipeft.methods.wrappers import adapter_parameters
+from minipeft.methods.freezing import adapter_parameters
 from tests.helpers import ROOT, write_hf_checkpoint
 
 
@@ -46,7 +46,8 @@ def test_merged_export_loads_in_transformers_with_the_adapters_logits(tmp_path, 
     write_hf_checkpoint(tmp_path / "base")
     model = trained_looking(load_model(tmp_path / "base"), MERGEABLE[method])
     save_adapter(model, tmp_path / "adapter")
-    result = run("merge", "--weights", tmp_path / "base", "--adapter", tmp_path / "adapter", "--out", tmp_path / "merged")
+    result = run("merge", "--weights", tmp_path / "base", "--adapter", tmp_path / "adapter",
+                 "--out", tmp_path / "merged")
     assert result.returncode == 0, result.stderr[-2000:]
     exported = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
     ids = torch.randint(0, 256, (2, 9))

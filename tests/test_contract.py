@@ -85,7 +85,8 @@ def test_disabled_runs_the_bare_base_whatever_is_on(tmp_path):
         adapted = model(ids)
         with minipeft.disabled(model):
             assert_close(model(ids), bare(ids), rtol=0, atol=0)
-            assert minipeft.generate(model, ids.tolist(), 4, eos_id=-1) == minipeft.generate(bare, ids.tolist(), 4, eos_id=-1)
+            assert (minipeft.generate(model, ids.tolist(), 4, eos_id=-1)
+                    == minipeft.generate(bare, ids.tolist(), 4, eos_id=-1))
         assert_close(model(ids), adapted, rtol=0, atol=0)  # everything back on
     minipeft.merge(model)
     with pytest.raises(MiniPeftError, match="merged into its base weight"):

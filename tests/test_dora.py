@@ -17,7 +17,8 @@ def randomize_lora_and_magnitude(parameters, seed=0):
     with torch.no_grad():
         for name, p in parameters:
             if "lora_B" in name or "magnitude" in name:
-                p.add_(0.05 * torch.randn(p.shape, generator=generator) * (p.abs().mean() if "magnitude" in name else 1))
+                size = p.abs().mean() if "magnitude" in name else 1
+                p.add_(0.05 * torch.randn(p.shape, generator=generator) * size)
 
 
 def test_peft_dora_file_gives_its_logits_and_gradients(tmp_path):

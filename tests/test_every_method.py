@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 import minipeft
 from minipeft import load_adapter, load_model, save_adapter
-from minipeft.methods.wrappers import adapter_parameters
+from minipeft.methods.freezing import adapter_parameters
 from tests.helpers import train_steps, write_hf_checkpoint
 from tests.test_checkpoint import assert_same
 

@@ -89,3 +89,28 @@ def test_no_shared_list_of_methods_outside_the_one_table():
         text = path.read_text()
         assert "== \"LORA\"" not in text and "== \"PROMPT_TUNING\"" not in text, path
         assert "isinstance(m, LoRALayer)" not in text or path.name == "lora.py", path
+
+
+METHOD_FILES = ("lora", "dora", "ia3", "bitfit", "bottleneck", "prompt_tuning", "prefix_tuning")
+
+
+def test_a_method_file_holds_its_method_and_no_routing():
+    """Each method's file is short enough to read whole, and never sees rows or other adapters: it does not
+    import the row router (named_adapters); its wrappers inherit the contract (contract.Wrapper)."""
+    from minipeft.methods.contract import Wrapper
+
+    for name in METHOD_FILES:
+        path = PACKAGE / "methods" / f"{name}.py"
+        assert len(path.read_text().splitlines()) <= 150, name
+        assert not any(m.startswith("minipeft.methods.named_adapters") for m in imported_modules(path)), name
+        module = sys.modules[f"minipeft.methods.{name}"]
+        wrappers = [v for v in vars(module).values() if isinstance(v, type) and hasattr(v, "trainable_names")]
+        assert wrappers and all(issubclass(w, Wrapper) for w in wrappers), name
+
+
+def test_lines_are_at_most_120_characters():
+    root = PACKAGE.parent
+    for path in [*root.glob("*.py"), *(root / "minipeft").rglob("*.py"), *(root / "tests").glob("*.py"),
+                 *(root / "bench").glob("*.py")]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            assert len(line) <= 120, f"{path.relative_to(root)}:{number} has {len(line)} characters"

@@ -149,7 +149,8 @@ def test_base_bit_identical_after_training(pair):
     assert losses[-1] < losses[0]
     assert base_fingerprint(ours) == fingerprint
     assert minipeft.count_parameters(ours)["trainable_params"] == sum(
-        8 * (m.base_layer.in_features + m.base_layer.out_features) for m in minipeft.methods.lora.lora_layers(ours).values())
+        8 * (m.base_layer.in_features + m.base_layer.out_features)
+        for m in minipeft.methods.lora.lora_layers(ours).values())
 
 
 def test_llama_7b_lora_counts_on_meta():

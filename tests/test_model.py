@@ -128,7 +128,8 @@ def test_16bit_embedding_and_lm_head_stay_16bit_under_fp32_compute(tmp_path, tie
     model = load_model(tmp_path / "bf16", quantize="nf4")
     assert model.model.embed_tokens.weight.dtype == model.lm_head.weight.dtype == torch.bfloat16
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=quantization,
                                                      dtype=torch.float32).eval()
     assert reference.lm_head.weight.dtype == torch.float32
@@ -141,7 +142,8 @@ def test_16bit_embedding_and_lm_head_stay_16bit_under_fp32_compute(tmp_path, tie
     with torch.no_grad():
         theirs = reference(ids).logits
         ours = model(ids)
-        cached = torch.cat([model(ids[:, :6], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(6, 10)], 1)
+        cached = torch.cat([model(ids[:, :6], cache=cache)]
+                           + [model(ids[:, t:t + 1], cache=cache) for t in range(6, 10)], 1)
     assert ours.dtype == cached.dtype == torch.float32
     assert_close(ours, theirs, rtol=0, atol=1e-5)
     assert_close(cached, theirs, rtol=0, atol=1e-5)

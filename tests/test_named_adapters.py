@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 import minipeft
 from minipeft import MiniPeftError, load_adapter, load_model, save_adapter, set_adapter
-from minipeft.methods.wrappers import adapter_parameters
+from minipeft.methods.freezing import adapter_parameters
 from tests.helpers import write_hf_checkpoint
 
 ADD = {
@@ -85,7 +85,8 @@ def test_each_row_gets_what_it_gets_alone(base, tmp_path, first, second):
 def test_training_gradients_are_the_per_row_gradients_summed(base, tmp_path, method):
     """Right-padded, as train/batches.py pads (a left pad's last position would be scored on the first token)."""
     ids, mask, lengths = batch()
-    ids, mask = torch.stack([r.roll(n) for r, n in zip(ids, lengths)]), torch.stack([r.roll(n) for r, n in zip(mask, lengths)])
+    ids = torch.stack([r.roll(n) for r, n in zip(ids, lengths)])
+    mask = torch.stack([r.roll(n) for r, n in zip(mask, lengths)])
     labels = ids.masked_fill(mask == 0, -100)
     model = two_adapters(base, method)
     fingerprint = minipeft.base_fingerprint(model)

@@ -76,16 +76,20 @@ def test_bad_checkpoint_files_get_one_line(finished_run, tmp_path):
 def test_a_checkpoint_of_another_run_is_refused_by_name(finished_run, tmp_path, code_data):
     data = (finished_run / CHECKPOINT_FILE).read_bytes()
     for flags, named in ((["--r", "4"], "--r"), (["--no-4bit"], "--no-4bit"), (["--lr", "1e-3"], "--lr"),
-                         (["--accum", "3"], "the micro-batches per step, processes x --accum (2 in the checkpoint, 3 here)")):
+                         (["--accum", "3"],
+                          "the micro-batches per step, processes x --accum (2 in the checkpoint, 3 here)")):
         result = resume_with(finished_run, tmp_path, data, code_data, *flags)
         assert result.returncode == 2, result.stderr[-500:]
         assert result.stderr.startswith(f"error: --resume: {named}") and len(result.stderr.strip().splitlines()) == 1
 
 
+FREE_ON_RESUME = ("out", "resume", "save_every", "new_tokens")  # where files go, and the samples shown after
+
+
 def test_every_setting_that_changes_the_result_is_compared():
     """Each train_code.py option is either compared on --resume or listed as free; each compared one is named."""
     options = {action.dest for action in train_code_script.build_parser()._actions if action.dest != "help"}
-    compared, free = set(train_code_script.RESUME_MUST_MATCH), set(train_code_script.FREE_ON_RESUME)
+    compared, free = set(train_code_script.RESUME_MUST_MATCH), set(FREE_ON_RESUME)
     assert options == compared | free | {"accum"} and not compared & free  # --accum: as processes x --accum
     saved = {key: f"value of {key}" for key in compared} | {"base_fingerprint": "abc", "micro_batches_per_step": 4}
     for key in saved:

@@ -146,7 +146,8 @@ def write_llama3_style(directory, ignore_merges=True, tokenizer_config=None):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<|begin_of_text|>", "<|eot_id|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    sources = [p.read_text() for p in sorted(Path(json_package.__file__).parent.glob("*.py"))] + [inspect.getsource(json)]
+    sources = ([p.read_text() for p in sorted(Path(json_package.__file__).parent.glob("*.py"))]
+               + [inspect.getsource(json)])
     tokenizer.train_from_iterator(sources, trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
                                                              special_tokens=[("<|begin_of_text|>", 0)])

@@ -99,7 +99,8 @@ def test_packed_and_unpacked_runs_see_the_same_documents(default_weights, code_d
                       for name, extra in (("packed", []), ("single", ["--no-packing"])))
     assert packed.returncode == 0 and single.returncode == 0, packed.stderr[-2000:] + single.stderr[-2000:]
     assert "packed rows of 512 tokens" in packed.stdout and "one sample per row" in single.stdout
-    seen = {name: json.loads((tmp_path / name / "report.json").read_text())["tokens_seen"] for name in ("packed", "single")}
+    seen = {name: json.loads((tmp_path / name / "report.json").read_text())["tokens_seen"]
+            for name in ("packed", "single")}
     assert seen["packed"] > 1.5 * seen["single"]  # the same rows hold more code
 
 

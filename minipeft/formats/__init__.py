@@ -94,7 +94,8 @@ def load_adapter(model, directory, name="default"):
     tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}  # peft's in-memory names
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise MiniPeftError(f"{weights_path}: tensors do not fit the base model: missing {missing[:4]} extra {extra[:4]}")
+        raise MiniPeftError(f"{weights_path}: tensors do not fit the base model: missing {missing[:4]} "
+                            f"extra {extra[:4]}")
     with torch.no_grad():
         for key, parameter in expected.items():
             if tensors[key].shape != parameter.shape:

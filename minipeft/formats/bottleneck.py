@@ -10,7 +10,7 @@ so when it is given this file, by its unknown peft_type).
 
 from ..errors import require
 from ..methods.bottleneck import BottleneckAdapter, BottleneckSettings, add_bottleneck_adapters
-from ..methods.wrappers import adapters_named
+from ..methods.placing import adapters_named
 from .peft import PREFIX, Format, Keys, reported_against, settings_of
 
 FORMAT = "minipeft bottleneck adapters (Houlsby/Pfeiffer); peft cannot read this file"

@@ -22,7 +22,7 @@ from ..methods.ia3 import IA3Layer, IA3Settings, add_ia3
 from ..methods.lora import LoRALayer, LoRASettings, add_lora
 from ..methods.prefix_tuning import LearnedPast, PrefixTuningSettings, add_prefix_tuning
 from ..methods.prompt_tuning import PromptTuningSettings, WordEmbeddingsWithLearnedPrompts, add_prompt_tuning
-from ..methods.wrappers import adapters_named, linear_names, target_matches
+from ..methods.placing import adapters_named, linear_names, target_matches
 
 PREFIX = "base_model.model."  # in front of every layer name in peft's tensor names
 COMMON = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",

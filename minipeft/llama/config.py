@@ -78,7 +78,8 @@ class LlamaConfig:
         check_architecture(raw, source)
         for key, default in ONLY_DEFAULT.items():
             if key in raw and raw[key] is not None and raw[key] != default:
-                raise MiniPeftError(f"{source}: key {key!r} is {raw[key]!r}; minipeft's Llama supports only {default!r}")
+                raise MiniPeftError(f"{source}: key {key!r} is {raw[key]!r}; minipeft's Llama supports only "
+                                    f"{default!r}")
         known = {f.name for f in fields(cls)} | set(READ_ELSEWHERE) | set(NOT_MATH) | set(ONLY_DEFAULT)
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -95,7 +96,8 @@ class LlamaConfig:
             elif field.name in raw and field.name in ("bos_token_id", "eos_token_id"):
                 values[field.name] = None  # the checkpoint has no such token
         values.setdefault("num_key_value_heads", values["num_attention_heads"])
-        values["rope_theta"], values["rope_scaling"] = read_rope(raw, values.get("max_position_embeddings", 2048), source)
+        context = values.get("max_position_embeddings", 2048)
+        values["rope_theta"], values["rope_scaling"] = read_rope(raw, context, source)
         return cls(**values)
 
 

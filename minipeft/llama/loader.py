@@ -168,7 +168,8 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
             if misdecoded_by_bitsandbytes(layer.in_features):
                 misdecoded.setdefault(layer.in_features, set()).add(child)
             setattr(model.get_submodule(parent), child, layer)
-        elif quantize and name in WIDENED and dtype == torch.float32 and tensor.dtype in (torch.bfloat16, torch.float16):
+        elif (quantize and name in WIDENED and dtype == torch.float32
+              and tensor.dtype in (torch.bfloat16, torch.float16)):
             weight = nn.Parameter(tensor.to(device=device), requires_grad=False)  # stays 16-bit
             if name == "lm_head.weight":
                 model.lm_head = WidenedLinear(weight)

@@ -27,11 +27,11 @@ of three slots, and the decoder only calls what it finds there; it never asks wh
    prepended positions a row does not have are masked out, and its text is numbered as if alone.
 3. `model.learned_past` may hold a module that, called with the batch size, returns the keys and values
    of P positions for every layer: two lists of (B, num_key_value_heads, P, head_dim) tensors (or None
-   while it is switched off). Every new
-   sequence then starts from a KV cache pre-filled with them (`KVCache.fill`). The decoder
-   attends to them as to any cached position: never rotated (they are keys as given), always attended,
-   and the text numbered from P. In a mixed batch it returns a third item, real (B, P) bool, as in 2. In training they are a fixed past that gets gradients, under
-   gradient checkpointing too. (Learned keys and values in every layer: prefix tuning.)
+   while it is switched off). Every new sequence then starts from a KV cache pre-filled with them
+   (`KVCache.fill`). The decoder attends to them as to any cached position: never rotated (they are keys
+   as given), always attended, and the text numbered from P. In a mixed batch it returns a third item,
+   real (B, P) bool, as in 2. In training they are a fixed past that gets gradients, under gradient
+   checkpointing too. (Learned keys and values in every layer: prefix tuning.)
 
 Beyond those slots a method may only add parameters to a module it put there.
 """
@@ -206,7 +206,8 @@ class LlamaModel(nn.Module):
         B, T = x.shape[:2]
         learned = self.learned_past(B) if new_sequence and self.learned_past is not None else None  # contract 3
         if learned is not None:
-            cache = (cache if cache is not None else KVCache(len(self.layers), grow=False)).fill(*learned, dtype=x.dtype)
+            cache = cache if cache is not None else KVCache(len(self.layers), grow=False)
+            cache = cache.fill(*learned, dtype=x.dtype)
         past = cache.length if cache is not None else 0
 
         new_mask = torch.ones(B, T, dtype=torch.bool, device=x.device)

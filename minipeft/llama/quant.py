@@ -77,7 +77,8 @@ def quantize_by_rows(weight, quant_type, compute_dtype, double_quant):
     parts = [bnb.functional.quantize_4bit(weight[start:start + rows].detach().to(compute_dtype), blocksize=BLOCK,
                                           quant_type=quant_type) for start in range(0, out_features, rows)]
     packed, absmax = torch.cat([p for p, _ in parts]), torch.cat([state.absmax for _, state in parts])
-    common = dict(shape=weight.shape, dtype=compute_dtype, blocksize=BLOCK, code=parts[0][1].code, quant_type=quant_type)
+    common = dict(shape=weight.shape, dtype=compute_dtype, blocksize=BLOCK, code=parts[0][1].code,
+                  quant_type=quant_type)
     if not double_quant:
         return packed, bnb.functional.QuantState(absmax=absmax, **common)
     offset = absmax.mean()  # as bitsandbytes does it: the scales, less their mean, quantized to 8 bits by 256

@@ -26,8 +26,8 @@ from torch.func import functional_call
 
 from ..errors import MiniPeftError
 from .contract import Mergeable, Wrapper
-from .wrappers import (SHORT_NAMES, check_free, freeze_base, innermost,
-                       linear_names, record_settings, target_matches, wrap)
+from .freezing import freeze_base
+from .placing import SHORT_NAMES, check_free, innermost, linear_names, record_settings, target_matches, wrap
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm", "model.norm")  # suffixes, as peft's modules_to_save
@@ -44,6 +44,22 @@ class LinearWithLearnedBias(Wrapper, Mergeable):
 
     def adapt_output(self, x, y):
         return y + self.beft_bias.flatten().to(y.dtype)  # W x + b
+
+    @classmethod
+    def prepare_export(cls, model, config: dict) -> dict:
+        """Llama's linears have no biases to fold into: give a group's linears zero biases (config.json's
+        attention_bias, mlp_bias) where any of them has a learned one."""
+        groups = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
+                  "mlp_bias": ("gate_proj", "up_proj", "down_proj")}
+        slot = lambda name: name.replace(".base_layer", "").rsplit(".", 1)[-1]  # q_proj, ..., lora_A, ...
+        biased = [slot(name) for name, m in model.named_modules() if isinstance(m, cls)]
+        for key, members in groups.items():
+            if any(name in members for name in biased):
+                config[key] = True
+                for name, module in model.named_modules():
+                    if isinstance(module, nn.Linear) and slot(name) in members and module.bias is None:
+                        module.bias = nn.Parameter(torch.zeros(module.out_features))
+        return config
 
     def fold(self, sign: int) -> float:
         if self.base_layer.bias is None:

@@ -29,8 +29,8 @@ import torch.nn as nn
 
 from ..errors import MiniPeftError
 from .contract import Wrapper
-from .wrappers import (check_free, freeze_base, innermost, linear_names,
-                       record_settings, target_matches, wrap)
+from .freezing import freeze_base
+from .placing import check_free, innermost, linear_names, record_settings, target_matches, wrap
 
 PLACEMENTS = {"houlsby": ("o_proj", "down_proj"), "pfeiffer": ("down_proj",)}  # after attention and/or the MLP
 NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -64,7 +64,8 @@ class BottleneckSettings:
     non_linearity: str
 
 
-def add_bottleneck_adapters(model, bottleneck_size=64, placement="houlsby", non_linearity="relu", name="default") -> int:
+def add_bottleneck_adapters(model, bottleneck_size=64, placement="houlsby", non_linearity="relu",
+                            name="default") -> int:
     """Put an adapter after every layer's attention and MLP ("houlsby") or its MLP alone ("pfeiffer").
     Returns how many.
 

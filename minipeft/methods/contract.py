@@ -31,6 +31,10 @@ class Wrapper(nn.Module):
     wrapped: str = "base_layer"
     merged = False  # only a Mergeable wrapper is ever merged
 
+    @classmethod
+    def prepare_export(cls, model, config: dict) -> dict:
+        return config  # a wrapper that cannot merge is refused before any export
+
     def __init__(self):
         super().__init__()
         self.enabled, self.adapter_name, self.rows = True, "default", None
@@ -68,6 +72,12 @@ class Mergeable:
 
     def fold(self, sign: int) -> float:
         raise NotImplementedError
+
+    @classmethod
+    def prepare_export(cls, model, config: dict) -> dict:
+        """Before a merged model is written as a Hugging Face checkpoint: give the base what this method folds
+        into, and say so in its config.json (`config`). Most methods need nothing."""
+        return config
 
     @torch.no_grad()
     def merge(self) -> float:

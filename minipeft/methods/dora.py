@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..llama.quant import dequantize, is_4bit
 from .lora import LoRALayer
-from .wrappers import innermost
+from .placing import innermost
 
 
 def full_precision_weight(base_layer) -> torch.Tensor:

@@ -26,8 +26,8 @@ import torch.nn as nn
 from ..errors import MiniPeftError
 from ..llama.quant import is_4bit
 from .contract import Mergeable, Wrapper
-from .wrappers import (SHORT_NAMES, check_free, freeze_base, innermost,
-                       linear_names, record_settings, target_matches, wrap)
+from .freezing import freeze_base
+from .placing import SHORT_NAMES, check_free, innermost, linear_names, record_settings, target_matches, wrap
 
 
 class IA3Layer(Wrapper, Mergeable):
@@ -80,15 +80,19 @@ class IA3Settings:
     feedforward: list = field(default_factory=list)
 
 
-def add_ia3(model, targets=("k_proj", "v_proj", "down_proj"), feedforward=("down_proj",), name="default") -> int:
+def add_ia3(model, targets=("k_proj", "v_proj", "down_proj"), feedforward=None, name="default") -> int:
     """Wrap every linear that `targets` names in an IA3Layer (peft's Llama defaults). Returns how many.
 
     Args:
         targets: module names or name suffixes ("k" for short), or one regex, as in peft.
-        feedforward: those of the targets whose input is scaled instead of their output.
+        feedforward: those of the targets whose input is scaled instead of their output; by default the
+            down projection, if it is a target (peft's Llama default, and the paper's l_ff).
         name: the adapter these layers belong to.
     """
     targets = targets if isinstance(targets, str) else [SHORT_NAMES.get(t, t) for t in targets]
+    if feedforward is None:
+        feedforward = ["down_proj"] if any(layer.endswith("down_proj") for layer in linear_names(model)
+                                           if target_matches(layer, targets)) else []
     feedforward = [SHORT_NAMES.get(t, t) for t in feedforward]
     wrapped = [layer for layer in linear_names(model) if target_matches(layer, targets)]
     if not wrapped:
@@ -100,6 +104,7 @@ def add_ia3(model, targets=("k_proj", "v_proj", "down_proj"), feedforward=("down
     for layer in wrapped:
         check_free(model, layer, name, IA3Layer)
         wrap(model, layer, IA3FeedforwardLayer if is_feedforward(layer) else IA3Layer, name)
-    record_settings(model, name, IA3Settings(sorted(wrapped) if isinstance(targets, str) else list(targets), feedforward))
+    asked = sorted(wrapped) if isinstance(targets, str) else list(targets)  # a regex: the names it matched
+    record_settings(model, name, IA3Settings(asked, feedforward))
     freeze_base(model)
     return len(wrapped)

@@ -27,8 +27,9 @@ import torch.nn as nn
 from ..errors import MiniPeftError
 from ..llama.quant import dequantize, is_4bit, requantize_
 from .contract import Mergeable, Wrapper
-from .wrappers import (SHORT_NAMES, check_free, freeze_base, innermost, linear_names, pattern_value, record_settings,
-                       target_matches, wrap)
+from .freezing import freeze_base
+from .placing import (SHORT_NAMES, check_free, innermost, linear_names, pattern_value, record_settings, target_matches,
+                      wrap)
 
 
 class LoRALayer(Wrapper, Mergeable):
@@ -108,15 +109,17 @@ def add_lora(model, targets=("q_proj", "k_proj", "v_proj"), r=8, alpha=16, dropo
         if unknown:
             raise MiniPeftError(f"targets: no linear named {unknown} in the model; it has "
                                 f"{sorted({n.rsplit('.', 1)[-1] for n in candidates})}")
-    settings = getattr(model, "adapter_settings", {}).get(name, {}).get(LoRASettings) or LoRASettings(r, alpha, dropout, [], dict(
-        rank_pattern or {}), dict(alpha_pattern or {}), use_rslora, use_dora)
+    settings = getattr(model, "adapter_settings", {}).get(name, {}).get(LoRASettings)  # an earlier call's
+    settings = settings or LoRASettings(r, alpha, dropout, [], dict(rank_pattern or {}), dict(alpha_pattern or {}),
+                                        use_rslora, use_dora)
     if (dropout, use_rslora, use_dora) != (settings.dropout, settings.use_rslora, settings.use_dora):
         raise MiniPeftError(f"dropout / use_rslora / use_dora: {dropout} / {use_rslora} / {use_dora} differ from this "
                             f"model's other LoRA layers ({settings.dropout} / {settings.use_rslora} / "
                             f"{settings.use_dora}); peft's adapter file holds one")
     wrapped = [layer for layer in candidates if target_matches(layer, targets)]
     for layer in wrapped:
-        layer_r, layer_alpha = pattern_value(rank_pattern or {}, layer, r), pattern_value(alpha_pattern or {}, layer, alpha)
+        layer_r = pattern_value(rank_pattern or {}, layer, r)
+        layer_alpha = pattern_value(alpha_pattern or {}, layer, alpha)
         check_free(model, layer, name, LoRALayer)
         kind = dora.DoRALayer if use_dora else LoRALayer
         wrap(model, layer, lambda base: kind(base, layer_r, layer_alpha, dropout, use_rslora), name)

@@ -29,7 +29,9 @@ import torch.nn as nn
 from ..errors import MiniPeftError
 from ..llama.model import KVCache
 from .contract import PastWrapper
-from .wrappers import check_free, disabled, freeze_base, record_settings
+from .freezing import freeze_base
+from .merging import disabled
+from .placing import check_free, record_settings
 
 
 class LearnedPast(PastWrapper):
@@ -58,7 +60,8 @@ class LearnedPast(PastWrapper):
     def keys_and_values(self, batch_size):
         """Each layer's learned keys and values, (B, KV heads, P, head_dim) each: two lists of num_layers."""
         P, L = self.num_prompts, self.num_layers
-        past = self.prompt_embeddings().view(P, L * 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)  # (2L, KV, P, hd)
+        past = self.prompt_embeddings().view(P, L * 2, self.kv_heads, self.head_dim)  # (P, 2L, KV, hd)
+        past = past.permute(1, 2, 0, 3)  # (2L, KV, P, hd)
         past = past[:, None].expand(-1, batch_size, -1, -1, -1)  # (2L, B, KV, P, hd)
         return list(past[0::2]), list(past[1::2])  # keys of layers 0..L-1, then their values
 
@@ -82,7 +85,8 @@ class PrefixTuningSettings:
     init: str
 
 
-def add_prefix_tuning(model, num_prompts=20, projection_hidden=None, init="vocab", seed=0, name="default") -> LearnedPast:
+def add_prefix_tuning(model, num_prompts=20, projection_hidden=None, init=None, seed=0,
+                      name="default") -> LearnedPast:
     """Freeze the model and give every layer `num_prompts` learned keys and values. Returns the module.
 
     Args:
@@ -90,10 +94,13 @@ def add_prefix_tuning(model, num_prompts=20, projection_hidden=None, init="vocab
             `prefix_projection` with `encoder_hidden_size`); None trains the keys and values directly.
         init: "vocab" (the keys and values the model itself makes for random vocabulary tokens), "random"
             (normal, as peft does) or "zero" (peft's init_weights="zero": with a projection, its last layer).
+            By default "vocab" without a projection and "random" with one (the MLP makes its own start).
         name: the adapter it belongs to.
     """
     if not isinstance(num_prompts, int) or num_prompts <= 0:
         raise MiniPeftError(f"num_prompts: expected a positive integer, got {num_prompts!r}")
+    if init is None:
+        init = "random" if projection_hidden else "vocab"
     if init not in ("vocab", "random", "zero") or (init == "vocab" and projection_hidden):
         raise MiniPeftError(f"add_prefix_tuning: init must be 'vocab' (without a projection), 'random' or 'zero', "
                             f"got {init!r}")

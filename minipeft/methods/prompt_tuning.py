@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from ..errors import MiniPeftError
 from .contract import Prepends
-from .wrappers import check_free, freeze_base, record_settings, wrap
+from .freezing import freeze_base
+from .placing import check_free, record_settings, wrap
 
 INITS = ("random", "vocab", "text")  # Lester et al.'s three starting points
 

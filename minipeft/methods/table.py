@@ -16,7 +16,7 @@ from .ia3 import add_ia3
 from .lora import add_lora
 from .prefix_tuning import add_prefix_tuning
 from .prompt_tuning import add_prompt_tuning
-from .wrappers import count_parameters
+from .counting import count_parameters
 
 SHAPES = {
     "seed 004's 350M, 24 layers": LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,

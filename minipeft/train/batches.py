@@ -54,7 +54,8 @@ class Batches:
     def order(self):
         if getattr(self, "order_epoch", None) != self.epoch:  # one shuffle per epoch
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            self.shuffled, self.order_epoch = torch.randperm(len(self.samples), generator=generator).tolist(), self.epoch
+            self.shuffled = torch.randperm(len(self.samples), generator=generator).tolist()
+            self.order_epoch = self.epoch
         return self.shuffled
 
     def peek(self):

@@ -74,7 +74,8 @@ def start_processes(world: World, device: torch.device) -> torch.device:
 @contextlib.contextmanager
 def collective_failure(world: World, then=""):
     """A collective that fails (another rank died: killed, out of memory) ends this rank with one line,
-    not a hang: gloo and nccl raise when a peer's connection drops, or after MINIPEFT_DIST_TIMEOUT. `then`: what to do."""
+    not a hang: gloo and nccl raise when a peer's connection drops, or after MINIPEFT_DIST_TIMEOUT.
+    `then`: what to do."""
     try:
         yield
     except RuntimeError as e:

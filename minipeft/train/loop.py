@@ -68,14 +68,14 @@ def micro_batch_seed(seed: int, step: int, index: int) -> int:
 
 
 @torch.no_grad()
-def heldout_loss(model, samples, device, batch_size=8, autocast_dtype=None, world=None) -> float:
-    """Mean next-token NLL over every held-out token (each rank of a `world` takes its share of the batches)."""
+def heldout_loss(model, samples, device, batch_size=8, world=None) -> float:
+    """Mean next-token NLL over every held-out token (each rank of a `world` takes its share of the batches),
+    in the caller's compute dtype (its autocast, if any)."""
     world = world or World()
     loss_sum, count = 0.0, 0
     for start in range(world.rank * batch_size, len(samples), world.size * batch_size):
         ids, mask, labels = pad_batch(samples[start:start + batch_size], device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = model.loss(ids, labels, attention_mask=mask, reduction="sum")
+        loss = model.loss(ids, labels, attention_mask=mask, reduction="sum")
         loss_sum, count = loss_sum + loss.item(), count + scored_tokens(labels)
     return total(loss_sum, world, device) / total(count, world, device)
 

@@ -30,23 +30,17 @@ def lora(model, s, seed, use_dora=False):
     add_lora(model, s["targets"].split(","), r=s["r"], alpha=s["alpha"], dropout=s["dropout"], use_dora=use_dora)
 
 
-def ia3(model, s, seed):
-    targets = s["targets"].split(",")
-    add_ia3(model, targets, feedforward=[t for t in targets if t in ("down_proj", "down")])
-
-
 LORA_SETTINGS = {"targets": LORA_TARGETS, "r": 8, "alpha": 16, "dropout": 0.05}
 CHOICES = {
     "lora": Choice(lora, LORA_SETTINGS, {"code": 1e-3, "fox": 1e-2}),
     "dora": Choice(lambda m, s, seed: lora(m, s, seed, use_dora=True), LORA_SETTINGS, {"code": 1e-3, "fox": 1e-2}),
-    "ia3": Choice(ia3, {"targets": "k_proj,v_proj,down_proj"}, {"code": 1e-2, "fox": 5e-2}),
+    "ia3": Choice(lambda m, s, seed: add_ia3(m, s["targets"].split(",")), {"targets": "k_proj,v_proj,down_proj"},
+                  {"code": 1e-2, "fox": 5e-2}),
     "bitfit": Choice(lambda m, s, seed: add_bitfit(m, s["targets"].split(","), norms=True),
                      {"targets": ",".join(BLOCK_LINEARS)}, {"code": 3e-3, "fox": 1e-2}),
     "bottleneck": Choice(lambda m, s, seed: add_bottleneck_adapters(m, s["bottleneck_size"], s["placement"]),
                          {"bottleneck_size": 64, "placement": "houlsby"}, {"code": 1e-3, "fox": 1e-2}),
-    "prefix": Choice(lambda m, s, seed: add_prefix_tuning(m, s["num_prompts"], s["projection_hidden"],
-                                                          init="random" if s["projection_hidden"] else "vocab",
-                                                          seed=seed),
+    "prefix": Choice(lambda m, s, seed: add_prefix_tuning(m, s["num_prompts"], s["projection_hidden"], seed=seed),
                      {"num_prompts": 16, "projection_hidden": None}, {"code": 1e-2, "fox": 1e-2}),
     "prompt": Choice(lambda m, s, seed: add_prompt_tuning(m, s["num_prompts"], init="vocab", seed=seed),
                      {"num_prompts": 16}, {"code": 1e-2, "fox": 1e-2}),
@@ -84,8 +78,8 @@ def choose_method(model, args, task: str):
                             f"{', '.join('--' + f.replace('_', '-') for f in choice.settings)}")
     settings = {flag: getattr(args, flag) if getattr(args, flag) is not None else default
                 for flag, default in choice.settings.items()}
-    check_positive(**{flag: value for flag, value in settings.items()
-                      if flag in ("r", "alpha", "num_prompts", "projection_hidden", "bottleneck_size") and value is not None})
+    positive = ("r", "alpha", "num_prompts", "projection_hidden", "bottleneck_size")
+    check_positive(**{flag: value for flag, value in settings.items() if flag in positive and value is not None})
     for flag, value in settings.items():
         setattr(args, flag, value)
     if args.lr is None:

@@ -73,5 +73,6 @@ def write_samples(path, rows):
 
     lines = ["# Generations before and after LoRA training", "",
              "| prompt | decoding | before | after |", "| --- | --- | --- | --- |"]
-    lines += [f"| {cell(repr(prompt))} | {mode} | {cell(before)} | {cell(after)} |" for prompt, mode, before, after in rows]
+    lines += [f"| {cell(repr(prompt))} | {mode} | {cell(before)} | {cell(after)} |"
+              for prompt, mode, before, after in rows]
     write_atomically(path, ("\n".join(lines) + "\n").encode())

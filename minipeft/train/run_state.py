@@ -89,7 +89,8 @@ def load_checkpoint(path, model, optimizer, scheduler, batches, device, settings
     check_resume_settings(path, settings or {}, state)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if state.get("trainable_names") != list(trainable):
-        raise MiniPeftError(f"{path}: its trainable tensors do not match this model's (other method, --r or --targets?)")
+        raise MiniPeftError(f"{path}: its trainable tensors do not match this model's "
+                            f"(other method, --r or --targets?)")
     try:
         with torch.no_grad():
             for name, parameter in trainable.items():
