@@ -195,6 +195,18 @@ class LlamaModel(nn.Module):
         `documents` (B, T) ints >= 0 say which document of a packed row each token belongs to: a token then
         attends only within its document, numbered from the document's start, as if the document were alone."""
         new_sequence = cache is None or cache.length == 0
+        x, real = self.embed(input_ids, inputs_embeds, new_sequence, attention_mask)  # (B, T', D), (B, T')
+        if new_sequence and self.learned_past is not None:
+            cache = self.fill_learned_past(cache, len(x), x.dtype)  # contract 3
+        mask, positions = self.attention_mask(real, cache, documents)  # (B, 1, T', S) or None, (B, T')
+        inv_freq = inverse_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling, x.device)
+        cos, sin = rotary_cos_sin(positions, inv_freq, x.dtype)
+        x = self.blocks(x, cos, sin, mask, cache)
+        return (self.norm(x), real) if with_mask else self.norm(x)  # (B, T', D)
+
+    def embed(self, input_ids, inputs_embeds, new_sequence, attention_mask):
+        """The tokens' vectors (B, T', D), and which positions are real (B, T'): the text's from
+        `attention_mask`; positions that embed_tokens prepends (contract 2) are real unless it says otherwise."""
         if inputs_embeds is not None:
             x = inputs_embeds  # (B, T, D)
         elif new_sequence:
@@ -203,31 +215,39 @@ class LlamaModel(nn.Module):
             x = F.embedding(input_ids, self.embed_tokens.weight)  # (B, T, D)
             x = x.to(self.compute_dtype) if self.compute_dtype else x
         x, prepended_real = x if isinstance(x, tuple) else (x, None)  # (B, P) in a mixed batch
-        B, T = x.shape[:2]
-        learned = self.learned_past(B) if new_sequence and self.learned_past is not None else None  # contract 3
-        if learned is not None:
-            cache = cache if cache is not None else KVCache(len(self.layers), grow=False)
-            cache = cache.fill(*learned, dtype=x.dtype)
-        past = cache.length if cache is not None else 0
-
-        new_mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         if prepended_real is not None:
-            new_mask[:, :prepended_real.shape[1]] = prepended_real
-        if attention_mask is not None:  # covers the new tokens; prepended positions are always real
-            new_mask[:, T - attention_mask.shape[1]:] = attention_mask.bool()
-        key_mask = new_mask if past == 0 else torch.cat([cache.mask, new_mask], dim=1)  # (B, S)
+            real[:, :prepended_real.shape[1]] = prepended_real
+        if attention_mask is not None:  # covers the new tokens
+            real[:, x.shape[1] - attention_mask.shape[1]:] = attention_mask.bool()
+        return x, real
+
+    def fill_learned_past(self, cache, batch_size, dtype):
+        """A new sequence starts from the learned past's keys and values (contract 3): the cache it
+        continues, or a fixed one that keeps nothing."""
+        learned = self.learned_past(batch_size)
+        if learned is None:  # switched off
+            return cache
+        cache = cache if cache is not None else KVCache(len(self.layers), grow=False)
+        return cache.fill(*learned, dtype=dtype)
+
+    def attention_mask(self, real, cache, documents):
+        """Which keys each query sees, (B, 1, T, S) bool or None for plain causal, and the queries' rotary
+        positions (B, T): padding is not counted, and in a packed row each document starts from 0."""
+        past, T = (cache.length if cache is not None else 0), real.shape[1]
+        key_mask = real if past == 0 else torch.cat([cache.mask, real], dim=1)  # (B, S)
         if cache is not None and cache.grow:
             cache.mask = key_mask
         if documents is None:
             positions = (key_mask.long().cumsum(-1)[:, -T:] - 1).clamp(min=0)  # (B, T): padding does not count
             padded = not bool(key_mask.all())
-            mask = causal_padding_mask(key_mask, T) if padded or (past > 0 and T > 1) else None  # None: plain causal
-        else:  # the past and any prepended positions are shared by every document (-1)
-            query_documents = F.pad(documents, (T - documents.shape[1], 0), value=-1)  # (B, T)
-            mask, positions = document_mask(key_mask, F.pad(query_documents, (past, 0), value=-1), query_documents)
-        inv_freq = inverse_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling, x.device)
-        cos, sin = rotary_cos_sin(positions, inv_freq, x.dtype)
+            return (causal_padding_mask(key_mask, T) if padded or (past > 0 and T > 1) else None), positions
+        # the past and any prepended positions are shared by every document (-1)
+        query_documents = F.pad(documents, (T - documents.shape[1], 0), value=-1)  # (B, T)
+        return document_mask(key_mask, F.pad(query_documents, (past, 0), value=-1), query_documents)
 
+    def blocks(self, x, cos, sin, mask, cache):
+        """The decoder blocks in turn; in training with checkpointing each is recomputed in backward."""
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and (cache is None or not cache.grow)
         for i, layer in enumerate(self.layers):
             if recompute:  # a fixed past is read by the block, so it is handed to the recompute as an input
@@ -235,7 +255,7 @@ class LlamaModel(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, cache, also_differentiate=past_tensors)
             else:
                 x = layer(x, cos, sin, mask, cache)
-        return (self.norm(x), new_mask) if with_mask else self.norm(x)  # (B, T, D)
+        return x
 
 
 class Llama(nn.Module):
