@@ -134,6 +134,25 @@ def test_the_base_runs_once_and_each_adapter_over_its_rows(base):
     assert seen == [("base", 4), ("fox", 1), ("code", 2)]
 
 
+def test_an_adapter_added_after_every_other_was_deleted_is_active(base):
+    """As the first one added is: it changes the output and trains. A base set to run bare (set_adapter(None))
+    with other adapters on stays bare."""
+    model = load_model(base)
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        bare = model(ids)
+    minipeft.add_prompt_tuning(model, num_prompts=2, name="first")
+    minipeft.delete_adapter(model, "first")
+    minipeft.add_prompt_tuning(model, num_prompts=2, name="second")
+    assert model.active_adapter == "second"
+    assert all(p.requires_grad for p in adapter_parameters(model).values())
+    with torch.no_grad():
+        assert model(ids).shape[1] == bare.shape[1] + 2
+    set_adapter(model, None)
+    minipeft.add_lora(model, ["q"], r=2, name="third")
+    assert model.active_adapter is None
+
+
 def test_lora_mixed_batch_equals_peft_adapter_names(base, tmp_path):
     from peft import PeftModel
     from transformers import LlamaForCausalLM

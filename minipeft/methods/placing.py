@@ -81,11 +81,11 @@ def wrap(model, name: str, make_wrapper, adapter_name: str):
 
 def record_settings(model, name: str, settings):
     """Keep what a method was asked for, under its adapter's name, to be saved in its adapter file. The
-    first adapter added is the active one."""
+    first adapter added is the active one, and so is one added after every other was deleted."""
     if not isinstance(name, str) or not name:
         raise MiniPeftError(f"name: expected a non-empty adapter name, got {name!r}")
     if not hasattr(model, "adapter_settings"):
         model.adapter_settings = {}
     model.adapter_settings.setdefault(name, {})[type(settings)] = settings
-    if not hasattr(model, "active_adapter"):
+    if getattr(model, "active_adapter", None) is None and list(model.adapter_settings) == [name]:
         model.active_adapter = name
