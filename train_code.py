@@ -13,31 +13,23 @@ Under torchrun (torchrun --nproc_per_node=N train_code.py ...) the processes sha
 """
 
 import argparse
-import json
 import math
-import os
-import signal
-import time
-from pathlib import Path
 
 import torch
 
 import minipeft
-from minipeft.errors import MiniPeftError, run_cli
-from minipeft.files import write_atomically
+from minipeft.errors import run_cli
 from minipeft.llama.default_model import DEFAULT_DIR
 from minipeft.llama.loader import check_device
 from minipeft.methods.fingerprints import fingerprint_digest
 from minipeft.train.batches import Batches, pack_rows, pad_batch
 from minipeft.train.data import Filters, describe, load_corpus
-from minipeft.train.distributed import (DataParallelLoss, collective_failure, start_processes, total,
-                                        world_from_environment)
-from minipeft.train.method_choice import FLAGS, add_method_arguments, choose_method
+from minipeft.train.distributed import DataParallelLoss, start_processes, world_from_environment
 from minipeft.train.loop import (accumulate_gradients, clip_and_check, compute_dtype, heldout_loss, micro_batch_seed,
                                  peak_memory_mb, warmup_cosine)
-from minipeft.train.reporting import (check_positive, check_weights, plot_losses, prepare_output_dir, write_report,
-                                      write_samples)
-from minipeft.train.run_state import CHECKPOINT_FILE, check_resume_settings, load_checkpoint, save_checkpoint
+from minipeft.train.method_choice import FLAGS, add_method_arguments, choose_method
+from minipeft.train.reporting import check_positive, check_weights, plot_losses, write_report, write_samples
+from minipeft.train.run import Run, check_resume
 
 PROMPTS = ["", "import", "from", "while", "try", "if", "for", "torch"]
 # Every setting that changes the result: a resume with any of them changed is refused by name.
@@ -78,17 +70,6 @@ def build_parser():
     return parser
 
 
-def read_metrics(path):
-    """metrics.jsonl as records; a last line cut short by a kill is skipped."""
-    records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            pass
-    return records
-
-
 def generations(model, tokenizer, separator, new_tokens, seed):
     """Greedy and sampled continuations of the course's prompts; '' starts from the document separator."""
     prompts = [[separator] + tokenizer.encode(p) for p in PROMPTS]
@@ -98,46 +79,48 @@ def generations(model, tokenizer, separator, new_tokens, seed):
             "sampled": [p + tokenizer.decode(s) for p, s in zip(PROMPTS, sampled)]}
 
 
-def main():
-    args = build_parser().parse_args()
+def code_samples(args, tokenizer, seq_len, separator):
+    """The code, filtered and cut to its first characters, split by path, tokenized, cut to seq_len tokens."""
+    corpus = load_corpus(args.data, Filters(max_chars=args.max_chars), heldout_sources=args.heldout_data)
+    print(describe(corpus))
+    train, heldout = ([tokenizer.encode(text) + [separator] for _, text in split]
+                      for split in (corpus.train, corpus.heldout))
+    cut = sum(len(ids) > seq_len for ids in train + heldout)
+    if cut:
+        print(f"warning: {cut} samples longer than {seq_len} tokens were truncated")
+    return corpus, [ids[:seq_len] for ids in train], [ids[:seq_len] for ids in heldout]
+
+
+def check_arguments(args):
     check_positive(max_steps=args.max_steps, seq_len=args.seq_len, batch=args.batch, accum=args.accum,
-                   save_every=args.save_every, new_tokens=args.new_tokens)
-    if args.lr is not None:
-        check_positive(lr=args.lr)
-    device = check_device(args.device)
-    world = world_from_environment()  # one process, or this one's place under torchrun
-    out = prepare_output_dir(args.out, need_bytes=64 * 2**20) if world.main else Path(args.out)
-    if args.resume and not (out / CHECKPOINT_FILE).is_file():
-        raise MiniPeftError(f"--resume: no checkpoint at {out / CHECKPOINT_FILE}; run without --resume to start")
+                   save_every=args.save_every, new_tokens=args.new_tokens,
+                   **({"lr": args.lr} if args.lr is not None else {}))
+    device, world = check_device(args.device), world_from_environment()  # under torchrun: this process's place
     args.dtype = compute_dtype(args.dtype, device)  # recorded resolved: a resume elsewhere must compute the same
     settings = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH}, "micro_batches_per_step": world.size * args.accum}
-    if args.resume:  # refused here, once, before any process waits on another
-        check_resume_settings(out / CHECKPOINT_FILE, settings)
-    device = start_processes(world, device)
+    out = check_resume(args.out, world, args.resume, settings)
+    return Run(out, world, start_processes(world, device), args.save_every), settings
+
+
+def main():
+    args = build_parser().parse_args()
+    run, settings = check_arguments(args)
+    world, device, out = run.world, run.device, run.out
     torch.manual_seed(args.seed)
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
-    # 1. The frozen base, in 4-bit NF4.
+    # 1. The frozen base, in 4-bit NF4, and the code.
     model, tokenizer = minipeft.load(check_weights(args.weights), quantize=None if args.no_4bit else "nf4",
                                      dtype=autocast_dtype or torch.float32, device=device, progress=world.main)
     fingerprint = minipeft.base_fingerprint(model)
     separator = tokenizer.eos_id  # ends every training file, and starts the '' prompt
-
-    # 2. The code: filtered, cut to its first characters, split, tokenized.
-    corpus = load_corpus(args.data, Filters(max_chars=args.max_chars), heldout_sources=args.heldout_data)
-    print(describe(corpus))
     seq_len = min(args.seq_len, model.config.max_position_embeddings)
     if seq_len < args.seq_len:
         print(f"warning: --seq-len {args.seq_len} is beyond the model's context of {seq_len} tokens; using {seq_len}")
-    train, heldout = ([tokenizer.encode(text) + [separator] for _, text in split]
-                      for split in (corpus.train, corpus.heldout))
-    cut = sum(len(ids) > seq_len for ids in train + heldout)
-    train, heldout = [ids[:seq_len] for ids in train], [ids[:seq_len] for ids in heldout]
-    if cut:
-        print(f"warning: {cut} samples longer than {seq_len} tokens were truncated")
+    corpus, train, heldout = code_samples(args, tokenizer, seq_len, separator)
 
-    # 3. Wrap: the method (LoRA on the targets by default), checkpointing on.
+    # 2. Wrap: the method (LoRA on the targets by default), checkpointing on.
     method_settings = choose_method(model, args, task="code")
     print(f"{args.method}: {method_settings}, lr {args.lr}, {args.dtype}, "
           f"{'one sample per row' if args.no_packing else f'packed rows of {seq_len} tokens'}")
@@ -150,101 +133,73 @@ def main():
     batches = Batches(train, args.batch, args.seed)
     settings["base_fingerprint"] = fingerprint_digest(fingerprint)
 
-    # 4. Before training (or what the interrupted run measured then).
+    # 3. Before training (or what the interrupted run measured then): the bare base.
+    state = (model, optimizer, scheduler, batches, settings)
     if args.resume:
-        state = load_checkpoint(out / CHECKPOINT_FILE, model, optimizer, scheduler, batches, device, settings)
-        step, tokens_seen, seconds, before = state["step"], state["tokens_seen"], state["seconds"], state["before"]
-        metrics = [m for m in read_metrics(out / "metrics.jsonl") if m["step"] <= step]  # drop steps after it
-        print(f"resumed at step {step}")
+        before = run.resume(*state)
     else:
         model.eval()
-        with autocast(), minipeft.disabled(model):  # the bare base (learned prompts would count from their start)
-            loss = heldout_loss(model, heldout, device, world=world)
-            samples = generations(model, tokenizer, separator, args.new_tokens, args.seed) if world.main else None
-            before = {"heldout_loss": loss, "samples": samples}
+        with autocast(), minipeft.disabled(model):  # learned prompts would count from their start
+            before = {"heldout_loss": heldout_loss(model, heldout, device, world=world),
+                      "samples": generations(model, tokenizer, separator, args.new_tokens, args.seed)
+                      if world.main else None}
+        loss = before["heldout_loss"]
         print(f"held-out loss before: {loss:.4f} (perplexity {math.exp(loss):.2f}) on {len(heldout)} samples")
-        step, tokens_seen, seconds, metrics = 0, 0, 0.0, []
-    if world.main:
-        write_atomically(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics).encode())
 
-    def checkpoint():
-        if world.main:
-            save_checkpoint(out / CHECKPOINT_FILE, model, optimizer, scheduler, batches, device, step=step,
-                            tokens_seen=tokens_seen, seconds=seconds, before=before, settings=settings)
-
-    # 5. Train. Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and exits.
-    requested = []
-
-    def request_stop(signum, frame):
-        if requested and time.time() - requested[0] > 2:  # a second Ctrl-C stops at once (under torchrun each
-            raise KeyboardInterrupt                        # process gets the terminal's and torchrun's copy of one)
-        requested.append(time.time())
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, request_stop)
+    # 4. Train. Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and exits.
     model.train()
-    started = time.time() - seconds
-    stop = False
-    log = open(out / "metrics.jsonl", "a") if world.main else open(os.devnull, "w")
-    with log, collective_failure(world, then=f" The last checkpoint in {out} is intact: rerun with --resume"):
-        while step < args.max_steps and not stop:
+    with run.begin(*state, before):
+        while run.step < args.max_steps and not run.stopped:
             # the step's micro-batches over all ranks, in one order whatever their number; rank r runs r, r+N, ...
             rows = [batches.next() if args.no_packing else batches.next_packed(seq_len)
                     for _ in range(world.size * args.accum)]
             mine = range(world.rank, len(rows), world.size)
             micro_batches = [(pad_batch if args.no_packing else pack_rows)(rows[i], device) for i in mine]
-            seeds = [micro_batch_seed(args.seed, step, i) for i in mine]  # dropout masks: the same for any world size
+            seeds = [micro_batch_seed(args.seed, run.step, i) for i in mine]  # dropout: the same for any world size
             step_loss, step_tokens = accumulate_gradients(model, micro_batches, autocast, parallel, seeds)
-            clip_and_check(step_loss, trainable, step + 1)
+            clip_and_check(step_loss, trainable, run.step + 1)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step, tokens_seen, seconds = step + 1, tokens_seen + step_tokens, time.time() - started
-            record = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
-                      "tokens_per_second": tokens_seen / seconds, "seconds": round(seconds, 2)}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            metrics.append(record)
-            eta = seconds / step * (args.max_steps - step) if step else 0
-            print(f"step {step:4d}/{args.max_steps}  loss {step_loss:.4f}  lr {record['lr']:.2e}  "
-                  f"{record['tokens_per_second']:.0f} tok/s  ETA {eta / 60:.1f} min", flush=True)
-            if step % args.save_every == 0 or step == args.max_steps:
-                checkpoint()
-            stop = total(len(requested), world, device) > 0  # every rank stops after the same step
-    if stop:
-        checkpoint()
-        print(f"interrupted: checkpoint saved at step {step}; continue with --resume")
-        parallel.close()
-        raise SystemExit(130)
+            run.record(step_loss, step_tokens, scheduler.get_last_lr()[0], args.max_steps)
+    run.end_if_interrupted(parallel)
 
-    # 6. After: the same held-out set and prompts, the adapter, the report (rank 0).
+    # 5. After: the same held-out set and prompts, the adapter, the report (rank 0).
     model.eval()
     with autocast():
         loss_after = heldout_loss(model, heldout, device, world=world)
-    parallel.close()
-    if not world.main:
-        return
-    with autocast():
+        parallel.close()
+        if not world.main:
+            return
         after = generations(model, tokenizer, separator, args.new_tokens, args.seed)
+    minipeft.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.weights))
+    report(args, run, params, before, loss_after, after, corpus, len(train), len(heldout), settings,
+           base_unchanged=minipeft.base_fingerprint(model) == fingerprint)
+
+
+def report(args, run, params, before, loss_after, after, corpus, train_samples, heldout_samples, settings,
+           base_unchanged):
+    """The held-out loss before and after, samples.md, report.json and loss.png."""
+    out = run.out
     print(f"held-out loss: before {before['heldout_loss']:.4f} -> after {loss_after:.4f} "
           f"(perplexity {math.exp(before['heldout_loss']):.2f} -> {math.exp(loss_after):.2f})")
-    minipeft.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.weights))
     write_samples(out / "samples.md", [(p, mode, before["samples"][mode][i], after[mode][i])
                                        for i, p in enumerate(PROMPTS) for mode in ("greedy", "sampled")])
     for prompt, text in zip(PROMPTS, after["greedy"]):
         print(f"--- after, greedy, {prompt!r}:\n{text}")
-    report = {"model": str(args.weights), "method": args.method, **params, "steps": step, "tokens_seen": tokens_seen,
-              "seconds": round(seconds, 1), "tokens_per_second": tokens_seen / max(seconds, 1e-9),
-              "peak_memory_mb": round(peak_memory_mb(device), 1), "device": str(device),
+    result = {"model": str(args.weights), "method": args.method, **params, "steps": run.step,
+              "tokens_seen": run.tokens_seen, "seconds": round(run.seconds, 1),
+              "tokens_per_second": run.tokens_seen / max(run.seconds, 1e-9),
+              "peak_memory_mb": round(peak_memory_mb(run.device), 1), "device": str(run.device),
               "heldout_loss_before": before["heldout_loss"], "heldout_loss_after": loss_after,
               "heldout_perplexity_before": math.exp(before["heldout_loss"]),
-              "heldout_perplexity_after": math.exp(loss_after), "heldout_samples": len(heldout),
-              "train_samples": len(train), "data_counts": dict(corpus.counts), "settings": settings,
-              "base_unchanged": minipeft.base_fingerprint(model) == fingerprint}
-    write_report(out / "report.json", report)
-    plot_losses(out / "loss.png", {"train": ([m["step"] for m in metrics], [m["loss"] for m in metrics])},
+              "heldout_perplexity_after": math.exp(loss_after), "heldout_samples": heldout_samples,
+              "train_samples": train_samples, "data_counts": dict(corpus.counts), "settings": settings,
+              "base_unchanged": base_unchanged}
+    write_report(out / "report.json", result)
+    plot_losses(out / "loss.png", {"train": ([m["step"] for m in run.metrics], [m["loss"] for m in run.metrics])},
                 f"code: {args.method}")
-    print(f"wrote {out}/ (adapter, report.json, samples.md, metrics.jsonl); base unchanged: {report['base_unchanged']}")
+    print(f"wrote {out}/ (adapter, report.json, samples.md, metrics.jsonl); base unchanged: {base_unchanged}")
 
 
 if __name__ == "__main__":

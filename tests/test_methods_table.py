@@ -1,4 +1,4 @@
-"""Seed 004's table by arithmetic: count_parameters on the meta device equals each method's formula,
+"""The PEFT lecture notes' table by arithmetic: count_parameters on the meta device equals each method's formula,
 written out here from the papers, for the seed's 24-layer shape and for Llama-7B."""
 
 from minipeft.methods.table import SHAPES, parameter_table
@@ -23,8 +23,8 @@ def test_counts_equal_the_formulas_and_the_seeds_figures():
         expected = formulas(config)
         counted = {r["method"]: r["trainable_params"] for r in rows if r["shape"] == shape_name}
         assert counted == expected, shape_name
-    seed = {r["method"]: r for r in rows if r["shape"].startswith("seed")}
-    # seed 004: adapters 6M (2%), LoRA 0.8M (0.22%), BitFit 0.32M (0.09%), as rounded on its slide
+    seed = {r["method"]: r for r in rows if r["shape"].startswith("the lecture")}
+    # the lecture notes: adapters 6M (2%), LoRA 0.8M (0.22%), BitFit 0.32M (0.09%), as rounded on its slide
     assert round(seed["adapters (Houlsby), dim 64"]["trainable_params"] / 1e6) == 6
     assert round(seed["LoRA, r = 8"]["trainable_params"] / 1e5) == 8
     assert round(seed["BitFit"]["trainable_params"] / 1e5, 1) == 3.1

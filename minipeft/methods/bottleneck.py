@@ -14,7 +14,8 @@ W_up and b_up start at zero, so an untouched adapter changes nothing. The adapte
 layer it wraps (o_proj, down_proj), before the residual add, where Houlsby places it. Houlsby trains
 2 x layers x (2 D m + D + m) numbers: 2 x 32 x (2 x 4096 x 64 + 4096 + 64) = 33,820,672 on Llama-7B at
 m = 64 (0.5% of 6.7B); Pfeiffer half that. It cannot be merged: the non-linearity keeps it a layer of
-its own, which is also why it adds latency at small batch sizes (seed 004's "disadvantages").
+its own, which is also why it adds latency at small batch sizes (the "disadvantages" in the lecture notes
+"Parameter-Efficient Fine-tuning").
 
 On disk: minipeft's own format (peft has no bottleneck adapters, and says so when it is given this
 file): adapter_config.json {"peft_type": "BOTTLENECK", "placement": "houlsby" | "pfeiffer",
@@ -70,7 +71,7 @@ def add_bottleneck_adapters(model, bottleneck_size=64, placement="houlsby", non_
     Returns how many.
 
     Args:
-        bottleneck_size: m, the width of the bottleneck (seed 004's "dim").
+        bottleneck_size: m, the width of the bottleneck (the lecture notes' "dim").
         non_linearity: one of relu, gelu, silu, tanh.
         name: the adapter these belong to.
     """

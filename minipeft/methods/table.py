@@ -1,9 +1,10 @@
-"""Seed 004's comparison table, by arithmetic: how many numbers each method trains, counted by
-`count_parameters` on models built on the meta device (no weights, no memory).
+"""The comparison table of the lecture notes "Parameter-Efficient Fine-tuning", by arithmetic: how many
+numbers each method trains, counted by `count_parameters` on models built on the meta device (no weights,
+no memory).
 
     python -m minipeft.methods.table
 
-Seed 004: "Suppose we have a transformer with 350M parameters and 24 layers": prompt tuning (20 tokens)
+The notes: "Suppose we have a transformer with 350M parameters and 24 layers": prompt tuning (20 tokens)
 15k (0.006%), adapters (dim 64) 6M (2%), LoRA (dim 8) 0.8M (0.22%), BitFit 0.32M (0.09%). Its shape
 here is a Llama of hidden size 1024 and 24 layers (341M with a tied 32k vocabulary); Llama-7B beside it.
 """
@@ -19,7 +20,7 @@ from .prompt_tuning import add_prompt_tuning
 from .counting import count_parameters
 
 SHAPES = {
-    "seed 004's 350M, 24 layers": LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+    "the lecture's 350M, 24 layers": LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
                                              num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
                                              tie_word_embeddings=True),
     "Llama-7B": LlamaConfig(),  # the dataclass defaults are Llama-2-7B
