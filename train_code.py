@@ -95,7 +95,8 @@ def check_arguments(args):
     check_positive(max_steps=args.max_steps, seq_len=args.seq_len, batch=args.batch, accum=args.accum,
                    save_every=args.save_every, new_tokens=args.new_tokens,
                    **({"lr": args.lr} if args.lr is not None else {}))
-    device, world = check_device(args.device), world_from_environment()  # under torchrun: this process's place
+    device = check_device(args.device)
+    world = world_from_environment()  # under torchrun: this process's place
     args.dtype = compute_dtype(args.dtype, device)  # recorded resolved: a resume elsewhere must compute the same
     settings = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH}, "micro_batches_per_step": world.size * args.accum}
     out = check_resume(args.out, world, args.resume, settings)

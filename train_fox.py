@@ -72,7 +72,8 @@ def main():
     # 2. Wrap: by default the embedding, with 16 learned vectors in front of every input.
     if args.method == "prompt" and args.num_prompts is None and args.lr is None:  # the lesson's own line
         minipeft.add_prompt_tuning(model, num_prompts=16, init="vocab", seed=args.seed)
-        method_settings, args.lr = {"num_prompts": 16}, 1e-2
+        method_settings = {"num_prompts": 16}
+        args.lr = 1e-2
     else:  # any other method, or other settings, by name (minipeft/train/method_choice.py)
         method_settings = choose_method(model, args, task="fox")
     print(f"{args.method}: {method_settings}, lr {args.lr}")
@@ -82,7 +83,8 @@ def main():
     ids = torch.tensor([tokenizer.encode(TARGET)], device=device)
     parallel = DataParallelLoss(model, world)  # model.loss, gradients averaged over processes under torchrun
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    losses, start = [], time.time()
+    losses = []
+    start = time.time()
     model.train()  # LoRA's dropout, if any, is on while training and off when showing
     with collective_failure(world):
         for step in range(1, args.max_steps + 1):

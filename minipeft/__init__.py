@@ -16,7 +16,7 @@ nothing of formats/ or train/.
 """
 
 from .formats import load_adapter, save_adapter
-from .errors import MiniPeftError
+from .errors import BadInput, MiniPeftError
 from .llama.config import LlamaConfig
 from .llama.generate import generate
 from .llama.gradient_checkpointing import enable_checkpointing
@@ -34,8 +34,9 @@ from .methods.counting import count_parameters
 from .methods.fingerprints import base_fingerprint
 from .methods.merging import disabled, merge, unmerge
 
-__all__ = ["KVCache", "Llama", "LlamaConfig", "LoRALayer", "MiniPeftError", "WordEmbeddingsWithLearnedPrompts",
-           "adapter_names", "add_bitfit", "add_bottleneck_adapters", "add_ia3", "add_lora", "add_prefix_tuning",
+__all__ = ["BadInput", "KVCache", "Llama", "LlamaConfig", "LoRALayer", "MiniPeftError",
+           "WordEmbeddingsWithLearnedPrompts", "adapter_names", "add_bitfit", "add_bottleneck_adapters", "add_ia3",
+           "add_lora", "add_prefix_tuning",
            "add_prompt_tuning", "base_fingerprint", "build_model", "count_parameters", "disabled",
            "enable_checkpointing", "generate", "load", "delete_adapter", "load_adapter", "load_model", "load_tokenizer",
            "merge", "save_adapter", "set_adapter", "unmerge"]

@@ -23,7 +23,7 @@ import torch.nn as nn
 from safetensors.torch import save as save_safetensors_bytes
 
 from . import formats
-from .errors import MiniPeftError, run_cli
+from .errors import BadInput, run_cli
 from .files import write_atomically
 from .llama.config import LlamaConfig
 from .llama.default_model import DEFAULT_DIR
@@ -50,7 +50,7 @@ def parse_adapters(specs) -> dict:
     for spec in specs or []:
         name, _, path = spec.rpartition("=") if "=" in spec else ("default", "", spec)
         if not name or name == "-" or name in adapters:
-            raise MiniPeftError(f"--adapter {spec!r}: expected NAME=PATH with a new name (not '-')")
+            raise BadInput(f"--adapter {spec!r}: expected NAME=PATH with a new name (not '-')")
         adapters[name] = Path(path)
     return adapters
 
@@ -59,8 +59,8 @@ def parse_prompt(line: str, names) -> tuple:
     """'NAME:text' -> (NAME, text); '-:text' -> (None, text), the bare base."""
     name, colon, text = line.partition(":")
     if not colon or (name != "-" and name not in names):
-        raise MiniPeftError(f"--prompt {line[:40]!r}: expected NAME:TEXT, NAME one of {sorted(names)} or '-' for the "
-                            f"bare base")
+        raise BadInput(f"--prompt {line[:40]!r}: expected NAME:TEXT, NAME one of {sorted(names)} or '-' for the "
+                       f"bare base")
     return (None if name == "-" else name), text.replace("\\n", "\n")
 
 
@@ -71,7 +71,7 @@ def command_generate(args):
         source = sys.stdin if args.prompts_file == "-" else open(args.prompts_file, encoding="utf-8")
         lines += [line.rstrip("\n") for line in source if line.strip()]
     if not lines:
-        raise MiniPeftError("generate: no prompts; give --prompt NAME:TEXT or --prompts-file FILE (- for stdin)")
+        raise BadInput("generate: no prompts; give --prompt NAME:TEXT or --prompts-file FILE (- for stdin)")
     rows = [parse_prompt(line, adapters) for line in lines]
     model, tokenizer = load(args.weights, quantize="nf4" if args.four_bit else None, device=args.device,
                             progress=sys.stderr)  # stdout is the answers alone
@@ -108,7 +108,7 @@ def dequantized_copy(model):
 def command_merge(args):
     weights, out = Path(args.weights), Path(args.out)
     if out.exists() and any(out.iterdir()):
-        raise MiniPeftError(f"--out {out}: exists and is not empty; choose a new directory")
+        raise BadInput(f"--out {out}: exists and is not empty; choose a new directory")
     model = load_model(weights, quantize="nf4" if args.four_bit else None, progress=sys.stderr)
     config_name = formats.load_adapter(model, args.adapter)["peft_type"]
     probe = torch.arange(32)[None] * 7919 % model.config.vocab_size  # any tokens: the same before and after
@@ -116,8 +116,8 @@ def command_merge(args):
         unmerged = model(probe)
     cannot = [type(m).__name__ for _, m in wrappers(model) if not hasattr(m, "merge")]
     if cannot:
-        raise MiniPeftError(f"--adapter {args.adapter}: a {config_name} adapter ({cannot[0]}) is not a change to a "
-                            f"weight, so it cannot be merged; serve it unmerged (minipeft generate)")
+        raise BadInput(f"--adapter {args.adapter}: a {config_name} adapter ({cannot[0]}) is not a change to a "
+                       f"weight, so it cannot be merged; serve it unmerged (minipeft generate)")
     config, plain = json.loads((weights / "config.json").read_text()), dequantized_copy(model)
     for kind in {type(m) for _, m in wrappers(model)}:  # a method whose merge needs more of the base says so
         config = kind.prepare_export(plain, config)

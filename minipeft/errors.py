@@ -6,13 +6,16 @@ escapes is a bug in minipeft and keeps its traceback.
 """
 
 
-class MiniPeftError(Exception):
+class BadInput(Exception):
     """A user-facing error: the message names the file, key or argument and what was expected.
 
     Always one line: line breaks inside (from a quoted value or a library's message) are shown escaped."""
 
     def __init__(self, message: str):
         super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
+
+MiniPeftError = BadInput  # its earlier name
 
 
 def require(config: dict, key, kind, source, low=None, high=None, default=None):
@@ -26,7 +29,7 @@ def require(config: dict, key, kind, source, low=None, high=None, default=None):
     if not (right_kind and in_range):
         expected = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
         limits = f" in [{low}, {high}]" if low is not None else ""
-        raise MiniPeftError(f"{source}: key {key!r} should be {expected}{limits}, got {value!r}")
+        raise BadInput(f"{source}: key {key!r} should be {expected}{limits}, got {value!r}")
     return value
 
 
@@ -49,11 +52,11 @@ def refuse_unhonoured(config: dict, read, not_math, only_default: dict, source):
         if key in only_default and value in (only_default[key], None):
             continue
         what = f"only {only_default[key]!r} is supported" if key in only_default else "minipeft does not know this key"
-        raise MiniPeftError(f"{source}: key {key!r} is {value!r}; {what}")
+        raise BadInput(f"{source}: key {key!r} is {value!r}; {what}")
 
 
 def run_cli(main):
-    """Run a command-line entry point: a MiniPeftError becomes `error: ...` on stderr and exit code 2.
+    """Run a command-line entry point: a BadInput becomes `error: ...` on stderr and exit code 2.
 
     Under torchrun every process checks the same arguments: rank 0 alone reports what they all found, and
     another rank speaks only of what happened to it (its errors say which rank)."""
@@ -63,7 +66,7 @@ def run_cli(main):
 
     try:
         return main()
-    except MiniPeftError as e:
+    except BadInput as e:
         several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun
         if os.environ.get("RANK", "0") == "0" or str(e).startswith("rank "):
             print(f"error: {e}", file=sys.stderr)

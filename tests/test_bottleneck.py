@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from minipeft import MiniPeftError, add_bottleneck_adapters, count_parameters, load_adapter, load_model, save_adapter
+from minipeft import BadInput, add_bottleneck_adapters, count_parameters, load_adapter, load_model, save_adapter
 from minipeft.methods.bottleneck import BottleneckAdapter
 from tests.helpers import write_hf_checkpoint
 
@@ -69,5 +69,5 @@ def test_file_round_trip_and_peft_refuses_it(tmp_path):
         assert_close(loaded(ids), model(ids), rtol=0, atol=0)
     with pytest.raises(Exception, match="BOTTLENECK"):  # peft knows no such method, and says so
         PeftModel.from_pretrained(reference, tmp_path / "adapter")
-    with pytest.raises(MiniPeftError, match="placement: expected one of"):
+    with pytest.raises(BadInput, match="placement: expected one of"):
         add_bottleneck_adapters(load_model(tmp_path / "base"), placement="parallel")

@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 import minipeft
-from minipeft import LlamaConfig, MiniPeftError, build_model, load_model
+from minipeft import LlamaConfig, BadInput, build_model, load_model
 from minipeft.llama import config as config_module
 from tests.helpers import write_hf_checkpoint
 
@@ -139,7 +139,7 @@ def test_configs_it_cannot_honour_are_refused_by_name(tmp_path, key, value, name
     write_hf_checkpoint(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
-    with pytest.raises(MiniPeftError, match="config.json") as error:
+    with pytest.raises(BadInput, match="config.json") as error:
         load_model(tmp_path)
     assert named in str(error.value) and "\n" not in str(error.value)
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.testing import assert_close
 
 import minipeft
-from minipeft import MiniPeftError, add_lora, add_prompt_tuning, enable_checkpointing, load_model, save_adapter
+from minipeft import BadInput, add_lora, add_prompt_tuning, enable_checkpointing, load_model, save_adapter
 from tests.helpers import write_hf_checkpoint
 
 
@@ -89,7 +89,7 @@ def test_disabled_runs_the_bare_base_whatever_is_on(tmp_path):
                     == minipeft.generate(bare, ids.tolist(), 4, eos_id=-1))
         assert_close(model(ids), adapted, rtol=0, atol=0)  # everything back on
     minipeft.merge(model)
-    with pytest.raises(MiniPeftError, match="merged into its base weight"):
+    with pytest.raises(BadInput, match="merged into its base weight"):
         minipeft.disabled(model)
 
 
@@ -110,7 +110,7 @@ def test_settings_are_saved_as_asked_not_guessed_from_the_layers(tmp_path):
                                       ["self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                                        "mlp.up_proj", "mlp.down_proj"]}
     assert set(config["alpha_pattern"]) == set(config["rank_pattern"])
-    with pytest.raises(MiniPeftError, match="dropout / use_rslora / use_dora: 0.2 / False / False differ"):
+    with pytest.raises(BadInput, match="dropout / use_rslora / use_dora: 0.2 / False / False differ"):
         add_lora(model, ["lm_head"], r=4, alpha=8, dropout=0.2)
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from minipeft import MiniPeftError
+from minipeft import BadInput
 from minipeft.train.data import Filters, default_sources, load_corpus
 
 GOOD = "import os\n\n\ndef main():\n    print(os.getcwd())\n"
@@ -74,8 +74,8 @@ def test_default_corpus_is_the_standard_library():
 
 
 def test_missing_and_empty_data_are_clear_errors(tmp_path):
-    with pytest.raises(MiniPeftError, match="no such file"):
+    with pytest.raises(BadInput, match="no such file"):
         load_corpus([tmp_path / "nope.jsonl"])
     write_jsonl(tmp_path / "bad.jsonl", [{"content": "z" * 2000, "path": "x.py"}])
-    with pytest.raises(MiniPeftError, match="left after filtering"):
+    with pytest.raises(BadInput, match="left after filtering"):
         load_corpus([tmp_path / "bad.jsonl"])

@@ -1,5 +1,5 @@
 """Fuzzing the readers of files a user hands us: safetensors checkpoints and tokenizer files. Any exception
-other than the one-line MiniPeftError is a failure."""
+other than the one-line BadInput is a failure."""
 
 import json
 import struct
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minipeft import MiniPeftError, load_model, load_tokenizer
+from minipeft import BadInput, load_model, load_tokenizer
 from tests.helpers import write_hf_checkpoint
 from tests.test_tokenizer import write_llama3_style
 
@@ -21,7 +21,7 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(Heal
 def loads_or_refuses(call, *args):
     try:
         return call(*args)
-    except MiniPeftError as e:
+    except BadInput as e:
         assert "\n" not in str(e)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from minipeft import MiniPeftError, add_ia3, load_adapter, load_model, merge, save_adapter, unmerge
+from minipeft import BadInput, add_ia3, load_adapter, load_model, merge, save_adapter, unmerge
 from minipeft.methods.ia3 import IA3Layer
 from tests.helpers import assert_merges_as_peft_merges, write_hf_checkpoint
 
@@ -58,11 +58,11 @@ def test_merge_on_a_4bit_base_is_refused(tmp_path):
     write_hf_checkpoint(tmp_path)
     model = load_model(tmp_path, quantize="nf4")
     add_ia3(model)
-    with pytest.raises(MiniPeftError, match="IA3 on a 4-bit base"):
+    with pytest.raises(BadInput, match="IA3 on a 4-bit base"):
         merge(model)
 
 
 def test_feedforward_layers_must_be_targets(tmp_path):
     write_hf_checkpoint(tmp_path)
-    with pytest.raises(MiniPeftError, match=r"feedforward: \['up_proj'\] are not among"):
+    with pytest.raises(BadInput, match=r"feedforward: \['up_proj'\] are not among"):
         add_ia3(load_model(tmp_path), ["k", "v"], feedforward=["up"])

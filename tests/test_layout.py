@@ -102,7 +102,9 @@ def test_a_method_file_holds_its_method_and_no_routing():
     for name in METHOD_FILES:
         path = PACKAGE / "methods" / f"{name}.py"
         assert len(path.read_text().splitlines()) <= 150, name
-        assert not any(m.startswith("minipeft.methods.named_adapters") for m in imported_modules(path)), name
+        siblings = {m.split(".")[2] for m in imported_modules(path) if m.count(".") >= 2 and
+                    m.startswith("minipeft.methods.")}
+        assert siblings <= {"contract", "lora", "dora"}, (name, siblings)  # the contract, and DoRA is LoRA's option
         module = sys.modules[f"minipeft.methods.{name}"]
         wrappers = [v for v in vars(module).values() if isinstance(v, type) and hasattr(v, "trainable_names")]
         assert wrappers and all(issubclass(w, Wrapper) for w in wrappers), name
@@ -114,3 +116,25 @@ def test_lines_are_at_most_120_characters():
                  *(root / "bench").glob("*.py")]:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             assert len(line) <= 120, f"{path.relative_to(root)}:{number} has {len(line)} characters"
+
+
+def code_words(source: str) -> set[str]:
+    """Every name and string in a file's code: comments and docstrings left out."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    words = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+             and id(node) not in docstrings}
+    words |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    words |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    words |= {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+              for alias in node.names}
+    return words
+
+
+def test_peft_is_named_in_method_files_only_in_prose():
+    """`git grep -i peft minipeft/methods` finds docstrings and comments: no name or message in the code."""
+    assert {w for w in code_words('"""As in peft."""\nx = peft_key  # as peft\n') if "peft" in w} == {"peft_key"}
+    for path in (PACKAGE / "methods").glob("*.py"):
+        assert {w for w in code_words(path.read_text()) if "peft" in w.lower()} == set(), path.name

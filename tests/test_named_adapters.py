@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 import minipeft
-from minipeft import MiniPeftError, load_adapter, load_model, save_adapter, set_adapter
+from minipeft import BadInput, load_adapter, load_model, save_adapter, set_adapter
 from minipeft.methods.freezing import adapter_parameters
 from tests.helpers import write_hf_checkpoint
 
@@ -116,7 +116,7 @@ def test_only_the_adapters_in_use_train(base):
     assert in_use and all(model.get_submodule(n.rsplit(".", 2)[0]).adapter_name == "code" for n in in_use)
     set_adapter(model, None)
     assert not any(p.requires_grad for p in model.parameters())
-    with pytest.raises(MiniPeftError, match="no adapter named 'tea'"):
+    with pytest.raises(BadInput, match="no adapter named 'tea'"):
         set_adapter(model, ["fox", "tea"])
 
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import minipeft
-from minipeft import MiniPeftError, load, load_adapter, load_model, save_adapter
+from minipeft import BadInput, load, load_adapter, load_model, save_adapter
 from minipeft.llama.config import LlamaConfig
 from minipeft.train.reporting import prepare_output_dir
 from minipeft.train.run_state import CHECKPOINT_FILE, read_checkpoint
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def expect_error(match, call, *args, **kwargs):
-    with pytest.raises(MiniPeftError) as error:
+    with pytest.raises(BadInput) as error:
         call(*args, **kwargs)
     message = str(error.value)
     assert "\n" not in message and match in message, message
@@ -171,7 +171,7 @@ LORA_KEYS = ["peft_type", "r", "lora_alpha", "target_modules", "lora_dropout", "
     ["LORA", "PROMPT_TUNING", ["q_proj"], "v_proj", 0, -3, 10**12, 0.5, float("nan")]), max_size=5),
        drop=st.lists(st.sampled_from(LORA_KEYS), max_size=3), raw=st.none() | st.binary(max_size=64))
 def test_fuzz_adapter_loader(tmp_path_factory, mutations, drop, raw):
-    """Mutated configs and random bytes: a MiniPeftError, or a loaded adapter; never anything else."""
+    """Mutated configs and random bytes: a BadInput, or a loaded adapter; never anything else."""
     directory = tmp_path_factory.mktemp("fuzz")
     config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "lora_dropout": 0.0}
     config.update(mutations)
@@ -184,7 +184,7 @@ def test_fuzz_adapter_loader(tmp_path_factory, mutations, drop, raw):
     model = minipeft.build_model(TINY, device="cpu")
     try:
         load_adapter(model, directory)
-    except MiniPeftError as e:
+    except BadInput as e:
         assert "\n" not in str(e)
 
 
@@ -202,7 +202,7 @@ TINY = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 def test_fuzz_config_loader(config):
     try:
         LlamaConfig.from_dict(config)
-    except MiniPeftError as e:
+    except BadInput as e:
         assert "\n" not in str(e)
 
 
@@ -213,7 +213,7 @@ def test_fuzz_config_file(tmp_path_factory, data):
     path.write_bytes(data)
     try:
         LlamaConfig.from_json(path)
-    except MiniPeftError as e:
+    except BadInput as e:
         assert "\n" not in str(e)
 
 

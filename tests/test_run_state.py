@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors_bytes
 
-from minipeft import MiniPeftError
+from minipeft import BadInput
 from minipeft.train.run_state import CHECKPOINT_FILE, changed_settings, read_checkpoint
 from tests.helpers import ROOT, train_code
 
@@ -68,7 +68,7 @@ def test_bad_checkpoint_files_get_one_line(finished_run, tmp_path):
     for name, data in cases.items():
         path = tmp_path / f"{name}.safetensors"
         path.write_bytes(data)
-        with pytest.raises(MiniPeftError) as error:
+        with pytest.raises(BadInput) as error:
             read_checkpoint(path)
         assert str(path) in str(error.value) and "\n" not in str(error.value), name
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from minipeft import MiniPeftError, load_tokenizer
+from minipeft import BadInput, load_tokenizer
 from minipeft.llama.tokenizer import BPETokenizer, SentencePieceTokenizer
 
 TEXTS = {
@@ -98,10 +98,10 @@ def test_sentencepiece_tiny_trained_model(tmp_path):
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
-    with pytest.raises(MiniPeftError, match="no tokenizer.json or tokenizer.model"):
+    with pytest.raises(BadInput, match="no tokenizer.json or tokenizer.model"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(MiniPeftError, match="tokenizer.json"):
+    with pytest.raises(BadInput, match="tokenizer.json"):
         load_tokenizer(tmp_path)
 
 
@@ -253,7 +253,7 @@ def test_sentencepiece_conversion_alone_is_refused(converted_sentencepiece, tmp_
     import shutil
 
     shutil.copy(converted_sentencepiece / "tokenizer.json", tmp_path)
-    with pytest.raises(MiniPeftError, match="tokenizer.json: a sentencepiece tokenizer converted to JSON"):
+    with pytest.raises(BadInput, match="tokenizer.json: a sentencepiece tokenizer converted to JSON"):
         load_tokenizer(tmp_path)
 
 
@@ -278,6 +278,6 @@ def test_tokenizer_parts_it_cannot_honour_are_refused_by_name(tmp_path, change, 
     directory = write_llama3_style(tmp_path)
     spec = json.loads((directory / "tokenizer.json").read_text())
     (directory / "tokenizer.json").write_text(json.dumps({**spec, **change}))
-    with pytest.raises(MiniPeftError, match="tokenizer.json") as error:
+    with pytest.raises(BadInput, match="tokenizer.json") as error:
         load_tokenizer(directory)
     assert named in str(error.value) and "\n" not in str(error.value)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 from ..files import write_atomically
 from .bottleneck import BOTTLENECK
 from .peft import FORMATS as PEFT_FORMATS
@@ -34,8 +34,8 @@ def adapter_state(model, name: str) -> tuple[dict, dict]:
     settings = getattr(model, "adapter_settings", {}).get(name, {})
     if len(settings) > 1:
         kinds = " and ".join(BY_SETTINGS[kind].peft_type for kind in settings)
-        raise MiniPeftError(f"save_adapter: adapter {name!r} carries {kinds}; peft's format holds "
-                            f"one method per adapter (give each its own name)")
+        raise BadInput(f"save_adapter: adapter {name!r} carries {kinds}; peft's format holds "
+                       f"one method per adapter (give each its own name)")
     (kind, method_settings), = settings.items()
     return BY_SETTINGS[kind].write(model, method_settings, name)
 
@@ -45,7 +45,7 @@ def save_adapter(model, directory, base_model_name_or_path=None):
     "default" into `directory`, any other into `directory/<name>`."""
     names = list(getattr(model, "adapter_settings", {}))
     if not names:
-        raise MiniPeftError("save_adapter: the model has no PEFT method on it (add_lora, add_prompt_tuning, ...)")
+        raise BadInput("save_adapter: the model has no PEFT method on it (add_lora, add_prompt_tuning, ...)")
     for name in names:
         target = Path(directory) if name == "default" else Path(directory) / name
         target.mkdir(parents=True, exist_ok=True)
@@ -59,20 +59,21 @@ def save_adapter(model, directory, base_model_name_or_path=None):
 
 def read_adapter(directory) -> tuple[dict, dict]:
     directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    config_path = directory / CONFIG_FILE
+    weights_path = directory / WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise MiniPeftError(f"{path}: not found (an adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+            raise BadInput(f"{path}: not found (an adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
         config = json.loads(config_path.read_text())
     except (UnicodeDecodeError, ValueError) as e:
-        raise MiniPeftError(f"{config_path}: not valid JSON ({e})") from None
+        raise BadInput(f"{config_path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
-        raise MiniPeftError(f"{config_path}: expected a JSON object")
+        raise BadInput(f"{config_path}: expected a JSON object")
     try:
         tensors = load_safetensors_bytes(weights_path.read_bytes())
     except Exception as e:  # any failure to parse these bytes means the same thing to the user
-        raise MiniPeftError(f"{weights_path}: not a readable safetensors file ({e})") from None
+        raise BadInput(f"{weights_path}: not a readable safetensors file ({e})") from None
     return config, tensors
 
 
@@ -80,26 +81,28 @@ def load_adapter(model, directory, name="default"):
     """Attach the adapter in `directory` (minipeft's or peft's) to `model` as adapter `name`, checking that
     it fits the base."""
     config, tensors = read_adapter(directory)
-    source, weights_path = Path(directory) / CONFIG_FILE, Path(directory) / WEIGHTS_FILE
+    source = Path(directory) / CONFIG_FILE
+    weights_path = Path(directory) / WEIGHTS_FILE
     peft_type = config.get("peft_type")
     entry = FORMATS.get(peft_type) if isinstance(peft_type, str) else None
     if entry is None:
-        raise MiniPeftError(f"{source}: peft_type {peft_type!r} is not supported; "
-                            f"expected one of {sorted(FORMATS)}")
+        raise BadInput(f"{source}: peft_type {peft_type!r} is not supported; "
+                       f"expected one of {sorted(FORMATS)}")
     if name in getattr(model, "adapter_settings", {}):
-        raise MiniPeftError(f"load_adapter: the model already has an adapter named {name!r}; pass another name=")
+        raise BadInput(f"load_adapter: the model already has an adapter named {name!r}; pass another name=")
     entry.keys.check(config, source)
     expected = entry.read(model, config, source, name)  # {file key: parameter}, after wrapping the model
 
     tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}  # peft's in-memory names
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise MiniPeftError(f"{weights_path}: tensors do not fit the base model: missing {missing[:4]} "
-                            f"extra {extra[:4]}")
+        raise BadInput(f"{weights_path}: tensors do not fit the base model: missing {missing[:4]} "
+                       f"extra {extra[:4]}")
     with torch.no_grad():
         for key, parameter in expected.items():
             if tensors[key].shape != parameter.shape:
-                raise MiniPeftError(f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, "
-                                    f"the base model needs {tuple(parameter.shape)}")
+                raise BadInput(f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, "
+                               f"the base model needs {tuple(parameter.shape)}")
             parameter.copy_(tensors[key])
     return config

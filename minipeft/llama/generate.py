@@ -9,7 +9,7 @@ import itertools
 
 import torch
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 from .model import KVCache
 
 
@@ -40,9 +40,9 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed
             model config's eos_token_id, which Llama 3 instruct gives as a list).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise MiniPeftError("generate: every prompt needs at least one token")
+        raise BadInput("generate: every prompt needs at least one token")
     if not 0 < top_p <= 1:
-        raise MiniPeftError(f"generate: top_p must be in (0, 1], got {top_p}")
+        raise BadInput(f"generate: top_p must be in (0, 1], got {top_p}")
     stop_ids = model.config.eos_token_ids if eos_id is None else eos_id if isinstance(eos_id, list) else [eos_id]
     device = model.model.norm.weight.device  # lm_head may be wrapped by an adapter
     longest = max(len(p) for p in prompts)

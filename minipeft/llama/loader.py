@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 from ..progress import Progress
 from .config import LlamaConfig
 from .model import Llama
@@ -59,14 +59,14 @@ def safetensors_files(weights_dir: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
             shards = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise MiniPeftError(f"{index}: expected JSON with a 'weight_map' of tensor name -> shard file ({e!r})")
+            raise BadInput(f"{index}: expected JSON with a 'weight_map' of tensor name -> shard file ({e!r})")
         for shard in shards:
             if not (weights_dir / shard).is_file():
-                raise MiniPeftError(f"{index}: names shard {shard!r}, which is not in {weights_dir}")
+                raise BadInput(f"{index}: names shard {shard!r}, which is not in {weights_dir}")
         return [weights_dir / shard for shard in shards]
     if (weights_dir / "model.safetensors").is_file():
         return [weights_dir / "model.safetensors"]
-    raise MiniPeftError(f"{weights_dir}: no model.safetensors or model.safetensors.index.json found")
+    raise BadInput(f"{weights_dir}: no model.safetensors or model.safetensors.index.json found")
 
 
 def tensor_bytes(files) -> int:
@@ -95,23 +95,23 @@ def iterate_tensors(files):
                 for name in names:
                     yield name, read_tensor(f, path, name, header[name], 8 + header_length)
         except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-            raise MiniPeftError(f"{path}: not a readable safetensors file ({e})") from None
+            raise BadInput(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def read_tensor(f, path, name, entry, data_start) -> torch.Tensor:
     """One tensor of an open safetensors file, read (not mapped) into a new tensor."""
     dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
     if dtype is None:
-        raise MiniPeftError(f"{path}: tensor {name} has dtype {entry['dtype']}; expected one of "
-                            f"{', '.join(SAFETENSORS_DTYPES)}")
+        raise BadInput(f"{path}: tensor {name} has dtype {entry['dtype']}; expected one of "
+                       f"{', '.join(SAFETENSORS_DTYPES)}")
     begin, end = entry["data_offsets"]
     shape = entry["shape"]
     if end - begin != math.prod(shape) * dtype.itemsize:
-        raise MiniPeftError(f"{path}: tensor {name} has {end - begin} bytes for shape {shape} of {entry['dtype']}")
+        raise BadInput(f"{path}: tensor {name} has {end - begin} bytes for shape {shape} of {entry['dtype']}")
     data = torch.empty(end - begin, dtype=torch.uint8)
     f.seek(data_start + begin)
     if f.readinto(memoryview(data.numpy())) != end - begin:
-        raise MiniPeftError(f"{path}: tensor {name} is cut short (the file ends before its last byte)")
+        raise BadInput(f"{path}: tensor {name} is cut short (the file ends before its last byte)")
     return data.view(dtype).reshape(shape)
 
 
@@ -134,11 +134,11 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
     """
     weights_dir = Path(weights_dir)
     if not weights_dir.is_dir():
-        raise MiniPeftError(f"{weights_dir}: weights directory not found")
+        raise BadInput(f"{weights_dir}: weights directory not found")
     if dtype not in DTYPES.values():
-        raise MiniPeftError(f"dtype: unsupported {dtype}; expected one of {', '.join(DTYPES)}")
+        raise BadInput(f"dtype: unsupported {dtype}; expected one of {', '.join(DTYPES)}")
     if quantize not in (None, "nf4", "fp4"):
-        raise MiniPeftError(f"quantize: expected None, 'nf4' or 'fp4', got {quantize!r}")
+        raise BadInput(f"quantize: expected None, 'nf4' or 'fp4', got {quantize!r}")
     config = LlamaConfig.from_json(weights_dir / "config.json")
     files = safetensors_files(weights_dir)
     set_malloc_mmap_threshold(1 << 20)
@@ -158,8 +158,8 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
             extra.append(name)
             continue
         if tensor.shape != expected[name]:
-            raise MiniPeftError(f"{weights_dir}: tensor {name} has shape {tuple(tensor.shape)}, "
-                                f"config.json implies {tuple(expected[name])}")
+            raise BadInput(f"{weights_dir}: tensor {name} has shape {tuple(tensor.shape)}, "
+                           f"config.json implies {tuple(expected[name])}")
         module_name = name.rsplit(".", 2)[-2]
         if quantize and module_name in QUANTIZED_LINEARS and name.endswith(".weight"):
             parent, child = name.removesuffix(".weight").rsplit(".", 1)
@@ -191,9 +191,9 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
                       f"AVX512 CPU kernel decodes them with the wrong scales, so minipeft decodes them itself")
     missing = sorted(set(expected) - seen)
     if missing or extra:
-        raise MiniPeftError(f"{weights_dir}: tensors do not match config.json: "
-                            f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-                            f"extra {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+        raise BadInput(f"{weights_dir}: tensors do not match config.json: "
+                       f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+                       f"extra {extra[:8]}{' ...' if len(extra) > 8 else ''}")
     if config.tie_word_embeddings:
         if isinstance(model.model.embed_tokens, WidenedEmbedding):
             model.lm_head = WidenedLinear(model.model.embed_tokens.weight)
@@ -207,8 +207,8 @@ def load(weights_dir, quantize=None, dtype=torch.float32, device="cpu", double_q
     model = load_model(weights_dir, quantize, dtype, device, double_quant, progress)
     tokenizer = load_tokenizer(weights_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise MiniPeftError(f"{weights_dir}: tokenizer has {tokenizer.vocab_size} tokens but config.json "
-                            f"vocab_size is {model.config.vocab_size}")
+        raise BadInput(f"{weights_dir}: tokenizer has {tokenizer.vocab_size} tokens but config.json "
+                       f"vocab_size is {model.config.vocab_size}")
     return model, tokenizer
 
 
@@ -216,9 +216,9 @@ def check_device(device) -> torch.device:
     try:
         device = torch.device(device)
     except RuntimeError:
-        raise MiniPeftError(f"device: {device!r} is not a device name (expected cpu, cuda or cuda:N)") from None
+        raise BadInput(f"device: {device!r} is not a device name (expected cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MiniPeftError(f"device: {device} requested but no CUDA GPU is available; use --device cpu")
+        raise BadInput(f"device: {device} requested but no CUDA GPU is available; use --device cpu")
     if device.type not in ("cpu", "cuda"):
-        raise MiniPeftError(f"device: {device} is not supported; expected cpu or cuda")
+        raise BadInput(f"device: {device} is not supported; expected cpu or cuda")
     return device

@@ -99,7 +99,8 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_index: int):
         super().__init__()
         self.layer_index = layer_index
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)

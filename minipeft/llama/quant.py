@@ -31,7 +31,7 @@ import torch.nn.functional as F
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import bitsandbytes as bnb  # noqa: E402
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 from .loss import times_transposed
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -46,7 +46,7 @@ def quantize_linear(weight, quant_type="nf4", compute_dtype=torch.float32, doubl
     """A Linear4bit (bitsandbytes', below) holding `weight` (out, in), quantized on `device` from its
     values in `compute_dtype`; `bias` stays as given."""
     if quant_type not in QUANT_TYPES:
-        raise MiniPeftError(f"quantize: unknown quant type {quant_type!r}; expected one of {QUANT_TYPES}")
+        raise BadInput(f"quantize: unknown quant type {quant_type!r}; expected one of {QUANT_TYPES}")
     out_features, in_features = weight.shape
     layer = Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
                        compress_statistics=double_quant, quant_type=quant_type, device="meta")

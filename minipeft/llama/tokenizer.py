@@ -23,7 +23,7 @@ from pathlib import Path
 
 import regex
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Marks of a tokenizer.json converted from sentencepiece (Llama 2, TinyLlama): not byte-level BPE.
@@ -71,8 +71,8 @@ def pre_tokenizer_steps(spec, path) -> list:
             text = pattern.get("Regex") if "Regex" in pattern else regex.escape(pattern.get("String", ""))
             functions.append(split_isolated(regex.compile(text)))
         else:
-            raise MiniPeftError(f"{path}: pre-tokenizer step {json.dumps(step)[:120]} is not supported (expected "
-                                f"Digits, ByteLevel without add_prefix_space, or Split with behavior Isolated)")
+            raise BadInput(f"{path}: pre-tokenizer step {json.dumps(step)[:120]} is not supported (expected "
+                           f"Digits, ByteLevel without add_prefix_space, or Split with behavior Isolated)")
     return functions
 
 
@@ -85,7 +85,7 @@ def special_template(post_processor, path) -> tuple[list[int], list[int]]:
         if kind == "ByteLevel":
             continue  # only adjusts offsets
         if kind != "TemplateProcessing":
-            raise MiniPeftError(f"{path}: post-processor {kind!r} is not supported (expected TemplateProcessing)")
+            raise BadInput(f"{path}: post-processor {kind!r} is not supported (expected TemplateProcessing)")
         for item in processor["single"]:
             if "Sequence" in item:
                 seen_sequence = True
@@ -100,24 +100,24 @@ class BPETokenizer:
         spec = json.loads(Path(path).read_text(encoding="utf-8"))
         model = spec["model"]
         if model.get("type") != "BPE":
-            raise MiniPeftError(f"{path}: model type {model.get('type')!r} is not supported; expected 'BPE'")
+            raise BadInput(f"{path}: model type {model.get('type')!r} is not supported; expected 'BPE'")
         if spec.get("normalizer") is not None:
-            raise MiniPeftError(f"{path}: normalizer {spec['normalizer'].get('type')!r} is not supported "
-                                f"(byte-level BPE tokenizers have none)")
+            raise BadInput(f"{path}: normalizer {spec['normalizer'].get('type')!r} is not supported "
+                           f"(byte-level BPE tokenizers have none)")
         for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
             if model.get(key):
-                raise MiniPeftError(f"{path}: BPE option {key}={model[key]!r} is not supported")
+                raise BadInput(f"{path}: BPE option {key}={model[key]!r} is not supported")
         self.vocab = model["vocab"]
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         self.merge_rank = {pair: rank for rank, pair in enumerate(merges)}
         broken = next((pair for pair in merges if len(pair) != 2 or "".join(pair) not in self.vocab), None)
         if broken:  # as tokenizers refuses it: the merge would make a piece with no id
-            raise MiniPeftError(f"{path}: merge {broken} makes a token that is not in the vocabulary")
+            raise BadInput(f"{path}: merge {broken} makes a token that is not in the vocabulary")
         self.ignore_merges = bool(model.get("ignore_merges", False))  # Llama 3: whole words in the vocab stay whole
         added = spec.get("added_tokens", [])
         stripping = [t["content"] for t in added if t.get("lstrip") or t.get("rstrip") or t.get("single_word")]
         if stripping:
-            raise MiniPeftError(f"{path}: added token {stripping[0]!r} has lstrip/rstrip/single_word, not supported")
+            raise BadInput(f"{path}: added token {stripping[0]!r} has lstrip/rstrip/single_word, not supported")
         self.special = {t["content"]: t["id"] for t in added}
         self.id_to_token = {i: t for t, i in {**self.vocab, **self.special}.items()}
         self.vocab_size = max(self.id_to_token) + 1
@@ -197,7 +197,7 @@ class SentencePieceTokenizer:
         try:
             self.processor.Load(str(path))
         except (OSError, RuntimeError) as e:
-            raise MiniPeftError(f"{path}: not a readable sentencepiece model ({e})") from None
+            raise BadInput(f"{path}: not a readable sentencepiece model ({e})") from None
         self.vocab_size = self.processor.get_piece_size()
         self.bos_id, self.eos_id = self.processor.bos_id(), self.processor.eos_id()
         self.pad_id = self.processor.pad_id() if self.processor.pad_id() >= 0 else self.eos_id
@@ -218,9 +218,9 @@ def read_json(path, what):
     try:
         value = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (UnicodeDecodeError, ValueError) as e:
-        raise MiniPeftError(f"{path}: not valid JSON ({e})") from None
+        raise BadInput(f"{path}: not valid JSON ({e})") from None
     if not isinstance(value, dict):
-        raise MiniPeftError(f"{path}: expected a JSON object ({what})")
+        raise BadInput(f"{path}: expected a JSON object ({what})")
     return value
 
 
@@ -230,7 +230,7 @@ def tokenizer_flags(weights_dir) -> tuple:
     config = read_json(path, "tokenizer settings")
     flags = config.get("add_bos_token"), config.get("add_eos_token")
     if not all(flag is None or isinstance(flag, bool) for flag in flags):
-        raise MiniPeftError(f"{path}: add_bos_token / add_eos_token should be true or false, got {flags}")
+        raise BadInput(f"{path}: add_bos_token / add_eos_token should be true or false, got {flags}")
     return flags
 
 
@@ -249,15 +249,15 @@ def load_tokenizer(weights_dir):
         if is_sentencepiece_conversion(spec):
             if model_path.is_file():
                 return SentencePieceTokenizer(model_path, add_bos, add_eos)
-            raise MiniPeftError(f"{json_path}: a sentencepiece tokenizer converted to JSON (Metaspace / byte_fallback) "
-                                f"is read from its tokenizer.model, which is not in {weights_dir}")
+            raise BadInput(f"{json_path}: a sentencepiece tokenizer converted to JSON (Metaspace / byte_fallback) "
+                           f"is read from its tokenizer.model, which is not in {weights_dir}")
         ids = read_json(weights_dir / "config.json", "the model config")
         bos, eos = ids.get("bos_token_id"), ids.get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) and eos else eos
         try:
             return BPETokenizer(json_path, bos, eos)
         except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, IndexError, regex.error) as e:
-            raise MiniPeftError(f"{json_path}: not a readable byte-level BPE tokenizer.json ({e!r})") from None
+            raise BadInput(f"{json_path}: not a readable byte-level BPE tokenizer.json ({e!r})") from None
     if model_path.is_file():
         return SentencePieceTokenizer(model_path, add_bos, add_eos)
-    raise MiniPeftError(f"{weights_dir}: no tokenizer.json or tokenizer.model found")
+    raise BadInput(f"{weights_dir}: no tokenizer.json or tokenizer.model found")

@@ -4,9 +4,10 @@ Each method file holds the method: its wrapper module, its `add_...` function, i
 it records; its adapter-file format is one entry in formats/. It changes the model only through the slots
 in llama/model.py. What they share, one concern a file:
 
-    contract.py        what every method's module keeps (Wrapper, Mergeable), as code: read this first
+    contract.py        what every method's module keeps (Wrapper, Mergeable), as code, and attach(), how
+                       an add_X function puts it in the model: read this first
     named_adapters.py  several named adapters on one base, and batches in which each row has its own
-    placing.py         which layers a method wraps (peft's naming rules), and putting a wrapper there
+    placing.py         which layers a method wraps (peft's naming rules), and putting wrappers there
     freezing.py        everything frozen but the methods' tensors
     counting.py        trainable and total numbers
     fingerprints.py    proof that the frozen base never changes

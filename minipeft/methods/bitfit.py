@@ -24,13 +24,11 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from ..errors import MiniPeftError
-from .contract import Mergeable, Wrapper
-from .freezing import freeze_base
-from .placing import SHORT_NAMES, check_free, innermost, linear_names, record_settings, target_matches, wrap
+from ..errors import BadInput
+from .contract import Mergeable, Wrapper, attach, innermost, linears_named
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-NORMS = ("input_layernorm", "post_attention_layernorm", "model.norm")  # suffixes, as peft's modules_to_save
+NORMS = ("input_layernorm", "post_attention_layernorm", "model.norm")  # name suffixes: the norms whose gains train
 
 
 class LinearWithLearnedBias(Wrapper, Mergeable):
@@ -63,8 +61,8 @@ class LinearWithLearnedBias(Wrapper, Mergeable):
 
     def fold(self, sign: int) -> float:
         if self.base_layer.bias is None:
-            raise MiniPeftError("merge: BitFit's biases need a bias in the base layer to fold into, and this Llama's "
-                                "linears have none; keep the adapter unmerged")
+            raise BadInput("merge: BitFit's biases need a bias in the base layer to fold into, and this Llama's "
+                           "linears have none; keep the adapter unmerged")
         self.base_layer.bias += sign * self.beft_bias.flatten().to(self.base_layer.bias.dtype)
         return 0.0
 
@@ -106,21 +104,14 @@ def add_bitfit(model, targets=BLOCK_LINEARS, norms=False, name="default") -> int
             of name suffixes (peft's modules_to_save rule).
         name: the adapter these belong to.
     """
-    targets = targets if isinstance(targets, str) else [SHORT_NAMES.get(t, t) for t in targets]
-    linears = [layer for layer in linear_names(model) if target_matches(layer, targets)]
-    if not linears:
-        raise MiniPeftError(f"targets: {targets!r} matches no linear in the model")
+    linears, asked = linears_named(model, targets)
     norm_suffixes = list(NORMS) if norms is True else list(norms or [])
     chosen = [slot for slot, m in model.named_modules() if any(slot.endswith(s) for s in norm_suffixes)
               and not slot.endswith(".base_norm")]
     not_norms = [slot for slot in chosen if not hasattr(innermost(model.get_submodule(slot)), "eps")]
     if not_norms or (norm_suffixes and not chosen):
-        raise MiniPeftError(f"modules_to_save / norms: {norm_suffixes} should name RMSNorm modules only; "
-                            f"they match {not_norms or 'nothing'}")
-    for slot, kind in [*((s, LinearWithLearnedBias) for s in linears), *((s, NormWithLearnedGain) for s in chosen)]:
-        check_free(model, slot, name, kind)
-        wrap(model, slot, kind, name)
-    record_settings(model, name, BitFitSettings(sorted(linears) if isinstance(targets, str) else list(targets),
-                                                norm_suffixes or None))
-    freeze_base(model)
+        raise BadInput(f"modules_to_save / norms: {norm_suffixes} should name RMSNorm modules only; "
+                       f"they match {not_norms or 'nothing'}")
+    attach(model, name, BitFitSettings(asked, norm_suffixes or None), linears + chosen,
+           lambda slot, base: LinearWithLearnedBias(base) if slot in linears else NormWithLearnedGain(base))
     return len(linears) + len(chosen)

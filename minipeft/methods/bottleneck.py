@@ -28,10 +28,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..errors import MiniPeftError
-from .contract import Wrapper
-from .freezing import freeze_base
-from .placing import check_free, innermost, linear_names, record_settings, target_matches, wrap
+from ..errors import BadInput
+from .contract import Wrapper, attach, innermost, linears_named
 
 PLACEMENTS = {"houlsby": ("o_proj", "down_proj"), "pfeiffer": ("down_proj",)}  # after attention and/or the MLP
 NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -76,17 +74,12 @@ def add_bottleneck_adapters(model, bottleneck_size=64, placement="houlsby", non_
         name: the adapter these belong to.
     """
     if placement not in PLACEMENTS:
-        raise MiniPeftError(f"placement: expected one of {tuple(PLACEMENTS)}, got {placement!r}")
+        raise BadInput(f"placement: expected one of {tuple(PLACEMENTS)}, got {placement!r}")
     if non_linearity not in NON_LINEARITIES:
-        raise MiniPeftError(f"non_linearity: expected one of {tuple(NON_LINEARITIES)}, got {non_linearity!r}")
+        raise BadInput(f"non_linearity: expected one of {tuple(NON_LINEARITIES)}, got {non_linearity!r}")
     if not isinstance(bottleneck_size, int) or bottleneck_size <= 0:
-        raise MiniPeftError(f"bottleneck_size: expected a positive integer, got {bottleneck_size!r}")
-    wrapped = [layer for layer in linear_names(model) if target_matches(layer, list(PLACEMENTS[placement]))]
-    if not wrapped:
-        raise MiniPeftError(f"add_bottleneck_adapters: no {PLACEMENTS[placement]} left to wrap in the model")
-    for layer in wrapped:
-        check_free(model, layer, name, BottleneckAdapter)
-        wrap(model, layer, lambda base: BottleneckAdapter(base, bottleneck_size, non_linearity), name)
-    record_settings(model, name, BottleneckSettings(placement, bottleneck_size, non_linearity))
-    freeze_base(model)
-    return len(wrapped)
+        raise BadInput(f"bottleneck_size: expected a positive integer, got {bottleneck_size!r}")
+    layers, _ = linears_named(model, list(PLACEMENTS[placement]), argument=f"placement {placement!r}")
+    attach(model, name, BottleneckSettings(placement, bottleneck_size, non_linearity), layers,
+           lambda _, base: BottleneckAdapter(base, bottleneck_size, non_linearity))
+    return len(layers)

@@ -17,13 +17,24 @@ rows or other adapters. Every wrapper also has
     rows           which rows of the batch it serves: None for all (set by named_adapters.route)
 and a Mergeable one `merged`: while merged, the wrapped module already computes the formula, and
 training the method's tensors, which would change nothing, is refused.
+
+An add_X function finds its slots (linears_named: the linears that `targets` names; innermost: the frozen
+module under any adapters already there; pattern_value: peft's per-layer settings; disabled: the bare base)
+and hands its wrappers to attach(), below.
 """
 
 import torch
 import torch.nn as nn
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
+from .freezing import freeze_base
+from .merging import disabled
 from .named_adapters import on_own_rows, past_on_own_rows, prepended_on_own_rows
+from .placing import (SHORT_NAMES, check_free, check_name, in_slot, innermost, linears_named, pattern_value, place,
+                      record_settings)
+
+__all__ = ["Wrapper", "Mergeable", "Prepends", "PastWrapper",  # the classes a method's module inherits
+           "attach", "linears_named", "SHORT_NAMES", "innermost", "pattern_value", "disabled"]  # its add_X
 
 
 class Wrapper(nn.Module):
@@ -33,11 +44,15 @@ class Wrapper(nn.Module):
 
     @classmethod
     def prepare_export(cls, model, config: dict) -> dict:
-        return config  # a wrapper that cannot merge is refused before any export
+        """Before a merged model is written as a Hugging Face checkpoint: give the base what this method folds
+        into, and say so in its config.json (`config`). Most methods need nothing."""
+        return config
 
     def __init__(self):
         super().__init__()
-        self.enabled, self.adapter_name, self.rows = True, "default", None
+        self.enabled = True
+        self.adapter_name = "default"
+        self.rows = None
 
     def adapt_input(self, x):
         """What the wrapped module sees instead of x: x itself, unless the method says otherwise."""
@@ -62,8 +77,8 @@ class Wrapper(nn.Module):
     def refuse_training_while_merged(self):
         trains = [name for name in self.trainable_names if self.get_parameter(name).requires_grad]
         if self.training and torch.is_grad_enabled() and trains:
-            raise MiniPeftError(f"{type(self).__name__}: this adapter is merged into its base weight, so training "
-                                f"{trains[0]} would change nothing; unmerge() before training")
+            raise BadInput(f"{type(self).__name__}: this adapter is merged into its base weight, so training "
+                           f"{trains[0]} would change nothing; unmerge() before training")
 
 
 class Mergeable:
@@ -72,12 +87,6 @@ class Mergeable:
 
     def fold(self, sign: int) -> float:
         raise NotImplementedError
-
-    @classmethod
-    def prepare_export(cls, model, config: dict) -> dict:
-        """Before a merged model is written as a Hugging Face checkpoint: give the base what this method folds
-        into, and say so in its config.json (`config`). Most methods need nothing."""
-        return config
 
     @torch.no_grad()
     def merge(self) -> float:
@@ -111,7 +120,29 @@ class PastWrapper(Wrapper):
     base, and a mixed batch gives each row its own (named_adapters.py)."""
     wrapped = "inner"
 
+    def stacked_on(self, inner):
+        """This learned past over `inner`, another adapter's (or None), as attach() places it."""
+        self.inner = inner
+        return self
+
     def forward(self, batch_size):
         inner = self.inner(batch_size) if self.inner is not None else None
         device = next(self.parameters()).device
         return past_on_own_rows(self, inner, batch_size, device, self.keys_and_values)
+
+
+def attach(model, name: str, settings, slots, make_wrapper) -> dict:
+    """Put make_wrapper(slot, the module there) in each slot, as part of adapter `name` (on a slot that another
+    adapter holds, the new wrapper wraps the old one). Keep `settings`, what add_X was asked for, in
+    model.adapter_settings[name][its class]: the adapter file is written from it (formats/). Then freeze
+    every tensor but the wrappers' trainable_names. Returns {slot: wrapper}. Refused, before anything
+    changes, where a slot already holds this method in adapter `name`."""
+    check_name(name)
+    made = {slot: make_wrapper(slot, in_slot(model, slot)) for slot in slots}
+    for slot, wrapper in made.items():
+        check_free(model, slot, name, wrapper)
+    for slot, wrapper in made.items():
+        place(model, slot, wrapper, name)
+    record_settings(model, name, settings)
+    freeze_base(model)
+    return made

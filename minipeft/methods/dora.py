@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..llama.quant import dequantize, is_4bit
 from .lora import LoRALayer
-from .placing import innermost
+from .contract import innermost
 
 
 def full_precision_weight(base_layer) -> torch.Tensor:
@@ -52,7 +52,8 @@ class DoRALayer(LoRALayer):
         self.lora_magnitude_vector = MagnitudeVector(innermost(base_layer))  # m: (out,)
 
     def adapt_output(self, x, y):
-        """y = (m / n) ⊙ (W x + s B A x) + bias, from the wrapped layer's output y = W x + bias."""
+        """y = (m / n) ⊙ (W x + s B A x) + bias, from the wrapped layer's output y = W x + bias. With dropout, in
+        training, W x is recomputed from the dropped-out x, as peft does."""
         x = self.dropout(x.to(self.lora_A.weight.dtype))
         linear = innermost(self.base_layer)  # the frozen linear, under any other adapters on it
         weight = full_precision_weight(linear).to(x.dtype)  # W: (out, in)
@@ -60,7 +61,7 @@ class DoRALayer(LoRALayer):
         n = torch.linalg.norm(weight + self.scaling * delta, dim=1).detach()  # ||W + s B A||_row: (out,)
         scale = (self.lora_magnitude_vector.weight / n).to(x.dtype)  # m / n: (out,)
         base = y if linear.bias is None else y - linear.bias  # W x
-        if self.training and isinstance(self.dropout, nn.Dropout):  # W x sees the dropped-out x too, as in peft
+        if self.training and isinstance(self.dropout, nn.Dropout):  # W x from the dropped-out x too
             base = F.linear(x, weight)
         update = self.lora_B(self.lora_A(x))  # B A x: (..., out)
         return y + ((scale - 1) * base + scale * self.scaling * update).to(y.dtype)

@@ -23,11 +23,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 from ..llama.quant import is_4bit
-from .contract import Mergeable, Wrapper
-from .freezing import freeze_base
-from .placing import SHORT_NAMES, check_free, innermost, linear_names, record_settings, target_matches, wrap
+from .contract import SHORT_NAMES, Mergeable, Wrapper, attach, innermost, linears_named
 
 
 class IA3Layer(Wrapper, Mergeable):
@@ -50,8 +48,8 @@ class IA3Layer(Wrapper, Mergeable):
     def fold(self, sign: int) -> float:
         """W <- diag(l) W, and back; an output layer's bias is scaled too. Refused on a 4-bit base."""
         if is_4bit(self.base_layer):
-            raise MiniPeftError("merge: IA3 on a 4-bit base cannot be folded into the weight without rounding it to "
-                                "the 4-bit grid again (peft refuses it too); keep the adapter unmerged")
+            raise BadInput("merge: IA3 on a 4-bit base cannot be folded into the weight without rounding it to "
+                           "the 4-bit grid again; keep the adapter unmerged")
         by = self.ia3_l if sign > 0 else 1 / self.ia3_l
         weight = self.base_layer.weight
         weight.copy_((weight.float() * by).to(weight.dtype))  # (out, in) * (out, 1) or (1, in)
@@ -89,22 +87,14 @@ def add_ia3(model, targets=("k_proj", "v_proj", "down_proj"), feedforward=None, 
             down projection, if it is a target (peft's Llama default, and the paper's l_ff).
         name: the adapter these layers belong to.
     """
-    targets = targets if isinstance(targets, str) else [SHORT_NAMES.get(t, t) for t in targets]
+    layers, asked = linears_named(model, targets)
     if feedforward is None:
-        feedforward = ["down_proj"] if any(layer.endswith("down_proj") for layer in linear_names(model)
-                                           if target_matches(layer, targets)) else []
+        feedforward = ["down_proj"] if any(layer.endswith("down_proj") for layer in layers) else []
     feedforward = [SHORT_NAMES.get(t, t) for t in feedforward]
-    wrapped = [layer for layer in linear_names(model) if target_matches(layer, targets)]
-    if not wrapped:
-        raise MiniPeftError(f"targets: {targets!r} matches no linear in the model")
-    is_feedforward = lambda layer: any(layer.endswith(f) for f in feedforward)  # peft's rule: a plain suffix
-    outside = [f for f in feedforward if not any(layer.endswith(f) for layer in wrapped)]
+    outside = [f for f in feedforward if not any(layer.endswith(f) for layer in layers)]
     if outside:
-        raise MiniPeftError(f"feedforward: {outside} are not among the wrapped targets {targets!r}")
-    for layer in wrapped:
-        check_free(model, layer, name, IA3Layer)
-        wrap(model, layer, IA3FeedforwardLayer if is_feedforward(layer) else IA3Layer, name)
-    asked = sorted(wrapped) if isinstance(targets, str) else list(targets)  # a regex: the names it matched
-    record_settings(model, name, IA3Settings(asked, feedforward))
-    freeze_base(model)
-    return len(wrapped)
+        raise BadInput(f"feedforward: {outside} are not among the wrapped targets {targets!r}")
+    is_feedforward = lambda layer: any(layer.endswith(f) for f in feedforward)  # a plain suffix, as in the file
+    attach(model, name, IA3Settings(asked, feedforward), layers,
+           lambda layer, base: IA3FeedforwardLayer(base) if is_feedforward(layer) else IA3Layer(base))
+    return len(layers)

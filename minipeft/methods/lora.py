@@ -24,12 +24,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 from ..llama.quant import dequantize, is_4bit, requantize_
-from .contract import Mergeable, Wrapper
-from .freezing import freeze_base
-from .placing import (SHORT_NAMES, check_free, innermost, linear_names, pattern_value, record_settings, target_matches,
-                      wrap)
+from .contract import Mergeable, Wrapper, attach, innermost, linears_named, pattern_value
 
 
 class LoRALayer(Wrapper, Mergeable):
@@ -38,7 +35,8 @@ class LoRALayer(Wrapper, Mergeable):
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora=False):
         super().__init__()
         self.base_layer = base_layer
-        self.r, self.alpha = r, alpha
+        self.r = r
+        self.alpha = alpha
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r  # rsLoRA (Kalajdzievski 2023): alpha/sqrt(r)
         linear = innermost(base_layer)  # the frozen linear (under other adapters, when several share it)
         self.lora_A = nn.Linear(linear.in_features, r, bias=False, device=linear.weight.device)  # A: (r, in)
@@ -99,41 +97,29 @@ def add_lora(model, targets=("q_proj", "k_proj", "v_proj"), r=8, alpha=16, dropo
     peft's file).
     """
     if not isinstance(r, int) or r <= 0:
-        raise MiniPeftError(f"r: expected a positive integer rank, got {r!r}")
+        raise BadInput(f"r: expected a positive integer rank, got {r!r}")
     if not 0 <= dropout < 1:
-        raise MiniPeftError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
-    candidates = linear_names(model)
-    if not isinstance(targets, str):
-        targets = [SHORT_NAMES.get(t, t) for t in targets]
-        unknown = [t for t in targets if not any(target_matches(layer, [t]) for layer in candidates)]
-        if unknown:
-            raise MiniPeftError(f"targets: no linear named {unknown} in the model; it has "
-                                f"{sorted({n.rsplit('.', 1)[-1] for n in candidates})}")
+        raise BadInput(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+    layers, asked = linears_named(model, targets, every_name_must_match=True)
+    ranks = {layer: pattern_value(rank_pattern or {}, layer, r) for layer in layers}
+    alphas = {layer: pattern_value(alpha_pattern or {}, layer, alpha) for layer in layers}
     settings = getattr(model, "adapter_settings", {}).get(name, {}).get(LoRASettings)  # an earlier call's
     settings = settings or LoRASettings(r, alpha, dropout, [], dict(rank_pattern or {}), dict(alpha_pattern or {}),
                                         use_rslora, use_dora)
     if (dropout, use_rslora, use_dora) != (settings.dropout, settings.use_rslora, settings.use_dora):
-        raise MiniPeftError(f"dropout / use_rslora / use_dora: {dropout} / {use_rslora} / {use_dora} differ from this "
-                            f"model's other LoRA layers ({settings.dropout} / {settings.use_rslora} / "
-                            f"{settings.use_dora}); peft's adapter file holds one")
-    wrapped = [layer for layer in candidates if target_matches(layer, targets)]
-    for layer in wrapped:
-        layer_r = pattern_value(rank_pattern or {}, layer, r)
-        layer_alpha = pattern_value(alpha_pattern or {}, layer, alpha)
-        check_free(model, layer, name, LoRALayer)
-        kind = dora.DoRALayer if use_dora else LoRALayer
-        wrap(model, layer, lambda base: kind(base, layer_r, layer_alpha, dropout, use_rslora), name)
-        if pattern_value(settings.rank_pattern, layer, settings.r) != layer_r:  # a later call's own r
-            settings.rank_pattern = {layer: layer_r, **settings.rank_pattern}
-        if pattern_value(settings.alpha_pattern, layer, settings.alpha) != layer_alpha:
-            settings.alpha_pattern = {layer: layer_alpha, **settings.alpha_pattern}
-    if not wrapped:
-        raise MiniPeftError(f"targets: {targets!r} matches no linear in the model")
-    # what the file will say: the names asked for, or, for a regex, the names it matched
-    settings.targets = sorted(set(settings.targets) | set(wrapped if isinstance(targets, str) else targets))
-    record_settings(model, name, settings)
-    freeze_base(model)
-    return len(wrapped)
+        raise BadInput(f"dropout / use_rslora / use_dora: {dropout} / {use_rslora} / {use_dora} differ from this "
+                       f"model's other LoRA layers ({settings.dropout} / {settings.use_rslora} / "
+                       f"{settings.use_dora}); the adapter file holds one")
+    kind = dora.DoRALayer if use_dora else LoRALayer
+    attach(model, name, settings, layers,
+           lambda layer, base: kind(base, ranks[layer], alphas[layer], dropout, use_rslora))
+    for layer in layers:  # what the file will say: a later call's own r and alpha, as patterns
+        if pattern_value(settings.rank_pattern, layer, settings.r) != ranks[layer]:
+            settings.rank_pattern = {layer: ranks[layer], **settings.rank_pattern}
+        if pattern_value(settings.alpha_pattern, layer, settings.alpha) != alphas[layer]:
+            settings.alpha_pattern = {layer: alphas[layer], **settings.alpha_pattern}
+    settings.targets = sorted(set(settings.targets) | set(asked))
+    return len(layers)
 
 
 from . import dora  # noqa: E402  DoRA is a LoRA option, and its layer a LoRALayer: dora.py imports this file

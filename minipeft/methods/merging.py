@@ -1,7 +1,7 @@
 """merge, unmerge and disabled(), for a whole model: each asks the wrappers in it (the contract in
 contract.py), so none keeps a list of methods."""
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 from .named_adapters import wrappers
 
 
@@ -11,12 +11,12 @@ def merge(model) -> float:
     not changes to a weight: they stay as they are, and still work."""
     names = list(getattr(model, "adapter_settings", {}))
     if len(names) > 1:
-        raise MiniPeftError(f"merge: the model holds adapters {names}; folding one into the base would change it "
-                            f"under the others. delete_adapter the others first")
+        raise BadInput(f"merge: the model holds adapters {names}; folding one into the base would change it "
+                       f"under the others. delete_adapter the others first")
     found = [(name, m) for name, m in wrappers(model) if hasattr(m, "merge")]
     if any(name == "lm_head" for name, _ in found) and model.config.tie_word_embeddings:
-        raise MiniPeftError("merge: lm_head shares its weight with the input embedding (tie_word_embeddings); "
-                            "merging its adapter would change the embedding too. Keep that adapter unmerged")
+        raise BadInput("merge: lm_head shares its weight with the input embedding (tie_word_embeddings); "
+                       "merging its adapter would change the embedding too. Keep that adapter unmerged")
     return max((m.merge() for _, m in found), default=0.0)
 
 
@@ -32,7 +32,7 @@ class disabled:
         self.modules = [m for _, m in wrappers(model)]
         merged = [name for name, m in wrappers(model) if getattr(m, "merged", False)]
         if merged:
-            raise MiniPeftError(f"disabled: {merged[0]} is merged into its base weight; unmerge() first")
+            raise BadInput(f"disabled: {merged[0]} is merged into its base weight; unmerge() first")
 
     def __enter__(self):
         self.was = [m.enabled for m in self.modules]

@@ -19,7 +19,7 @@ Which rows an adapter serves is set by `set_adapter`; the first adapter added is
 
 import torch
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 
 
 def wrappers(model):
@@ -46,8 +46,8 @@ def row_index(module, batch_size: int, device):
     if module.rows is None:
         return None
     if module.rows and module.rows[-1] >= batch_size:
-        raise MiniPeftError(f"set_adapter: adapters were set for {module.rows[-1] + 1}+ rows, the batch has "
-                            f"{batch_size}")
+        raise BadInput(f"set_adapter: adapters were set for {module.rows[-1] + 1}+ rows, the batch has "
+                       f"{batch_size}")
     return torch.tensor(module.rows, dtype=torch.long, device=device)
 
 
@@ -130,9 +130,9 @@ def set_adapter(model, names):
     wanted = names if isinstance(names, list) else [names]
     unknown = [name for name in wanted if name is not None and name not in known]
     if unknown:
-        raise MiniPeftError(f"set_adapter: no adapter named {unknown[0]!r}; the model has {known}")
+        raise BadInput(f"set_adapter: no adapter named {unknown[0]!r}; the model has {known}")
     if isinstance(names, list) and not names:
-        raise MiniPeftError("set_adapter: an empty list names no rows; give one name (or None) per row")
+        raise BadInput("set_adapter: an empty list names no rows; give one name (or None) per row")
     model.active_adapter = list(names) if isinstance(names, list) else names
     route(model)
 
@@ -140,7 +140,7 @@ def set_adapter(model, names):
 def delete_adapter(model, name: str):
     """Take adapter `name` off the model: each of its wrappers is replaced by what it wrapped."""
     if name not in adapter_names(model):
-        raise MiniPeftError(f"delete_adapter: no adapter named {name!r}; the model has {adapter_names(model)}")
+        raise BadInput(f"delete_adapter: no adapter named {name!r}; the model has {adapter_names(model)}")
     for path, module in reversed(wrappers(model)):  # inner ones first, so the paths stay valid
         if module.adapter_name == name:
             parent, _, child = path.rpartition(".")

@@ -10,7 +10,7 @@ import re
 
 import torch.nn as nn
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 from .named_adapters import wrappers
 
 
@@ -64,26 +64,57 @@ def adapters_named(model, name: str, kind) -> dict:
     return {slots[n]: m for n, m in wrappers(model) if isinstance(m, kind) and m.adapter_name == name}
 
 
-def check_free(model, slot: str, name: str, kind):
-    """Refuse a second wrapper of the same class and adapter name on one slot."""
-    if slot in adapters_named(model, name, kind):
-        raise MiniPeftError(f"{slot} already has a {kind.__name__} in adapter {name!r}; give the new one another "
-                            f"name (name=...)")
+def linears_named(model, targets, every_name_must_match=False, argument="targets") -> tuple[list, list]:
+    """The linear slots that `targets` names, and the names an adapter file records for them: the names
+    asked for (short ones spelt out: "q" is q_proj) or, for a regex, the names it matched. Refused if
+    nothing matches, or, with every_name_must_match, if any one name matches nothing."""
+    candidates = linear_names(model)
+    if not isinstance(targets, str):
+        targets = [SHORT_NAMES.get(t, t) for t in targets]
+        unknown = [t for t in targets if not any(target_matches(layer, [t]) for layer in candidates)]
+        if every_name_must_match and unknown:
+            raise BadInput(f"{argument}: no linear named {unknown} in the model; it has "
+                           f"{sorted({n.rsplit('.', 1)[-1] for n in candidates})}")
+    found = [layer for layer in candidates if target_matches(layer, targets)]
+    if not found:
+        raise BadInput(f"{argument}: {targets!r} matches no linear in the model")
+    return found, sorted(found) if isinstance(targets, str) else list(targets)
 
 
-def wrap(model, name: str, make_wrapper, adapter_name: str):
-    """Put make_wrapper(the module called `name`) where that module was, as part of adapter `adapter_name`."""
-    parent, _, child = name.rpartition(".")
-    wrapper = make_wrapper(model.get_submodule(name))
-    wrapper.adapter_name, wrapper.rows = adapter_name, None
+def check_free(model, slot: str, name: str, wrapper):
+    """Refuse a second wrapper of the same method (a class, its subclass or its parent) and adapter name on
+    one slot."""
+    kind = type(wrapper)
+    taken = [m for s, m in adapters_named(model, name, nn.Module).items() if s == slot
+             and (isinstance(m, kind) or isinstance(wrapper, type(m)))]
+    if taken:
+        raise BadInput(f"{slot} already has a {type(taken[0]).__name__} in adapter {name!r}; give the new one "
+                       f"another name (name=...)")
+
+
+def in_slot(model, slot: str):
+    """The module in a slot (None in an empty one: the decoder's learned_past without prefix tuning)."""
+    parent, _, child = slot.rpartition(".")
+    return getattr(model.get_submodule(parent) if parent else model, child)
+
+
+def place(model, slot: str, wrapper, adapter_name: str):
+    """Put `wrapper` where the module called `slot` was, as part of adapter `adapter_name`."""
+    parent, _, child = slot.rpartition(".")
+    wrapper.adapter_name = adapter_name
+    wrapper.rows = None
     setattr(model.get_submodule(parent) if parent else model, child, wrapper)
+
+
+def check_name(name):
+    if not isinstance(name, str) or not name:
+        raise BadInput(f"name: expected a non-empty adapter name, got {name!r}")
 
 
 def record_settings(model, name: str, settings):
     """Keep what a method was asked for, under its adapter's name, to be saved in its adapter file. The
     first adapter added is the active one, and so is one added after every other was deleted."""
-    if not isinstance(name, str) or not name:
-        raise MiniPeftError(f"name: expected a non-empty adapter name, got {name!r}")
+    check_name(name)
     if not hasattr(model, "adapter_settings"):
         model.adapter_settings = {}
     model.adapter_settings.setdefault(name, {})[type(settings)] = settings

@@ -26,12 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 from ..llama.model import KVCache
-from .contract import PastWrapper
-from .freezing import freeze_base
-from .merging import disabled
-from .placing import check_free, record_settings
+from .contract import PastWrapper, attach, disabled
 
 
 class LearnedPast(PastWrapper):
@@ -40,10 +37,13 @@ class LearnedPast(PastWrapper):
 
     def __init__(self, num_prompts, num_layers, kv_heads, head_dim, projection_hidden=None):
         super().__init__()
-        self.num_prompts, self.num_layers, self.kv_heads, self.head_dim = num_prompts, num_layers, kv_heads, head_dim
+        self.num_prompts = num_prompts
+        self.num_layers = num_layers
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
         flat = num_layers * 2 * kv_heads * head_dim
         self.projection_hidden = projection_hidden
-        if projection_hidden:  # peft's PrefixEncoder: embedding (P, kv_dim), then the MLP
+        if projection_hidden:  # Li and Liang's reparameterisation: embedding (P, kv_dim), then an MLP
             self.embedding = nn.Embedding(num_prompts, kv_heads * head_dim)
             self.transform = nn.Sequential(nn.Linear(kv_heads * head_dim, projection_hidden), nn.Tanh(),
                                            nn.Linear(projection_hidden, flat))
@@ -98,14 +98,14 @@ def add_prefix_tuning(model, num_prompts=20, projection_hidden=None, init=None, 
         name: the adapter it belongs to.
     """
     if not isinstance(num_prompts, int) or num_prompts <= 0:
-        raise MiniPeftError(f"num_prompts: expected a positive integer, got {num_prompts!r}")
+        raise BadInput(f"num_prompts: expected a positive integer, got {num_prompts!r}")
     if init is None:
         init = "random" if projection_hidden else "vocab"
     if init not in ("vocab", "random", "zero") or (init == "vocab" and projection_hidden):
-        raise MiniPeftError(f"add_prefix_tuning: init must be 'vocab' (without a projection), 'random' or 'zero', "
-                            f"got {init!r}")
-    check_free(model, "model.learned_past", name, LearnedPast)
-    config, device = model.config, model.model.norm.weight.device
+        raise BadInput(f"add_prefix_tuning: init must be 'vocab' (without a projection), 'random' or 'zero', "
+                       f"got {init!r}")
+    config = model.config
+    device = model.model.norm.weight.device
     torch.manual_seed(seed)  # nn.Embedding and nn.Linear draw their starting values from the global generator
     past = LearnedPast(num_prompts, config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
                        projection_hidden).to(device)
@@ -117,8 +117,6 @@ def add_prefix_tuning(model, num_prompts=20, projection_hidden=None, init=None, 
         elif init == "vocab" and not past.embedding.weight.is_meta:
             ids = torch.randint(0, config.vocab_size, (num_prompts,), generator=torch.Generator().manual_seed(seed))
             past.embedding.weight.copy_(keys_and_values_of_tokens(model, ids.to(device)))
-    past.inner, past.adapter_name = model.model.learned_past, name  # stacked on another adapter's, if any
-    model.model.learned_past = past
-    record_settings(model, name, PrefixTuningSettings(num_prompts, projection_hidden, init))
-    freeze_base(model)
+    attach(model, name, PrefixTuningSettings(num_prompts, projection_hidden, init), ["model.learned_past"],
+           lambda _, inner: past.stacked_on(inner))  # another adapter's learned past, if any
     return past

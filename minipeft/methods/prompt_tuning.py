@@ -19,10 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..errors import MiniPeftError
-from .contract import Prepends
-from .freezing import freeze_base
-from .placing import check_free, record_settings, wrap
+from ..errors import BadInput
+from .contract import Prepends, attach
 
 INITS = ("random", "vocab", "text")  # Lester et al.'s three starting points
 
@@ -68,9 +66,9 @@ def initial_prompts(embedding, num_prompts, init, init_text, tokenizer, generato
     if init == "vocab":
         return vocab[torch.randint(0, vocab.shape[0], (num_prompts,), generator=generator)].float()
     if not init_text or tokenizer is None:
-        raise MiniPeftError("add_prompt_tuning: init='text' needs init_text and tokenizer")
+        raise BadInput("add_prompt_tuning: init='text' needs init_text and tokenizer")
     ids = tokenizer.encode(init_text, add_bos=False)
-    ids = (ids * (num_prompts // max(len(ids), 1) + 1))[:num_prompts]  # repeat, then cut, as peft does
+    ids = (ids * (num_prompts // max(len(ids), 1) + 1))[:num_prompts]  # repeated, then cut to P
     return vocab[torch.tensor(ids)].float()
 
 
@@ -83,14 +81,13 @@ def add_prompt_tuning(model, num_prompts=16, init="vocab", init_text=None, token
         name: the adapter they belong to.
     """
     if not isinstance(num_prompts, int) or num_prompts <= 0:
-        raise MiniPeftError(f"num_prompts: expected a positive integer, got {num_prompts!r}")
+        raise BadInput(f"num_prompts: expected a positive integer, got {num_prompts!r}")
     if init not in INITS:
-        raise MiniPeftError(f"add_prompt_tuning: init must be one of {INITS}, got {init!r}")
-    check_free(model, "model.embed_tokens", name, WordEmbeddingsWithLearnedPrompts)
+        raise BadInput(f"add_prompt_tuning: init must be one of {INITS}, got {init!r}")
     embedding = model.model.embed_tokens
     generator = torch.Generator().manual_seed(seed)
     prompts = initial_prompts(embedding, num_prompts, init, init_text, tokenizer, generator).to(embedding.weight.device)
-    wrap(model, "model.embed_tokens", lambda inner: WordEmbeddingsWithLearnedPrompts(inner, prompts), name)
-    record_settings(model, name, PromptTuningSettings(num_prompts, init, init_text if init == "text" else None))
-    freeze_base(model)
-    return model.model.embed_tokens
+    settings = PromptTuningSettings(num_prompts, init, init_text if init == "text" else None)
+    made = attach(model, name, settings, ["model.embed_tokens"],
+                  lambda _, inner: WordEmbeddingsWithLearnedPrompts(inner, prompts))
+    return made["model.embed_tokens"]

@@ -48,8 +48,11 @@ class Batches:
     """Endless micro-batches from a shuffled order that depends only on (seed, epoch): resumable by position."""
 
     def __init__(self, samples, batch_size, seed, epoch=0, cursor=0):
-        self.samples, self.batch_size, self.seed = samples, batch_size, seed
-        self.epoch, self.cursor = epoch, cursor
+        self.samples = samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = epoch
+        self.cursor = cursor
 
     def order(self):
         if getattr(self, "order_epoch", None) != self.epoch:  # one shuffle per epoch

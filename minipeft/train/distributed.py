@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 
 
 
@@ -46,7 +46,7 @@ def world_from_environment() -> World:
         return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                      int(os.environ.get("LOCAL_RANK", 0)))
     except ValueError:
-        raise MiniPeftError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (they are set by torchrun)") from None
+        raise BadInput("RANK, WORLD_SIZE and LOCAL_RANK must be integers (they are set by torchrun)") from None
 
 
 def start_processes(world: World, device: torch.device) -> torch.device:
@@ -56,13 +56,13 @@ def start_processes(world: World, device: torch.device) -> torch.device:
         return device
     if device.type == "cuda":
         if world.local_rank >= torch.cuda.device_count():
-            raise MiniPeftError(f"LOCAL_RANK {world.local_rank}: this machine has {torch.cuda.device_count()} GPUs; "
-                                f"start at most that many processes per node")
+            raise BadInput(f"LOCAL_RANK {world.local_rank}: this machine has {torch.cuda.device_count()} GPUs; "
+                           f"start at most that many processes per node")
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     seconds = os.environ.get("MINIPEFT_DIST_TIMEOUT", "1800")  # how long a collective waits: torch's default
     if not seconds.isdigit() or int(seconds) == 0:
-        raise MiniPeftError(f"MINIPEFT_DIST_TIMEOUT: expected a whole number of seconds > 0, got {seconds!r}")
+        raise BadInput(f"MINIPEFT_DIST_TIMEOUT: expected a whole number of seconds > 0, got {seconds!r}")
     timeout = datetime.timedelta(seconds=int(seconds))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
                             **({"device_id": device} if device.type == "cuda" else {}))
@@ -82,8 +82,8 @@ def collective_failure(world: World, then=""):
         if world.size == 1:
             raise
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise MiniPeftError(f"rank {world.rank}: a step shared with the other processes failed ({reason}); another "
-                            f"process has probably died.{then}") from None
+        raise BadInput(f"rank {world.rank}: a step shared with the other processes failed ({reason}); another "
+                       f"process has probably died.{then}") from None
 
 
 def total(value, world: World, device) -> float:

@@ -11,7 +11,7 @@ import resource
 
 import torch
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 from .batches import pad_batch
 from .distributed import World, total
 
@@ -82,7 +82,7 @@ def heldout_loss(model, samples, device, batch_size=8, world=None) -> float:
 
 def clip_and_check(loss_value, parameters, step, max_norm=1.0):
     if not math.isfinite(loss_value):
-        raise MiniPeftError(f"loss became {loss_value} at step {step}; stopped, the last checkpoint is kept")
+        raise BadInput(f"loss became {loss_value} at step {step}; stopped, the last checkpoint is kept")
     return torch.nn.utils.clip_grad_norm_(parameters, max_norm).item()
 
 

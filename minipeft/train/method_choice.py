@@ -7,7 +7,7 @@ A flag that the chosen method does not read is refused by name, so nothing the u
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 from ..methods.bitfit import BLOCK_LINEARS, add_bitfit
 from ..methods.bottleneck import add_bottleneck_adapters
 from ..methods.ia3 import add_ia3
@@ -74,8 +74,8 @@ def choose_method(model, args, task: str):
     choice = CHOICES[args.method]
     unread = [flag for flag in FLAGS if getattr(args, flag) is not None and flag not in choice.settings]
     if unread:
-        raise MiniPeftError(f"--{unread[0].replace('_', '-')}: --method {args.method} does not use it; it reads "
-                            f"{', '.join('--' + f.replace('_', '-') for f in choice.settings)}")
+        raise BadInput(f"--{unread[0].replace('_', '-')}: --method {args.method} does not use it; it reads "
+                       f"{', '.join('--' + f.replace('_', '-') for f in choice.settings)}")
     settings = {flag: getattr(args, flag) if getattr(args, flag) is not None else default
                 for flag, default in choice.settings.items()}
     positive = ("r", "alpha", "num_prompts", "projection_hidden", "bottleneck_size")

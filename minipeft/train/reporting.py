@@ -4,7 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 from ..files import write_atomically
 from ..llama.default_model import DEFAULT_DIR, PREPARE_COMMAND
 
@@ -12,15 +12,15 @@ from ..llama.default_model import DEFAULT_DIR, PREPARE_COMMAND
 def check_positive(**values):
     for name, value in values.items():
         if value is None or value <= 0:
-            raise MiniPeftError(f"--{name.replace('_', '-')}: expected a value > 0, got {value}")
+            raise BadInput(f"--{name.replace('_', '-')}: expected a value > 0, got {value}")
 
 
 def check_weights(weights_dir) -> Path:
     weights_dir = Path(weights_dir)
     if not (weights_dir / "config.json").is_file():
         if weights_dir.resolve() == DEFAULT_DIR:
-            raise MiniPeftError(f"{weights_dir}: default weights not prepared; run: {PREPARE_COMMAND}")
-        raise MiniPeftError(f"{weights_dir}: no config.json here (expected a Hugging Face-layout Llama checkpoint)")
+            raise BadInput(f"{weights_dir}: default weights not prepared; run: {PREPARE_COMMAND}")
+        raise BadInput(f"{weights_dir}: no config.json here (expected a Hugging Face-layout Llama checkpoint)")
     return weights_dir
 
 
@@ -32,11 +32,11 @@ def prepare_output_dir(out, need_bytes=16 * 2**20) -> Path:
         write_atomically(out / ".write-test", b"ok")
         (out / ".write-test").unlink()
     except OSError as e:
-        raise MiniPeftError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+        raise BadInput(f"--out {out}: cannot write there ({e.strerror or e})") from None
     free = shutil.disk_usage(out).free
     if free < need_bytes:
-        raise MiniPeftError(f"--out {out}: only {free / 2**20:.1f} MiB free, the run needs about "
-                            f"{need_bytes / 2**20:.0f} MiB for checkpoints and reports")
+        raise BadInput(f"--out {out}: only {free / 2**20:.1f} MiB free, the run needs about "
+                       f"{need_bytes / 2**20:.0f} MiB for checkpoints and reports")
     return out
 
 

@@ -17,7 +17,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 from ..files import write_atomically
 from .distributed import collective_failure, total
 from .reporting import prepare_output_dir
@@ -40,7 +40,7 @@ def check_resume(out, world, resume: bool, settings: dict):
     run with the same settings). Rank 0 alone prepares it."""
     out = prepare_output_dir(out, need_bytes=64 * 2**20) if world.main else Path(out)
     if resume and not (out / CHECKPOINT_FILE).is_file():
-        raise MiniPeftError(f"--resume: no checkpoint at {out / CHECKPOINT_FILE}; run without --resume to start")
+        raise BadInput(f"--resume: no checkpoint at {out / CHECKPOINT_FILE}; run without --resume to start")
     if resume:  # refused here, once, before any process waits on another
         check_resume_settings(out / CHECKPOINT_FILE, settings)
     return out

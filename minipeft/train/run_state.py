@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from ..errors import MiniPeftError
+from ..errors import BadInput
 from ..files import write_atomically
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -57,9 +57,9 @@ def read_checkpoint(path) -> tuple[dict, dict]:
         metadata = json.loads(data[8:8 + header_length]).get("__metadata__") or {}
         state = json.loads(metadata.get("state", "null"))
     except (OSError, SafetensorError, ValueError, UnicodeDecodeError, AttributeError) as e:
-        raise MiniPeftError(f"{path}: not a readable training checkpoint ({str(e)[:200]})") from None
+        raise BadInput(f"{path}: not a readable training checkpoint ({str(e)[:200]})") from None
     if metadata.get("format") != "minipeft-run-state-1" or not isinstance(state, dict):
-        raise MiniPeftError(f"{path}: not a minipeft training checkpoint (no run state in its metadata)")
+        raise BadInput(f"{path}: not a minipeft training checkpoint (no run state in its metadata)")
     return state, tensors
 
 
@@ -77,8 +77,8 @@ def check_resume_settings(path, settings, state=None):
     state = state if state is not None else read_checkpoint(path)[0]
     changed = changed_settings(state.get("settings") or {}, settings)
     if changed:
-        raise MiniPeftError(f"--resume: {', '.join(changed)} differ from the checkpoint's; use the same settings "
-                            f"or a new --out")
+        raise BadInput(f"--resume: {', '.join(changed)} differ from the checkpoint's; use the same settings "
+                       f"or a new --out")
 
 
 def load_checkpoint(path, model, optimizer, scheduler, batches, device, settings=None) -> dict:
@@ -89,8 +89,8 @@ def load_checkpoint(path, model, optimizer, scheduler, batches, device, settings
     check_resume_settings(path, settings or {}, state)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if state.get("trainable_names") != list(trainable):
-        raise MiniPeftError(f"{path}: its trainable tensors do not match this model's "
-                            f"(other method, --r or --targets?)")
+        raise BadInput(f"{path}: its trainable tensors do not match this model's "
+                       f"(other method, --r or --targets?)")
     try:
         with torch.no_grad():
             for name, parameter in trainable.items():
@@ -109,5 +109,5 @@ def load_checkpoint(path, model, optimizer, scheduler, batches, device, settings
             torch.cuda.set_rng_state(tensors["rng/cuda"], device)
         batches.epoch, batches.cursor = state["data"]["epoch"], state["data"]["cursor"]
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
-        raise MiniPeftError(f"{path}: not a complete training checkpoint ({str(e)[:200]})") from None
+        raise BadInput(f"{path}: not a complete training checkpoint ({str(e)[:200]})") from None
     return state
