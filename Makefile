@@ -20,10 +20,10 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-$(WEIGHTS)/model.safetensors: | $(VENV)/.installed
+$(WEIGHTS)/tokenizer_config.json: | $(VENV)/.installed
 	$(PY) -m minipeft.llama.default_model --out $(WEIGHTS)
 
-weights: $(WEIGHTS)/model.safetensors
+weights: $(WEIGHTS)/tokenizer_config.json
 
 fox: setup weights
 	$(PY) train_fox.py

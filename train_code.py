@@ -18,7 +18,7 @@ import math
 import torch
 
 import minipeft
-from minipeft.errors import run_cli
+from minipeft.errors import ArgumentParser, run_cli
 from minipeft.llama.default_model import DEFAULT_DIR
 from minipeft.llama.loader import check_device
 from minipeft.methods.fingerprints import fingerprint_digest
@@ -39,7 +39,7 @@ RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "method", *FLAGS, "lr", 
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--weights", default=str(DEFAULT_DIR), help="HF-layout Llama directory (default: %(default)s)")
     add("--data", nargs="+", help="JSON-lines files (.json/.jsonl[.gz], field 'content') or .py directories "

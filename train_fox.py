@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import minipeft
-from minipeft.errors import run_cli
+from minipeft.errors import ArgumentParser, run_cli
 from minipeft.llama.default_model import DEFAULT_DIR
 from minipeft.llama.loader import check_device
 from minipeft.train.distributed import (DataParallelLoss, collective_failure, start_processes,
@@ -30,7 +30,7 @@ VARIANTS = ["The quick brown fox", "a quick brown fox"]
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=str(DEFAULT_DIR), help="HF-layout Llama directory (default: %(default)s)")
     parser.add_argument("--out", default="runs/fox", help="output directory (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

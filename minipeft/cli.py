@@ -2,9 +2,11 @@
 
     minipeft generate --adapter fox=runs/fox/adapter --adapter code=runs/code/adapter \\
                       --prompt "fox:A quick brown fox" --prompt "code:import" --prompt "-:Hello"
-        every prompt answered by its own adapter (or none, "-"), all in one mixed batch on one frozen base
-    minipeft merge --adapter runs/code/adapter --out merged/ [--dtype bf16] [--4bit]
-        the adapter folded into the base, written as a Hugging Face checkpoint any stack can serve
+        every prompt answered by its own adapter (or none, "-"), all in one mixed batch on one frozen base,
+        loaded as the adapters were trained on it (4-bit or not: their files say)
+    minipeft merge --adapter runs/code/adapter --out merged/ [--dtype bf16]
+        the adapter folded into the base it was trained on (4-bit: dequantized), written as a Hugging Face
+        checkpoint any stack can serve
     minipeft count --config llama-7b --method lora --r 8
         the parameter report, on the meta device: no weights are read
 
@@ -23,12 +25,13 @@ import torch.nn as nn
 from safetensors.torch import save as save_safetensors_bytes
 
 from . import formats
-from .errors import BadInput, run_cli
+from .errors import ArgumentParser, BadInput, run_cli
 from .files import write_atomically
 from .llama.config import LlamaConfig
 from .llama.default_model import DEFAULT_DIR
 from .llama.generate import generate
 from .llama.loader import build_model, load, load_model
+from .llama.tokenizer import chat_ids
 from .llama.quant import dequantize, is_4bit
 from .methods.named_adapters import set_adapter
 from .methods.counting import count_parameters
@@ -64,25 +67,78 @@ def parse_prompt(line: str, names) -> tuple:
     return (None if name == "-" else name), text.replace("\\n", "\n")
 
 
-def command_generate(args):
-    adapters = parse_adapters(args.adapter)  # the arguments first: a typo is reported before a long load
+def prompt_lines(args) -> list[str]:
     lines = list(args.prompt or [])
     if args.prompts_file:
-        source = sys.stdin if args.prompts_file == "-" else open(args.prompts_file, encoding="utf-8")
-        lines += [line.rstrip("\n") for line in source if line.strip()]
+        try:
+            source = sys.stdin if args.prompts_file == "-" else open(args.prompts_file, encoding="utf-8")
+            lines += [line.rstrip("\n") for line in source if line.strip()]
+        except OSError as e:
+            raise BadInput(f"--prompts-file {args.prompts_file}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise BadInput(f"--prompts-file {args.prompts_file}: not UTF-8 text") from None
     if not lines:
         raise BadInput("generate: no prompts; give --prompt NAME:TEXT or --prompts-file FILE (- for stdin)")
-    rows = [parse_prompt(line, adapters) for line in lines]
-    model, tokenizer = load(args.weights, quantize="nf4" if args.four_bit else None, device=args.device,
-                            progress=sys.stderr)  # stdout is the answers alone
+    return lines
+
+
+def describe_base(base: dict) -> str:
+    if not base["quantize"]:
+        return f"the full-precision base ({base['dtype']})"
+    double = " with double quantization" if base["double_quant"] else ""
+    return f"the {base['quantize'].upper()} base{double} ({base['dtype']} compute)"
+
+
+def base_for(adapters: dict, four_bit) -> dict:
+    """How to load the base: as the adapters were trained on it (their files say how), unless --4bit or
+    --no-4bit says otherwise, which is said in one line. Adapters trained on different bases need one."""
+    recorded = {name: formats.trained_base(path) for name, path in adapters.items()}
+    known = {name: base for name, base in recorded.items() if base}
+    if len({json.dumps(base, sort_keys=True) for base in known.values()}) > 1 and four_bit is None:
+        trained = "; ".join(f"{name} on {describe_base(base)}" for name, base in known.items())
+        raise BadInput(f"--adapter: the adapters were trained on different bases ({trained}); choose one "
+                       f"with --4bit or --no-4bit, or serve them separately")
+    base = next(iter(known.values()), {"quantize": None, "double_quant": False, "dtype": "float32"})
+    if four_bit is not None and bool(base["quantize"]) != four_bit:
+        asked = {"quantize": "nf4" if four_bit else None, "double_quant": False, "dtype": base["dtype"]}
+        if known:
+            print(f"note: {'--4bit' if four_bit else '--no-4bit'} loads {describe_base(asked)}, but the adapter "
+                  f"was trained on {describe_base(base)}: its outputs will differ from training", file=sys.stderr)
+        base = asked
+    return base
+
+
+def load_base(weights, base: dict, device="cpu"):
+    return load(weights, quantize=base["quantize"], dtype=getattr(torch, base["dtype"]), device=device,
+                double_quant=base["double_quant"], progress=sys.stderr)  # stdout is the answers alone
+
+
+def command_generate(args):
+    adapters = parse_adapters(args.adapter)  # the arguments first: a typo is reported before a long load
+    check_sampling(args)
+    rows = [parse_prompt(line, adapters) for line in prompt_lines(args)]
+    base = base_for(adapters, args.four_bit)
+    model, tokenizer = load_base(args.weights, base, args.device)
     for name, path in adapters.items():
         formats.load_adapter(model, path, name=name)
     if adapters:
         set_adapter(model, [name for name, _ in rows])
-    answers = generate(model, [tokenizer.encode(text) for _, text in rows], args.max_new_tokens,
-                       args.temperature, args.top_p, args.seed)
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": text}]) if args.chat else tokenizer.encode(text)
+               for _, text in rows]
+    bf16 = base["dtype"] == "bfloat16"  # as it trained: under autocast
+    with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=bf16):
+        answers = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     for (name, text), answer in zip(rows, answers):
-        print(f"[{name or '-'}] {text}{tokenizer.decode(answer)}")
+        print(f"[{name or '-'}] {text}{' -> ' if args.chat else ''}{tokenizer.decode(answer)}")
+
+
+def check_sampling(args):
+    if args.max_new_tokens < 1:
+        raise BadInput(f"--max-new-tokens: expected a positive integer, got {args.max_new_tokens}")
+    if not 0 <= args.temperature < float("inf"):
+        raise BadInput(f"--temperature: expected a number >= 0 (0 for greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise BadInput(f"--top-p: expected a probability in (0, 1], got {args.top_p}")
 
 
 def export_state(model) -> dict:
@@ -109,7 +165,9 @@ def command_merge(args):
     weights, out = Path(args.weights), Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise BadInput(f"--out {out}: exists and is not empty; choose a new directory")
-    model = load_model(weights, quantize="nf4" if args.four_bit else None, progress=sys.stderr)
+    base = base_for({"the adapter": Path(args.adapter)}, args.four_bit)
+    model = load_model(weights, quantize=base["quantize"], dtype=getattr(torch, base["dtype"]),
+                       double_quant=base["double_quant"], progress=sys.stderr)
     config_name = formats.load_adapter(model, args.adapter)["peft_type"]
     probe = torch.arange(32)[None] * 7919 % model.config.vocab_size  # any tokens: the same before and after
     with torch.no_grad():
@@ -133,8 +191,9 @@ def command_merge(args):
     for name in TOKENIZER_FILES:
         if (weights / name).is_file():
             shutil.copy(weights / name, out / name)
-    print(f"merged {config_name} from {args.adapter} into {weights}{' (4-bit, dequantized)' if args.four_bit else ''}"
-          f": wrote {out} ({args.dtype}); max abs logits change from merging {error:.2e}")
+    print(f"merged {config_name} from {args.adapter} into {describe_base(base)} of {weights}"
+          f"{' (dequantized)' if base['quantize'] else ''}: wrote {out} ({args.dtype}); max abs logits change from "
+          f"merging {error:.2e}")
 
 
 def command_count(args):
@@ -147,16 +206,22 @@ def command_count(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="minipeft", description=__doc__,
+    parser = ArgumentParser(prog="minipeft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="answer prompts, each with its own adapter, in one batch")
     gen.add_argument("--weights", default=str(DEFAULT_DIR), help="HF-layout Llama directory (default: %(default)s)")
-    gen.add_argument("--4bit", dest="four_bit", action="store_true", help="load the base in NF4")
+    gen.add_argument("--4bit", dest="four_bit", action=argparse.BooleanOptionalAction,
+                     help="load the base in NF4, or in full precision (--no-4bit). Default: as the adapters were "
+                          "trained (their files say), full precision without adapters")
     gen.add_argument("--adapter", action="append", help="NAME=PATH of an adapter directory (repeatable)")
     gen.add_argument("--prompt", action="append", help="NAME:TEXT, '-:TEXT' for the bare base (repeatable)")
     gen.add_argument("--prompts-file", help="a file of NAME:TEXT lines, or - for stdin")
-    gen.add_argument("--max-new-tokens", type=int, default=32, help="(default: %(default)s)")
+    gen.add_argument("--max-new-tokens", type=int, default=32,
+                     help="how many tokens to add to each prompt, at most (default: %(default)s)")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap each prompt as a user turn in the model's chat template (tokenizer_config.json), "
+                          "as transformers' apply_chat_template does, and stop at its end-of-turn token")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default: %(default)s)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: %(default)s)")
     gen.add_argument("--seed", type=int, help="makes sampling repeatable")
@@ -166,16 +231,28 @@ def build_parser():
     mer.add_argument("--adapter", required=True, help="a LoRA, DoRA, IA3 or BitFit adapter directory")
     mer.add_argument("--out", required=True, help="a new directory for the merged checkpoint")
     mer.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="(default: %(default)s)")
-    mer.add_argument("--4bit", dest="four_bit", action="store_true",
-                     help="merge into the dequantized NF4 base the adapter was trained on")
+    mer.add_argument("--4bit", dest="four_bit", action=argparse.BooleanOptionalAction,
+                     help="merge into the dequantized NF4 base, or the full-precision one (--no-4bit). Default: "
+                          "the base the adapter was trained on (its file says)")
     cnt = commands.add_parser("count", help="trainable and total numbers of a method, without loading weights")
     cnt.add_argument("--config", default="llama-7b", help="a directory with config.json, or llama-7b (default)")
     add_method_arguments(cnt, default_method="lora")
     return parser
 
 
+def prompts_as_values(argv: list) -> list:
+    """`--prompt "-:Hello"` as `--prompt=-:Hello`: argparse would take a value that starts with '-' for a flag."""
+    joined = []
+    for arg in argv:
+        if joined and joined[-1] == "--prompt":
+            joined[-1] = f"--prompt={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(prompts_as_values(sys.argv[1:] if argv is None else list(argv)))
     commands = {"generate": command_generate, "merge": command_merge, "count": command_count}
     run_cli(lambda: commands[args.command](args))
 

@@ -5,6 +5,8 @@ Scripts catch it and print its one-line message with exit code 2, no traceback. 
 escapes is a bug in minipeft and keeps its traceback.
 """
 
+import argparse
+
 
 class BadInput(Exception):
     """A user-facing error: the message names the file, key or argument and what was expected.
@@ -75,4 +77,15 @@ def run_cli(main):
         if several:  # no teardown that could wait on a dead process
             sys.stderr.flush()
             os._exit(2)
+        sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its mistakes said as ours are: one line on stderr, exit code 2 (argparse's own
+    prints the usage first)."""
+
+    def error(self, message):
+        import sys
+
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)

@@ -7,10 +7,13 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.testing import assert_close
 
 import minipeft
-from minipeft import load_adapter, load_model, save_adapter
+from minipeft import formats, load_adapter, load_model, save_adapter
+from minipeft.llama.tokenizer import chat_ids
 from minipeft.methods.table import parameter_table
 from minipeft.methods.freezing import adapter_parameters
 from tests.helpers import ROOT, write_hf_checkpoint
@@ -115,3 +118,135 @@ def test_count_on_the_meta_device_equals_the_table():
     expected = next(r["trainable_params"] for r in parameter_table()
                     if r["method"] == "LoRA, r = 8" and r["shape"] == "Llama-7B")
     assert f"trainable params: {expected:,} " in result.stdout
+
+
+# ---- the base an adapter was trained on travels with it ------------------------------------------------------
+
+def test_an_adapter_file_says_how_its_base_was_loaded_and_peft_still_reads_it(tmp_path):
+    from peft.utils import load_peft_weights
+    from safetensors import safe_open
+
+    write_hf_checkpoint(tmp_path / "base")
+    model = trained_looking(load_model(tmp_path / "base", quantize="nf4", double_quant=True), MERGEABLE["lora"])
+    save_adapter(model, tmp_path / "adapter")
+    assert formats.trained_base(tmp_path / "adapter") == {"quantize": "nf4", "double_quant": True,
+                                                          "dtype": "float32"}
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt", "minipeft_base_quantize": "nf4",
+                                "minipeft_base_double_quant": "true", "minipeft_base_dtype": "float32"}
+    from_peft = load_peft_weights(str(tmp_path / "adapter"))
+    assert {k: v.shape for k, v in from_peft.items()} == {
+        f"base_model.model.{name}": p.shape for name, p in adapter_parameters(model).items()}
+    plain = trained_looking(load_model(tmp_path / "base"), MERGEABLE["ia3"])
+    save_adapter(plain, tmp_path / "plain")
+    assert formats.trained_base(tmp_path / "plain") == {"quantize": None, "double_quant": False, "dtype": "float32"}
+
+
+def test_generate_serves_an_adapter_on_the_base_it_was_trained_on(default_weights, tmp_path):
+    """Trained on NF4: generate loads NF4 unless told otherwise, and says so in one line when it is."""
+    answers = {}
+    for four_bit in (True, False):
+        model, tokenizer = minipeft.load(default_weights, quantize="nf4" if four_bit else None)
+        if four_bit:
+            trained_looking(model, lambda m: minipeft.add_lora(m, ["q", "v", "down"], r=8), seed=3)
+            save_adapter(model, tmp_path / "adapter")
+        else:  # the same tensors on the full-precision base
+            load_adapter(model, tmp_path / "adapter")
+        answers[four_bit] = tokenizer.decode(minipeft.generate(model, [tokenizer.encode("The fox")], 12)[0])
+    assert answers[True] != answers[False]  # the base matters, so the test can tell which one was used
+    as_trained = run("generate", "--weights", default_weights, "--adapter", tmp_path / "adapter",
+                     "--prompt", "default:The fox", "--max-new-tokens", 12)
+    assert as_trained.returncode == 0, as_trained.stderr
+    assert as_trained.stdout == f"[default] The fox{answers[True]}\n"
+    assert "note:" not in as_trained.stderr
+    overridden = run("generate", "--weights", default_weights, "--adapter", tmp_path / "adapter", "--no-4bit",
+                     "--prompt", "default:The fox", "--max-new-tokens", 12)
+    assert overridden.returncode == 0 and overridden.stdout == f"[default] The fox{answers[False]}\n"
+    notes = [line for line in overridden.stderr.splitlines() if line.startswith("note:")]
+    assert notes == ["note: --no-4bit loads the full-precision base (float32), but the adapter was trained on the "
+                     "NF4 base (float32 compute): its outputs will differ from training"]
+
+
+def test_merge_defaults_to_the_base_the_adapter_was_trained_on(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    write_hf_checkpoint(tmp_path / "base")
+    model = trained_looking(load_model(tmp_path / "base", quantize="nf4"), MERGEABLE["lora"])
+    save_adapter(model, tmp_path / "adapter")
+    result = run("merge", "--weights", tmp_path / "base", "--adapter", tmp_path / "adapter", "--out", tmp_path / "m")
+    assert result.returncode == 0 and "into the NF4 base (float32 compute)" in result.stdout, result.stderr[-2000:]
+    exported = LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():  # fp32 export of the dequantized NF4 weights plus the fold: the trained model's logits
+        assert (exported(input_ids=ids).logits - model(ids)).abs().max() < 1e-4
+        full = load_model(tmp_path / "base")
+        load_adapter(full, tmp_path / "adapter")
+        assert (full(ids) - model(ids)).abs().max() > 1e-2  # the full-precision base would have been different
+
+
+def test_adapters_trained_on_different_bases_need_a_choice(tmp_path):
+    write_hf_checkpoint(tmp_path / "base")
+    save_adapter(trained_looking(load_model(tmp_path / "base", quantize="nf4"), MERGEABLE["lora"]), tmp_path / "a")
+    save_adapter(trained_looking(load_model(tmp_path / "base"), MERGEABLE["lora"]), tmp_path / "b")
+    result = run("generate", "--weights", tmp_path / "base", "--adapter", f"a={tmp_path / 'a'}",
+                 "--adapter", f"b={tmp_path / 'b'}", "--prompt", "a:x")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "a on the NF4 base (float32 compute); b on the full-precision base (float32)" in result.stderr
+
+
+# ---- arguments: every mistake is one line and exit code 2 ------------------------------------------------------
+
+def test_a_prompt_for_the_bare_base_is_a_value_not_a_flag():
+    from minipeft.cli import build_parser, prompts_as_values
+
+    argv = prompts_as_values(["generate", "--prompt", "-:Hello", "--prompt", "--x", "--max-new-tokens", "4"])
+    assert argv == ["generate", "--prompt=-:Hello", "--prompt=--x", "--max-new-tokens", "4"]
+    assert build_parser().parse_args(argv).prompt == ["-:Hello", "--x"]
+
+
+def test_a_missing_prompts_file_is_one_line(tmp_path):
+    result = run("generate", "--prompts-file", tmp_path / "missing.txt")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"error: --prompts-file {tmp_path / 'missing.txt'}: No such file or directory"
+
+
+def test_chat_wraps_the_prompt_in_the_template_and_stops_at_the_end_of_the_turn(default_weights):
+    model, tokenizer = minipeft.load(default_weights)
+    ids = chat_ids(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+    answer = tokenizer.decode(minipeft.generate(model, [ids], 24)[0])
+    result = run("generate", "--weights", default_weights, "--chat", "--prompt", "-:What is the capital of France?",
+                 "--max-new-tokens", 24)
+    assert result.returncode == 0 and result.stdout == f"[-] What is the capital of France? -> {answer}\n"
+    assert "Paris" in answer and "<|im_end|>" not in answer
+
+
+TOKENS = ["generate", "merge", "count", "--weights", "--adapter", "--prompt", "--prompts-file", "--max-new-tokens",
+          "--temperature", "--top-p", "--seed", "--device", "--out", "--dtype", "--config", "--method", "--r",
+          "--4bit", "--no-4bit", "--chat", "-", "-:x", "x:y", "0", "-1", "nan", "1e9", "cuda:7", "bf16", "lora",
+          "/nonexistent", "a=b", "", "--"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(TOKENS) | st.text(max_size=6), max_size=7))
+def test_fuzzed_command_lines_end_in_one_line_or_succeed(argv):
+    """Any command line ends with exit code 0, or 2 and one line on stderr: never a traceback. Weights are
+    never found, so nothing long runs."""
+    import contextlib
+    import io
+
+    from minipeft.cli import main
+
+    argv = [a if a != "/nonexistent" else "/nonexistent/weights" for a in argv]
+    if argv and argv[0] in ("generate", "merge"):
+        argv = [*argv, "--weights", "/nonexistent/weights"]
+    stderr, stdout = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+    lines = [line for line in stderr.getvalue().splitlines() if not line.startswith(("note:", "loading"))]
+    assert code in (0, 2), (argv, code, stderr.getvalue())
+    if code == 2:
+        assert len(lines) == 1 and lines[0].startswith("error: "), (argv, stderr.getvalue())

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
@@ -53,8 +54,46 @@ def save_adapter(model, directory, base_model_name_or_path=None):
         config["base_model_name_or_path"] = base_model_name_or_path
         config["inference_mode"] = True
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-        write_atomically(target / WEIGHTS_FILE, save_safetensors_bytes(tensors, metadata={"format": "pt"}))
+        metadata = {"format": "pt", **base_metadata(getattr(model, "loaded_as", None))}
+        write_atomically(target / WEIGHTS_FILE, save_safetensors_bytes(tensors, metadata=metadata))
         write_atomically(target / CONFIG_FILE, json.dumps(config, indent=2).encode())
+
+
+BASE_METADATA = {"minipeft_base_quantize": ("quantize", {"none": None, "nf4": "nf4", "fp4": "fp4"}),
+                 "minipeft_base_double_quant": ("double_quant", {"false": False, "true": True}),
+                 "minipeft_base_dtype": ("dtype", {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"})}
+
+
+def base_metadata(loaded_as) -> dict:
+    """How the base was loaded while the adapter trained (llama/loader.py's model.loaded_as), as strings for
+    the safetensors header: peft and every other reader of the file pass over them."""
+    if not loaded_as:
+        return {}
+    return {key: next(text for text, value in values.items() if value == loaded_as[field])
+            for key, (field, values) in BASE_METADATA.items()}
+
+
+def trained_base(directory) -> dict | None:
+    """{"quantize", "double_quant", "dtype"}: how the base was loaded when this adapter was saved, from its
+    safetensors header; None for an adapter saved without that note (peft's, or an older minipeft's)."""
+    weights_path = Path(directory) / WEIGHTS_FILE
+    try:
+        with safe_open(weights_path, "pt") as f:
+            metadata = f.metadata() or {}
+    except FileNotFoundError:
+        raise BadInput(f"{weights_path}: not found (an adapter directory holds {CONFIG_FILE} and "
+                       f"{WEIGHTS_FILE})") from None
+    except Exception as e:  # any failure to parse the header means the same thing to the user
+        raise BadInput(f"{weights_path}: not a readable safetensors file ({e})") from None
+    if not any(key in metadata for key in BASE_METADATA):
+        return None
+    loaded_as = {}
+    for key, (field, values) in BASE_METADATA.items():
+        if metadata.get(key) not in values:
+            raise BadInput(f"{weights_path}: header key {key!r} is {metadata.get(key)!r}; expected one of "
+                           f"{sorted(values)}")
+        loaded_as[field] = values[metadata[key]]
+    return loaded_as
 
 
 def read_adapter(directory) -> tuple[dict, dict]:

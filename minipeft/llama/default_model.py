@@ -113,6 +113,11 @@ def convert(gguf_path: Path, out_dir: Path):
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json(reader), ensure_ascii=False))
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({  # the special tokens by name, and how to chat
+        "bos_token": tokens[config["bos_token_id"]], "eos_token": tokens[config["eos_token_id"]],
+        "pad_token": tokens[config["pad_token_id"]], "chat_template": field(reader, "tokenizer.chat_template")},
+        indent=2, ensure_ascii=False))
 
 
 def tokenizer_json(reader) -> dict:
@@ -139,7 +144,7 @@ def tokenizer_json(reader) -> dict:
 def prepare(out_dir=DEFAULT_DIR) -> Path:
     """Convert the default model into `out_dir` unless a complete conversion is already there."""
     out_dir = Path(out_dir)
-    if (out_dir / "model.safetensors").is_file():
+    if all((out_dir / name).is_file() for name in ("model.safetensors", "tokenizer_config.json")):
         print(f"default model ready: {out_dir}")
         return out_dir
     start = time.time()

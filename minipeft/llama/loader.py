@@ -198,6 +198,8 @@ def load_model(weights_dir, quantize=None, dtype=torch.float32, device="cpu", do
         if isinstance(model.model.embed_tokens, WidenedEmbedding):
             model.lm_head = WidenedLinear(model.model.embed_tokens.weight)
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.loaded_as = {"quantize": quantize, "double_quant": bool(quantize and double_quant),
+                       "dtype": str(dtype).removeprefix("torch.")}  # saved with its adapters (formats/)
     return model.eval()
 
 
