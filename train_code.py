@@ -14,11 +14,12 @@ Under torchrun (torchrun --nproc_per_node=N train_code.py ...) the processes sha
 
 import argparse
 import math
+from pathlib import Path
 
 import torch
 
 import minipeft
-from minipeft.errors import ArgumentParser, run_cli
+from minipeft.errors import ArgumentParser, BadInput, run_cli
 from minipeft.llama.default_model import DEFAULT_DIR
 from minipeft.llama.loader import check_device
 from minipeft.methods.fingerprints import fingerprint_digest
@@ -27,15 +28,17 @@ from minipeft.train.data import Filters, describe, load_corpus
 from minipeft.train.distributed import DataParallelLoss, start_processes, world_from_environment
 from minipeft.train.loop import (accumulate_gradients, clip_and_check, compute_dtype, heldout_loss, micro_batch_seed,
                                  peak_memory_mb, warmup_cosine)
-from minipeft.train.method_choice import FLAGS, add_method_arguments, choose_method
+from minipeft.train.method_choice import CHOICES, FLAGS, add_method_arguments, choose_method
 from minipeft.train.reporting import check_positive, check_weights, plot_losses, write_report, write_samples
 from minipeft.train.run import Run, check_resume
+from minipeft.train.run_state import CHECKPOINT_FILE, checkpoint_settings
 
 PROMPTS = ["", "import", "from", "while", "try", "if", "for", "torch"]
 # Every setting that changes the result: a resume with any of them changed is refused by name.
 # Under torchrun the number of processes may change, as long as processes x --accum (micro_batches_per_step) does not.
 RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "method", *FLAGS, "lr", "seq_len", "batch", "warmup",
-                     "max_steps", "seed", "dtype", "no_4bit", "device", "max_chars", "no_packing")
+                     "seed", "dtype", "no_4bit", "device", "max_chars", "no_packing")
+RESUME_MAY_GROW = ("max_steps",)  # a longer run: the cosine schedule stretches to the new end
 
 
 def build_parser():
@@ -48,7 +51,8 @@ def build_parser():
     add("--out", default="runs/code", help="output directory (default: %(default)s)")
     add("--max-steps", type=int, default=200, help="optimizer steps (default: %(default)s)")
     add("--lr", type=float, help="peak AdamW learning rate (default: the method's; 1e-3 for lora)")
-    add("--warmup", type=int, default=10, help="linear warmup steps before cosine decay (default: %(default)s)")
+    add("--warmup", type=int, help="linear warmup steps before cosine decay; more than --max-steps are cut to it "
+                                  "(default: 10, or --max-steps if fewer; on --resume, the checkpoint's)")
     add_method_arguments(parser, default_method="lora")
     add("--seq-len", type=int, default=512, help="tokens per packed row, and the most kept of a sample: longer ones "
                                                  "are cut (default: %(default)s)")
@@ -66,60 +70,86 @@ def build_parser():
              "CPUs with AVX512-BF16 or AMX, fp32 elsewhere, where bf16 is emulated and slow (default: %(default)s)")
     add("--no-4bit", action="store_true", help="keep the frozen base in full precision")
     add("--new-tokens", type=int, default=48, help="tokens per generated sample (default: %(default)s)")
+    add("--heldout-max", type=int, help="held-out samples scored before and after training, 0 to skip "
+                                        "(default: all)")
+    add("--no-samples", action="store_true", help="skip the before/after generations (samples.md)")
     add("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     return parser
 
 
-def generations(model, tokenizer, separator, new_tokens, seed):
+def generations(model, tokenizer, separator, new_tokens, seed, when):
     """Greedy and sampled continuations of the course's prompts; '' starts from the document separator."""
     prompts = [[separator] + tokenizer.encode(p) for p in PROMPTS]
-    greedy = minipeft.generate(model, prompts, max_new_tokens=new_tokens)
-    sampled = minipeft.generate(model, prompts, max_new_tokens=new_tokens, temperature=0.8, top_p=0.95, seed=seed)
+    greedy = minipeft.generate(model, prompts, max_new_tokens=new_tokens, progress=f"samples {when}, greedy")
+    sampled = minipeft.generate(model, prompts, max_new_tokens=new_tokens, temperature=0.8, top_p=0.95, seed=seed,
+                                progress=f"samples {when}, sampled")
     return {"greedy": [p + tokenizer.decode(g) for p, g in zip(PROMPTS, greedy)],
             "sampled": [p + tokenizer.decode(s) for p, s in zip(PROMPTS, sampled)]}
 
 
-def code_samples(args, tokenizer, seq_len, separator):
-    """The code, filtered and cut to its first characters, split by path, tokenized, cut to seq_len tokens."""
-    corpus = load_corpus(args.data, Filters(max_chars=args.max_chars), heldout_sources=args.heldout_data)
-    print(describe(corpus))
+def code_samples(corpus, args, tokenizer, seq_len, separator):
+    """The code, split by path, tokenized, cut to seq_len tokens (the held-out part to --heldout-max samples)."""
     train, heldout = ([tokenizer.encode(text) + [separator] for _, text in split]
-                      for split in (corpus.train, corpus.heldout))
+                      for split in (corpus.train, corpus.heldout[:args.heldout_max]))
     cut = sum(len(ids) > seq_len for ids in train + heldout)
     if cut:
         print(f"warning: {cut} samples longer than {seq_len} tokens were truncated")
-    return corpus, [ids[:seq_len] for ids in train], [ids[:seq_len] for ids in heldout]
+    return [ids[:seq_len] for ids in train], [ids[:seq_len] for ids in heldout]
 
 
 def check_arguments(args):
     check_positive(max_steps=args.max_steps, seq_len=args.seq_len, batch=args.batch, accum=args.accum,
                    save_every=args.save_every, new_tokens=args.new_tokens,
                    **({"lr": args.lr} if args.lr is not None else {}))
+    for name in ("warmup", "heldout_max"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise BadInput(f"--{name.replace('_', '-')}: expected a value >= 0, got {getattr(args, name)}")
+    check_weights(args.weights)
     device = check_device(args.device)
     world = world_from_environment()  # under torchrun: this process's place
     args.dtype = compute_dtype(args.dtype, device)  # recorded resolved: a resume elsewhere must compute the same
-    settings = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH}, "micro_batches_per_step": world.size * args.accum}
-    out = check_resume(args.out, world, args.resume, settings)
-    return Run(out, world, start_processes(world, device), args.save_every), settings
+    args.warmup = resolved_warmup(args)
+    corpus = load_corpus(args.data, Filters(max_chars=args.max_chars), heldout_sources=args.heldout_data)
+    settings = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH + RESUME_MAY_GROW},
+                "micro_batches_per_step": world.size * args.accum}
+    out = check_resume(args.out, world, args.resume, settings, RESUME_MAY_GROW)
+    run = Run(out, world, start_processes(world, device), args.save_every, RESUME_MAY_GROW)
+    return run, settings, corpus
+
+
+def resolved_warmup(args) -> int:
+    """--warmup as given, at most --max-steps; else, resuming, the checkpoint's; else 10, or --max-steps if fewer."""
+    if args.warmup is not None and args.warmup > args.max_steps and not args.resume:
+        print(f"note: --warmup {args.warmup} is longer than --max-steps {args.max_steps}, so the learning rate would "
+              f"never reach --lr: warming up over {args.max_steps} steps instead")
+        return args.max_steps
+    if args.warmup is not None:
+        return args.warmup
+    if args.resume and (Path(args.out) / CHECKPOINT_FILE).is_file():  # (its absence is refused by check_resume)
+        saved = checkpoint_settings(Path(args.out) / CHECKPOINT_FILE).get("warmup")
+        if isinstance(saved, int):
+            return saved
+    return min(10, args.max_steps)
 
 
 def main():
     args = build_parser().parse_args()
-    run, settings = check_arguments(args)
+    run, settings, corpus = check_arguments(args)  # every input checked before the base loads
     world, device, out = run.world, run.device, run.out
     torch.manual_seed(args.seed)
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     autocast = lambda: torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
     # 1. The frozen base, in 4-bit NF4, and the code.
-    model, tokenizer = minipeft.load(check_weights(args.weights), quantize=None if args.no_4bit else "nf4",
+    model, tokenizer = minipeft.load(args.weights, quantize=None if args.no_4bit else "nf4",
                                      dtype=autocast_dtype or torch.float32, device=device, progress=world.main)
     fingerprint = minipeft.base_fingerprint(model)
     separator = tokenizer.eos_id  # ends every training file, and starts the '' prompt
     seq_len = min(args.seq_len, model.config.max_position_embeddings)
     if seq_len < args.seq_len:
         print(f"warning: --seq-len {args.seq_len} is beyond the model's context of {seq_len} tokens; using {seq_len}")
-    corpus, train, heldout = code_samples(args, tokenizer, seq_len, separator)
+    print(describe(corpus))
+    train, heldout = code_samples(corpus, args, tokenizer, seq_len, separator)
 
     # 2. Wrap: the method (LoRA on the targets by default), checkpointing on.
     method_settings = choose_method(model, args, task="code")
@@ -141,11 +171,12 @@ def main():
     else:
         model.eval()
         with autocast(), minipeft.disabled(model):  # learned prompts would count from their start
-            before = {"heldout_loss": heldout_loss(model, heldout, device, world=world),
-                      "samples": generations(model, tokenizer, separator, args.new_tokens, args.seed)
-                      if world.main else None}
-        loss = before["heldout_loss"]
-        print(f"held-out loss before: {loss:.4f} (perplexity {math.exp(loss):.2f}) on {len(heldout)} samples")
+            before = {"heldout_loss": heldout_loss(model, heldout, device, world=world, progress="held-out loss"),
+                      "samples": generations(model, tokenizer, separator, args.new_tokens, args.seed, "before")
+                      if world.main and not args.no_samples else None}
+        if before["heldout_loss"] is not None:
+            loss = before["heldout_loss"]
+            print(f"held-out loss before: {loss:.4f} (perplexity {math.exp(loss):.2f}) on {len(heldout)} samples")
 
     # 4. Train. Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and exits.
     model.train()
@@ -168,39 +199,52 @@ def main():
     # 5. After: the same held-out set and prompts, the adapter, the report (rank 0).
     model.eval()
     with autocast():
-        loss_after = heldout_loss(model, heldout, device, world=world)
+        loss_after = heldout_loss(model, heldout, device, world=world, progress="held-out loss")
         parallel.close()
         if not world.main:
             return
-        after = generations(model, tokenizer, separator, args.new_tokens, args.seed)
+        after = (generations(model, tokenizer, separator, args.new_tokens, args.seed, "after")
+                 if before["samples"] else None)
     minipeft.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.weights))
     report(args, run, params, before, loss_after, after, corpus, len(train), len(heldout), settings,
            base_unchanged=minipeft.base_fingerprint(model) == fingerprint)
+
+
+def method_settings_used(args) -> dict:
+    """The method's settings as it ran (its defaults filled in by choose_method)."""
+    return {flag: getattr(args, flag) for flag in CHOICES[args.method].settings}
 
 
 def report(args, run, params, before, loss_after, after, corpus, train_samples, heldout_samples, settings,
            base_unchanged):
     """The held-out loss before and after, samples.md, report.json and loss.png."""
     out = run.out
-    print(f"held-out loss: before {before['heldout_loss']:.4f} -> after {loss_after:.4f} "
-          f"(perplexity {math.exp(before['heldout_loss']):.2f} -> {math.exp(loss_after):.2f})")
-    write_samples(out / "samples.md", [(p, mode, before["samples"][mode][i], after[mode][i])
-                                       for i, p in enumerate(PROMPTS) for mode in ("greedy", "sampled")])
-    for prompt, text in zip(PROMPTS, after["greedy"]):
-        print(f"--- after, greedy, {prompt!r}:\n{text}")
+    wrote = [out / "adapter", out / "report.json", out / "metrics.jsonl", out / "checkpoint.safetensors"]
+    if loss_after is not None:
+        print(f"held-out loss: before {before['heldout_loss']:.4f} -> after {loss_after:.4f} "
+              f"(perplexity {math.exp(before['heldout_loss']):.2f} -> {math.exp(loss_after):.2f})")
+    if after:
+        write_samples(out / "samples.md", [(p, mode, before["samples"][mode][i], after[mode][i])
+                                           for i, p in enumerate(PROMPTS) for mode in ("greedy", "sampled")])
+        wrote.append(out / "samples.md")
+        for prompt, text in zip(PROMPTS, after["greedy"]):
+            print(f"--- after, greedy, {prompt!r}:\n{text}")
+    perplexity = lambda loss: math.exp(loss) if loss is not None else None
     result = {"model": str(args.weights), "method": args.method, **params, "steps": run.step,
               "tokens_seen": run.tokens_seen, "seconds": round(run.seconds, 1),
               "tokens_per_second": run.tokens_seen / max(run.seconds, 1e-9),
               "peak_memory_mb": round(peak_memory_mb(run.device), 1), "device": str(run.device),
               "heldout_loss_before": before["heldout_loss"], "heldout_loss_after": loss_after,
-              "heldout_perplexity_before": math.exp(before["heldout_loss"]),
-              "heldout_perplexity_after": math.exp(loss_after), "heldout_samples": heldout_samples,
-              "train_samples": train_samples, "data_counts": dict(corpus.counts), "settings": settings,
+              "heldout_perplexity_before": perplexity(before["heldout_loss"]),
+              "heldout_perplexity_after": perplexity(loss_after), "heldout_samples": heldout_samples,
+              "train_samples": train_samples, "data_counts": dict(corpus.counts),
+              "settings": {**settings, **method_settings_used(args), "lr": args.lr},
               "base_unchanged": base_unchanged}
     write_report(out / "report.json", result)
-    plot_losses(out / "loss.png", {"train": ([m["step"] for m in run.metrics], [m["loss"] for m in run.metrics])},
-                f"code: {args.method}")
-    print(f"wrote {out}/ (adapter, report.json, samples.md, metrics.jsonl); base unchanged: {base_unchanged}")
+    if plot_losses(out / "loss.png", {"train": ([m["step"] for m in run.metrics], [m["loss"] for m in run.metrics])},
+                   f"code: {args.method}"):
+        wrote.append(out / "loss.png")
+    print(f"wrote {', '.join(str(path) for path in wrote if path.exists())}; base unchanged: {base_unchanged}")
 
 
 if __name__ == "__main__":

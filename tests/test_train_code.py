@@ -7,7 +7,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from minipeft.train.method_choice import CHOICES
+from minipeft.train.method_choice import CHOICES, LORA_SETTINGS
 from tests.helpers import losses, train_code
 
 
@@ -24,9 +24,14 @@ def test_short_run_lowers_loss_and_writes_every_field(default_weights, code_data
     train = losses(tmp_path)
     assert sum(train[-3:]) / 3 < sum(train[:3]) / 3
     assert report["heldout_loss_after"] < report["heldout_loss_before"]
-    assert "| <code>'import'</code> | greedy |" in (tmp_path / "samples.md").read_text()
+    assert "## 'import', greedy\n\nbefore:\n\n```\nimport" in (tmp_path / "samples.md").read_text()
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8
+    used = report["settings"]  # the settings as they ran, the method's defaults filled in
+    assert (used["r"], used["alpha"], used["lr"]) == (8, 16, 3e-3) and used["targets"] == LORA_SETTINGS["targets"]
+    wrote = result.stdout.strip().splitlines()[-1]
+    for name in ("adapter", "report.json", "metrics.jsonl", "checkpoint.safetensors", "samples.md", "loss.png"):
+        assert str(tmp_path / name) in wrote, (name, wrote)
 
 
 def test_interrupted_and_resumed_run_equals_straight_run(default_weights, code_data, tmp_path):

@@ -10,6 +10,7 @@ import itertools
 import torch
 
 from ..errors import BadInput
+from ..progress import Progress
 from .model import KVCache
 
 
@@ -28,7 +29,8 @@ def choose_next(logits, temperature: float, top_p: float, generator):
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed=None, eos_id=None):
+def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed=None, eos_id=None,
+             progress=False):
     """Continue each prompt (a list of token ids); return the new ids per prompt, without EOS.
 
     Args:
@@ -38,6 +40,7 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed
         seed: makes sampling repeatable.
         eos_id: generation of a sequence stops at this token, or at any of a list of them (default: the
             model config's eos_token_id, which Llama 3 instruct gives as a list).
+        progress: a label, to show the tokens made and the time left on stdout (minipeft/progress.py).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise BadInput("generate: every prompt needs at least one token")
@@ -58,12 +61,17 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     new_tokens = []
+    shown = Progress(progress, max_new_tokens, unit="tokens", scale=1) if progress else None
     for _ in range(max_new_tokens):
+        if shown:
+            shown.advance(1)
         next_ids = choose_next(logits, temperature, top_p, generator)  # (B,)
         new_tokens.append(next_ids.masked_fill(finished, -1))  # -1: after this row's end
         finished |= torch.isin(next_ids, stop)
         if finished.all():
             break
         logits = model(next_ids[:, None], cache=cache, last_only=True)[:, -1]
+    if shown:
+        shown.close()
     rows = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
     return [list(itertools.takewhile(lambda token: token not in stop_ids and token != -1, row)) for row in rows]

@@ -12,6 +12,7 @@ import resource
 import torch
 
 from ..errors import BadInput
+from ..progress import Progress
 from .batches import pad_batch
 from .distributed import World, total
 
@@ -68,15 +69,25 @@ def micro_batch_seed(seed: int, step: int, index: int) -> int:
 
 
 @torch.no_grad()
-def heldout_loss(model, samples, device, batch_size=8, world=None) -> float:
+def heldout_loss(model, samples, device, batch_size=8, world=None, progress=False) -> float | None:
     """Mean next-token NLL over every held-out token (each rank of a `world` takes its share of the batches),
-    in the caller's compute dtype (its autocast, if any)."""
+    in the caller's compute dtype (its autocast, if any); None without samples. `progress`: a label, to show
+    the samples scored and the time left (on rank 0)."""
     world = world or World()
+    if not samples:
+        return None
     loss_sum, count = 0.0, 0
-    for start in range(world.rank * batch_size, len(samples), world.size * batch_size):
+    starts = range(world.rank * batch_size, len(samples), world.size * batch_size)
+    shown = Progress(progress, len(starts), unit="batches", scale=1) if progress and world.main else None
+    for start in starts:
         ids, mask, labels = pad_batch(samples[start:start + batch_size], device)
         loss = model.loss(ids, labels, attention_mask=mask, reduction="sum")
-        loss_sum, count = loss_sum + loss.item(), count + scored_tokens(labels)
+        loss_sum += loss.item()
+        count += scored_tokens(labels)
+        if shown:
+            shown.advance(1)
+    if shown:
+        shown.close()
     return total(loss_sum, world, device) / total(count, world, device)
 
 

@@ -53,7 +53,7 @@ def plot_losses(path, series: dict, title: str):
         import matplotlib.pyplot as plt
     except ImportError:
         print(f"(matplotlib not installed: no {Path(path).name})")
-        return
+        return False
     figure, axes = plt.subplots(figsize=(7, 4))
     for label, (steps, values) in series.items():
         axes.plot(steps, values, label=label)
@@ -63,16 +63,17 @@ def plot_losses(path, series: dict, title: str):
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return True
 
 
 def write_samples(path, rows):
-    """samples.md: a before/after table of generations. rows: (prompt, mode, before, after)."""
-    def cell(text):
-        text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "&#124;")
-        return "<code>" + text.replace("\n", "<br>").replace(" ", "&nbsp;") + "</code>"
-
-    lines = ["# Generations before and after LoRA training", "",
-             "| prompt | decoding | before | after |", "| --- | --- | --- | --- |"]
-    lines += [f"| {cell(repr(prompt))} | {mode} | {cell(before)} | {cell(after)} |"
-              for prompt, mode, before, after in rows]
-    write_atomically(path, ("\n".join(lines) + "\n").encode())
+    """samples.md: each prompt's generation before and after training, as plain fenced blocks that read the same
+    in a terminal and in a Markdown viewer. rows: (prompt, mode, before, after)."""
+    fence = "```"
+    lines = ["# Generations before and after training", ""]
+    for prompt, mode, before, after in rows:
+        while fence in before or fence in after:
+            fence += "`"
+        lines += [f"## {prompt!r}, {mode}", "", "before:", "", fence, before, fence, "", "after:", "", fence, after,
+                  fence, ""]
+    write_atomically(path, "\n".join(lines).encode())

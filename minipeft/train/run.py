@@ -35,21 +35,22 @@ def read_metrics(path):
     return records
 
 
-def check_resume(out, world, resume: bool, settings: dict):
+def check_resume(out, world, resume: bool, settings: dict, may_grow=()):
     """The output directory, checked before anything loads: free (or, to resume, holding a checkpoint of a
-    run with the same settings). Rank 0 alone prepares it."""
+    run with the same settings, but those named in may_grow, which may be larger). Rank 0 alone prepares it."""
     out = prepare_output_dir(out, need_bytes=64 * 2**20) if world.main else Path(out)
     if resume and not (out / CHECKPOINT_FILE).is_file():
         raise BadInput(f"--resume: no checkpoint at {out / CHECKPOINT_FILE}; run without --resume to start")
     if resume:  # refused here, once, before any process waits on another
-        check_resume_settings(out / CHECKPOINT_FILE, settings)
+        check_resume_settings(out / CHECKPOINT_FILE, settings, may_grow=may_grow, say=world.main)
     return out
 
 
 class Run:
-    def __init__(self, out, world, device, save_every: int):
+    def __init__(self, out, world, device, save_every: int, may_grow=()):
         self.out, self.world, self.device, self.save_every = out, world, device, save_every
         self.step, self.tokens_seen, self.seconds, self.metrics, self.before = 0, 0, 0.0, [], None
+        self.may_grow = may_grow  # settings a resume may make larger (--max-steps)
         self.requested = []  # times of Ctrl-C / SIGTERM
         self.stopped = False
         self.exits = ExitStack()
@@ -57,7 +58,7 @@ class Run:
     def resume(self, model, optimizer, scheduler, batches, settings):
         """Load the checkpoint into them and return what the interrupted run measured before training."""
         path = self.out / CHECKPOINT_FILE
-        state = load_checkpoint(path, model, optimizer, scheduler, batches, self.device, settings)
+        state = load_checkpoint(path, model, optimizer, scheduler, batches, self.device, settings, self.may_grow)
         self.step, self.tokens_seen, self.seconds = state["step"], state["tokens_seen"], state["seconds"]
         self.metrics = [m for m in read_metrics(self.out / "metrics.jsonl") if m["step"] <= self.step]
         print(f"resumed at step {self.step}")

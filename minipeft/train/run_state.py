@@ -69,24 +69,41 @@ def changed_settings(saved: dict, settings: dict) -> list[str]:
              "micro_batches_per_step": f"the micro-batches per step, processes x --accum "
                                        f"({saved.get('micro_batches_per_step')} in the checkpoint, "
                                        f"{settings.get('micro_batches_per_step')} here)"}
-    return [names.get(k, "--" + k.replace("_", "-")) for k in settings if saved.get(k, "missing") != settings[k]]
+    return [names.get(k, f"--{k.replace('_', '-')} ({saved.get(k, 'missing')!r} in the checkpoint, {settings[k]!r} "
+                         f"here)") for k in settings if saved.get(k, "missing") != settings[k]]
 
 
-def check_resume_settings(path, settings, state=None):
-    """Refuse, by name, a resume whose settings differ from the checkpoint's (`state`, or read from `path`)."""
+def checkpoint_settings(path) -> dict:
+    return read_checkpoint(path)[0].get("settings") or {}
+
+
+def check_resume_settings(path, settings, state=None, may_grow=(), say=True):
+    """Refuse, by name and with both values, a resume whose settings differ from the checkpoint's (`state`, or
+    read from `path`). Those named in `may_grow` (--max-steps) may be larger: the run goes on further, which
+    is said in one line; smaller than the checkpoint's step is refused."""
     state = state if state is not None else read_checkpoint(path)[0]
-    changed = changed_settings(state.get("settings") or {}, settings)
+    saved = state.get("settings") or {}
+    changed = changed_settings(saved, {k: v for k, v in settings.items() if k not in may_grow})
     if changed:
-        raise BadInput(f"--resume: {', '.join(changed)} differ from the checkpoint's; use the same settings "
-                       f"or a new --out")
+        raise BadInput(f"--resume: {', '.join(changed)} differ; use the same settings or a new --out")
+    step = state.get("step", 0)
+    for name in may_grow:
+        flag, value, before = "--" + name.replace("_", "-"), settings[name], saved.get(name, settings[name])
+        if value < step:
+            raise BadInput(f"--resume: {flag} {value} is below the checkpoint's step {step} (its run had {flag} "
+                           f"{before}); give at least {step}")
+        if value != before and say:
+            print(f"note: {flag} {value} instead of the checkpoint's {before}: from step {step} the learning rate "
+                  f"follows the schedule of a {value}-step run (the same warmup, then cosine decay to 0 at step "
+                  f"{value})")
 
 
-def load_checkpoint(path, model, optimizer, scheduler, batches, device, settings=None) -> dict:
+def load_checkpoint(path, model, optimizer, scheduler, batches, device, settings=None, may_grow=()) -> dict:
     """Put the checkpoint's adapter, optimizer, scheduler, RNG and data position back; return its state.
 
     `settings` that change the result must equal the checkpoint's; a mismatch is refused by name."""
     state, tensors = read_checkpoint(path)
-    check_resume_settings(path, settings or {}, state)
+    check_resume_settings(path, settings or {}, state, may_grow, say=False)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if state.get("trainable_names") != list(trainable):
         raise BadInput(f"{path}: its trainable tensors do not match this model's "
