@@ -37,7 +37,7 @@ PROMPTS = ["", "import", "from", "while", "try", "if", "for", "torch"]
 # Every setting that changes the result: a resume with any of them changed is refused by name.
 # Under torchrun the number of processes may change, as long as processes x --accum (micro_batches_per_step) does not.
 RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "method", *FLAGS, "lr", "seq_len", "batch", "warmup",
-                     "seed", "dtype", "no_4bit", "device", "max_chars", "no_packing")
+                     "seed", "dtype", "no_4bit", "device", "max_chars", "no_packing", "heldout_max")
 RESUME_MAY_GROW = ("max_steps",)  # a longer run: the cosine schedule stretches to the new end
 
 
@@ -52,7 +52,7 @@ def build_parser():
     add("--max-steps", type=int, default=200, help="optimizer steps (default: %(default)s)")
     add("--lr", type=float, help="peak AdamW learning rate (default: the method's; 1e-3 for lora)")
     add("--warmup", type=int, help="linear warmup steps before cosine decay; more than --max-steps are cut to it "
-                                  "(default: 10, or --max-steps if fewer; on --resume, the checkpoint's)")
+                                   "(default: 10, or --max-steps if fewer; on --resume, the checkpoint's)")
     add_method_arguments(parser, default_method="lora")
     add("--seq-len", type=int, default=512, help="tokens per packed row, and the most kept of a sample: longer ones "
                                                  "are cut (default: %(default)s)")
@@ -204,7 +204,7 @@ def main():
         if not world.main:
             return
         after = (generations(model, tokenizer, separator, args.new_tokens, args.seed, "after")
-                 if before["samples"] else None)
+                 if before["samples"] and not args.no_samples else None)
     minipeft.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.weights))
     report(args, run, params, before, loss_after, after, corpus, len(train), len(heldout), settings,
            base_unchanged=minipeft.base_fingerprint(model) == fingerprint)

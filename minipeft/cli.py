@@ -206,8 +206,7 @@ def command_count(args):
 
 
 def build_parser():
-    parser = ArgumentParser(prog="minipeft", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="minipeft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="answer prompts, each with its own adapter, in one batch")
     gen.add_argument("--weights", default=str(DEFAULT_DIR), help="HF-layout Llama directory (default: %(default)s)")

@@ -125,3 +125,22 @@ def test_prompt_tuning_init_is_saved_as_asked(tmp_path, init, peft_init, default
     loaded = load_model(default_weights)
     minipeft.load_adapter(loaded, tmp_path / "adapter")
     assert saved_config(loaded, tmp_path / "again") == config  # a round trip keeps the settings
+
+
+def test_attach_refuses_a_taken_slot_before_changing_anything(tmp_path):
+    """A second LoRA on q_proj in the same adapter is refused, and k_proj, asked for in the same call, stays bare:
+    attach() checks every slot before it places any wrapper."""
+    from minipeft.methods.placing import slot_names
+    from minipeft.methods.named_adapters import wrappers
+
+    write_hf_checkpoint(tmp_path)
+    model = load_model(tmp_path)
+    add_lora(model, ["q"])
+    before = sorted(slot_names(model))
+    with pytest.raises(BadInput, match="model.layers.0.self_attn.q_proj already has a LoRALayer in adapter 'default'"):
+        add_lora(model, ["k", "q"])
+    assert sorted(slot_names(model)) == before and not any(n.endswith("k_proj") for n, _ in wrappers(model))
+    minipeft.add_ia3(model, ["down"], feedforward=[], name="ia3")
+    with pytest.raises(BadInput, match="down_proj already has a IA3Layer"):  # its feedforward kind: the same method
+        minipeft.add_ia3(model, ["down"], name="ia3")
+    assert add_lora(model, ["k", "q"], name="other") == 4  # another adapter stacks on the same slots

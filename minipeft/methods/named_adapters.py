@@ -74,8 +74,6 @@ def row_mask(module, batch_size: int, device) -> torch.Tensor:
     return torch.zeros(batch_size, dtype=torch.bool, device=device).index_fill(0, rows, True)
 
 
-
-
 def prepended_on_own_rows(module, inner, adapt):
     """Learned prompts in a batch: adapt(y) puts a wrapper's P positions in front of y (B, T, D). `inner` is what
     the wrapped module gave: (B, T, D), or another adapter's (B, P' + T, D) with which of its P' positions

@@ -84,9 +84,9 @@ def linears_named(model, targets, every_name_must_match=False, argument="targets
 def check_free(model, slot: str, name: str, wrapper):
     """Refuse a second wrapper of the same method (a class, its subclass or its parent) and adapter name on
     one slot."""
-    kind = type(wrapper)
-    taken = [m for s, m in adapters_named(model, name, nn.Module).items() if s == slot
-             and (isinstance(m, kind) or isinstance(wrapper, type(m)))]
+    slots = slot_names(model)
+    taken = [m for n, m in wrappers(model) if slots[n] == slot and m.adapter_name == name
+             and (isinstance(m, type(wrapper)) or isinstance(wrapper, type(m)))]
     if taken:
         raise BadInput(f"{slot} already has a {type(taken[0]).__name__} in adapter {name!r}; give the new one "
                        f"another name (name=...)")
