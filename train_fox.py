@@ -22,7 +22,8 @@ from minipeft.llama.loader import check_device
 from minipeft.train.distributed import (DataParallelLoss, collective_failure, start_processes,
                                         world_from_environment)
 from minipeft.train.method_choice import add_method_arguments, choose_method
-from minipeft.train.reporting import check_positive, check_weights, plot_losses, prepare_output_dir, write_report
+from minipeft.train.reporting import (check_positive, check_weights, plot_losses, prepare_output_dir,
+                                      prompt_neighbours, write_report)
 
 TARGET = "A quick brown fox did not jump over the lazy dog. Besides, that dog deserved it anyway!"
 PROMPT = "A quick brown fox"
@@ -112,6 +113,9 @@ def main():
     print(f"after, without {args.method}: {PROMPT!r} -> {after_without!r}")
     for text, result in variants.items():
         print(f"variant, with {args.method}:  {text!r} -> {result!r}")
+    neighbours = prompt_neighbours(model, tokenizer)  # prompt tuning and LoPT: what each learned vector means
+    for i, row in enumerate(neighbours):
+        print(f"prompt {i:2d} is nearest to " + ", ".join(f"{token!r} ({cosine:.2f})" for token, cosine in row))
 
     minipeft.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.weights))
     base_unchanged = minipeft.base_fingerprint(model) == fingerprint
@@ -120,7 +124,8 @@ def main():
               "final_loss": losses[-1], "reached_target": losses[-1] <= args.target_loss, "seconds": round(seconds, 1),
               "device": str(device), "quantize": None if args.no_4bit else "nf4", "before": before, "after": after,
               "after_without_adapter": after_without, "variants_with_adapter": variants,
-              "base_unchanged": base_unchanged, "losses": losses}
+              "base_unchanged": base_unchanged, "losses": losses,
+              "nearest_tokens": neighbours}
     write_report(out / "report.json", report)
     plot_losses(out / "loss.png", {"train": (list(range(1, len(losses) + 1)), losses)}, f"fox: {args.method}")
     print(f"{'reached' if report['reached_target'] else 'did not reach'} loss {args.target_loss} in {len(losses)} "

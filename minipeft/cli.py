@@ -9,6 +9,8 @@
         checkpoint any stack can serve
     minipeft count --config llama-7b --method lora --r 8
         the parameter report, on the meta device: no weights are read
+    minipeft nearest --adapter runs/fox/adapter
+        what each learned prompt vector means: its nearest vocabulary tokens, by cosine
 
 Mistakes (an unknown adapter name, an adapter for another base, a method that cannot merge) end with one
 line naming them, and exit code 2.
@@ -31,7 +33,8 @@ from .llama.config import LlamaConfig
 from .llama.default_model import DEFAULT_DIR
 from .llama.generate import generate
 from .llama.loader import build_model, load, load_model
-from .llama.tokenizer import chat_ids
+from .llama.loader import read_named_tensor
+from .llama.tokenizer import chat_ids, load_tokenizer
 from .llama.quant import dequantize, is_4bit
 from .methods.named_adapters import set_adapter
 from .methods.counting import count_parameters
@@ -41,6 +44,7 @@ from .methods.merging import merge
 from .methods.named_adapters import wrappers
 from .methods.placing import slot_names
 from .train.method_choice import add_method_arguments, choose_method
+from .train.reporting import check_weights, prompt_neighbours
 
 PRESETS = {"llama-7b": LlamaConfig()}  # the dataclass defaults are Llama-2-7B
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -196,6 +200,25 @@ def command_merge(args):
           f"merging {error:.2e}")
 
 
+def command_nearest(args):
+    """Each learned prompt vector's nearest vocabulary tokens: only config.json, the vocabulary embedding and the
+    tokenizer are read (the rest of the model stays on the meta device, unread)."""
+    weights = check_weights(args.weights)
+    if args.k < 1:
+        raise BadInput(f"--k: expected a positive integer, got {args.k}")
+    model = build_model(LlamaConfig.from_json(weights / "config.json"))
+    model.model.embed_tokens = nn.Embedding.from_pretrained(read_named_tensor(weights, "model.embed_tokens.weight"))
+    tokenizer = load_tokenizer(weights)
+    peft_type = formats.load_adapter(model, args.adapter)["peft_type"]
+    neighbours = prompt_neighbours(model, tokenizer, args.k)
+    if not neighbours:
+        raise BadInput(f"--adapter {args.adapter}: a {peft_type} adapter learns no vectors in the token embedding "
+                       f"space; nearest reads prompt tuning and LoPT adapters")
+    print(f"nearest vocabulary tokens by cosine, for each of the {len(neighbours)} learned prompts of {args.adapter}:")
+    for i, row in enumerate(neighbours):
+        print(f"{i:3d}  " + "  ".join(f"{token!r} {cosine:.2f}" for token, cosine in row))
+
+
 def command_count(args):
     config = PRESETS.get(args.config) or LlamaConfig.from_json(Path(args.config) / "config.json")
     model = build_model(config)
@@ -233,6 +256,10 @@ def build_parser():
     mer.add_argument("--4bit", dest="four_bit", action=argparse.BooleanOptionalAction,
                      help="merge into the dequantized NF4 base, or the full-precision one (--no-4bit). Default: "
                           "the base the adapter was trained on (its file says)")
+    near = commands.add_parser("nearest", help="each learned prompt vector's nearest vocabulary tokens")
+    near.add_argument("--weights", default=str(DEFAULT_DIR), help="the base (default: %(default)s)")
+    near.add_argument("--adapter", required=True, help="a prompt tuning or LoPT adapter directory")
+    near.add_argument("--k", type=int, default=5, help="tokens per prompt vector (default: %(default)s)")
     cnt = commands.add_parser("count", help="trainable and total numbers of a method, without loading weights")
     cnt.add_argument("--config", default="llama-7b", help="a directory with config.json, or llama-7b (default)")
     add_method_arguments(cnt, default_method="lora")
@@ -252,7 +279,8 @@ def prompts_as_values(argv: list) -> list:
 
 def main(argv=None):
     args = build_parser().parse_args(prompts_as_values(sys.argv[1:] if argv is None else list(argv)))
-    commands = {"generate": command_generate, "merge": command_merge, "count": command_count}
+    commands = {"generate": command_generate, "merge": command_merge, "count": command_count,
+                "nearest": command_nearest}
     run_cli(lambda: commands[args.command](args))
 
 

@@ -22,6 +22,7 @@ METHODS = {
     "prefix": lambda m: minipeft.add_prefix_tuning(m, num_prompts=3),
     "prefix_projection": lambda m: minipeft.add_prefix_tuning(m, num_prompts=3, projection_hidden=16, init="random"),
     "prompt": lambda m: minipeft.add_prompt_tuning(m, num_prompts=3),
+    "lopt": lambda m: minipeft.add_lopt(m, num_prompts=3, r=2),
 }
 
 

@@ -19,6 +19,7 @@ ADD = {
     "bottleneck": lambda m, name: minipeft.add_bottleneck_adapters(m, bottleneck_size=8, name=name),
     "prefix": lambda m, name: minipeft.add_prefix_tuning(m, num_prompts=3 if name == "fox" else 5, name=name),
     "prompt": lambda m, name: minipeft.add_prompt_tuning(m, num_prompts=4 if name == "fox" else 2, name=name),
+    "lopt": lambda m, name: minipeft.add_lopt(m, num_prompts=4 if name == "fox" else 3, r=2, name=name),
 }
 ROWS = ["fox", "code", None, "code"]
 
@@ -63,7 +64,7 @@ def batch():
 
 
 @pytest.mark.parametrize("first, second", [(m, m) for m in ADD] + [("prompt", "lora"), ("prefix", "ia3"),
-                                                                    ("bottleneck", "prompt")])
+                                                                    ("bottleneck", "prompt"), ("lopt", "prompt")])
 def test_each_row_gets_what_it_gets_alone(base, tmp_path, first, second):
     model = two_adapters(base, first, second)
     save_adapter(model, tmp_path)

@@ -28,6 +28,8 @@ def test_short_fox_run_writes_report_and_lowers_loss(default_weights, tmp_path):
     assert report["steps"] == 6 and report["losses"][-1] < report["losses"][0]
     assert report["base_unchanged"] is True
     assert report["after_without_adapter"] == report["before"]  # the frozen base answers as before
+    assert len(report["nearest_tokens"]) == 16 and all(len(row) == 5 for row in report["nearest_tokens"])
+    assert "prompt 15 is nearest to " in result.stdout
 
     # The adapter is peft's layout and reproduces the trained prompt's loss in a fresh model.
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())

@@ -3,8 +3,9 @@
     adapter_config.json          {"peft_type": "LORA", ...} or {"peft_type": "PROMPT_TUNING", ...}
     adapter_model.safetensors    the method's tensors, named as peft names them
 
-Each method's keys and tensor names are one entry in peft.py (bottleneck adapters, which peft lacks, in
-bottleneck.py); this module finds the entry by `peft_type`, checks that the tensors fit the base, and
+Each method's keys and tensor names are one entry in peft.py (bottleneck adapters and LoPT, which peft
+lacks, in bottleneck.py and lopt.py); this module finds the entry by `peft_type`, checks that the tensors fit
+the base, and
 writes atomically, so an adapter trained here loads in peft (and the serving stacks that read peft's
 files), and one trained with peft loads here.
 
@@ -23,9 +24,10 @@ from safetensors.torch import save as save_safetensors_bytes
 from ..errors import BadInput
 from ..files import write_atomically
 from .bottleneck import BOTTLENECK
+from .lopt import LOPT
 from .peft import FORMATS as PEFT_FORMATS
 
-FORMATS = {entry.peft_type: entry for entry in [*PEFT_FORMATS, BOTTLENECK]}  # BOTTLENECK is minipeft's own
+FORMATS = {entry.peft_type: entry for entry in [*PEFT_FORMATS, BOTTLENECK, LOPT]}  # the last two are minipeft's own
 BY_SETTINGS = {entry.settings: entry for entry in FORMATS.values()}  # a method's settings class -> its format
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 

@@ -115,6 +115,20 @@ def read_tensor(f, path, name, entry, data_start) -> torch.Tensor:
     return data.view(dtype).reshape(shape)
 
 
+def read_named_tensor(weights_dir, name: str) -> torch.Tensor:
+    """One tensor of a checkpoint, read alone from the file that holds it (the vocabulary, for instance)."""
+    for path in safetensors_files(Path(weights_dir)):
+        try:
+            with open(path, "rb") as f:
+                header_length = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(header_length))
+                if name in header:
+                    return read_tensor(f, path, name, header[name], 8 + header_length)
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+            raise BadInput(f"{path}: not a readable safetensors file ({e})") from None
+    raise BadInput(f"{weights_dir}: no tensor named {name} in its safetensors files")
+
+
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor):
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)

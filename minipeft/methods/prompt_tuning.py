@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import BadInput
 from .contract import Prepends, attach
@@ -42,9 +43,12 @@ class WordEmbeddingsWithLearnedPrompts(Prepends):
     def weight(self):  # the vocabulary matrix, for lookups that must not prepend (cached decoding)
         return self.word_embeddings.weight
 
+    def prompts(self) -> torch.Tensor:
+        return self.learned_prompts  # (P, D)
+
     def adapt_output(self, input_ids, tokens):
         """The learned prompts in front of the tokens' embeddings (B, T, D): (B, P + T, D)."""
-        prompts = self.learned_prompts.to(tokens.dtype).expand(len(tokens), -1, -1)  # (B, P, D)
+        prompts = self.prompts().to(tokens.dtype).expand(len(tokens), -1, -1)  # (B, P, D)
         return torch.cat([prompts, tokens], dim=1)
 
 
@@ -70,6 +74,14 @@ def initial_prompts(embedding, num_prompts, init, init_text, tokenizer, generato
     ids = tokenizer.encode(init_text, add_bos=False)
     ids = (ids * (num_prompts // max(len(ids), 1) + 1))[:num_prompts]  # repeated, then cut to P
     return vocab[torch.tensor(ids)].float()
+
+
+def nearest_tokens(prompts: torch.Tensor, vocabulary: torch.Tensor, k: int = 5):
+    """What a learned prompt means, read off the vocabulary: for each of the P vectors, the k rows of the
+    vocabulary embedding (V, D) nearest by cosine. Lester et al. found a trained prompt's neighbours form tight
+    semantic clusters. Returns (similarities (P, k), token ids (P, k)), nearest first."""
+    cosine = F.normalize(prompts.float(), dim=-1) @ F.normalize(vocabulary.float(), dim=-1).T  # (P, V)
+    return cosine.topk(k, dim=-1)
 
 
 def add_prompt_tuning(model, num_prompts=16, init="vocab", init_text=None, tokenizer=None, seed=0, name="default"):

@@ -14,6 +14,7 @@ from ..llama.loader import build_model
 from .bitfit import add_bitfit
 from .bottleneck import add_bottleneck_adapters
 from .ia3 import add_ia3
+from .lopt import add_lopt
 from .lora import add_lora
 from .prefix_tuning import add_prefix_tuning
 from .prompt_tuning import add_prompt_tuning
@@ -29,6 +30,8 @@ SHAPES = {
 ROWS = [
     ("prompt tuning, 20 tokens", "20 vectors in front of the input embeddings",
      lambda m: add_prompt_tuning(m, 20, init="random")),
+    ("LoPT, 20 tokens, r = 4", "20 vectors in front of the input embeddings, as the product of 20 x 4 and 4 x D",
+     lambda m: add_lopt(m, 20, 4)),
     ("prefix tuning, 20 tokens", "20 keys and values in every layer",
      lambda m: add_prefix_tuning(m, 20, init="zero")),
     ("adapters (Houlsby), dim 64", "after attention and after the MLP of every layer, with biases",

@@ -11,6 +11,7 @@ from ..errors import BadInput
 from ..methods.bitfit import BLOCK_LINEARS, add_bitfit
 from ..methods.bottleneck import add_bottleneck_adapters
 from ..methods.ia3 import add_ia3
+from ..methods.lopt import add_lopt
 from ..methods.lora import add_lora
 from ..methods.prefix_tuning import add_prefix_tuning
 from ..methods.prompt_tuning import add_prompt_tuning
@@ -44,8 +45,11 @@ CHOICES = {
                      {"num_prompts": 16, "projection_hidden": None}, {"code": 1e-2, "fox": 1e-2}),
     "prompt": Choice(lambda m, s, seed: add_prompt_tuning(m, s["num_prompts"], init="vocab", seed=seed),
                      {"num_prompts": 16}, {"code": 1e-2, "fox": 1e-2}),
+    "lopt": Choice(lambda m, s, seed: add_lopt(m, s["num_prompts"], s["r"], seed=seed),
+                   {"num_prompts": 16, "r": 4}, {"code": 1e-2, "fox": 1e-2}),
 }
-FLAG_HELP = {"r": "LoRA rank", "alpha": "LoRA alpha; the update is scaled by alpha / r",
+FLAG_HELP = {"r": "rank: of LoRA's B A, or of LoPT's prompt matrix U V",
+             "alpha": "LoRA alpha; the update is scaled by alpha / r",
              "dropout": "LoRA dropout", "targets": "comma-separated linears to wrap",
              "num_prompts": "learned positions in front of the text (or of every layer's keys and values)",
              "projection_hidden": "prefix tuning's reparameterisation MLP width (None: no MLP)",

@@ -4,9 +4,13 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from ..errors import BadInput
 from ..files import write_atomically
 from ..llama.default_model import DEFAULT_DIR, PREPARE_COMMAND
+from ..methods.named_adapters import wrappers
+from ..methods.prompt_tuning import nearest_tokens
 
 
 def check_positive(**values):
@@ -64,6 +68,19 @@ def plot_losses(path, series: dict, title: str):
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return True
+
+
+def prompt_neighbours(model, tokenizer, k=5) -> list[list[tuple[str, float]]]:
+    """For each learned prompt vector on the model (prompt tuning, LoPT), its k nearest vocabulary tokens by
+    cosine, as (token text, cosine): what the vector means, read off the vocabulary. [] without learned prompts."""
+    found = [module for _, module in wrappers(model) if hasattr(module, "prompts")]
+    neighbours = []
+    with torch.no_grad():
+        for module in found:
+            cosine, ids = nearest_tokens(module.prompts(), model.model.embed_tokens.weight, k)
+            neighbours += [[(tokenizer.decode([t]), round(c, 4)) for t, c in zip(row_ids, row_cos)]
+                           for row_ids, row_cos in zip(ids.tolist(), cosine.tolist())]
+    return neighbours
 
 
 def write_samples(path, rows):
