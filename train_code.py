@@ -119,7 +119,7 @@ def check_arguments(args):
 
 def resolved_warmup(args) -> int:
     """--warmup as given, at most --max-steps; else, resuming, the checkpoint's; else 10, or --max-steps if fewer."""
-    if args.warmup is not None and args.warmup > args.max_steps and not args.resume:
+    if args.warmup is not None and args.warmup > args.max_steps:
         print(f"note: --warmup {args.warmup} is longer than --max-steps {args.max_steps}, so the learning rate would "
               f"never reach --lr: warming up over {args.max_steps} steps instead")
         return args.max_steps

@@ -91,7 +91,8 @@ def test_no_shared_list_of_methods_outside_the_one_table():
         assert "isinstance(m, LoRALayer)" not in text or path.name == "lora.py", path
 
 
-METHOD_FILES = ("lora", "dora", "ia3", "bitfit", "bottleneck", "prompt_tuning", "prefix_tuning", "lopt")
+METHOD_FILES = ("lora", "dora", "ia3", "bitfit", "bottleneck", "prompt_tuning", "prefix_tuning", "lopt",
+                "task_head")
 
 
 def test_a_method_file_holds_its_method_and_no_routing():

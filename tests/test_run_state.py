@@ -83,14 +83,16 @@ def test_a_checkpoint_of_another_run_is_refused_by_name(finished_run, tmp_path, 
         assert result.stderr.startswith(f"error: --resume: {named}") and len(result.stderr.strip().splitlines()) == 1
 
 
-FREE_ON_RESUME = ("out", "resume", "save_every", "new_tokens")  # where files go, and the samples shown after
+FREE_ON_RESUME = ("out", "resume", "save_every", "new_tokens", "no_samples")  # where files go, and the samples shown
 
 
 def test_every_setting_that_changes_the_result_is_compared():
     """Each train_code.py option is either compared on --resume or listed as free; each compared one is named."""
     options = {action.dest for action in train_code_script.build_parser()._actions if action.dest != "help"}
     compared, free = set(train_code_script.RESUME_MUST_MATCH), set(FREE_ON_RESUME)
-    assert options == compared | free | {"accum"} and not compared & free  # --accum: as processes x --accum
+    grow = set(train_code_script.RESUME_MAY_GROW)  # --max-steps: a resume may go further (test_everyday.py)
+    assert options == compared | free | grow | {"accum"} and not compared & free  # --accum: as processes x --accum
+    assert not grow & (compared | free)
     saved = {key: f"value of {key}" for key in compared} | {"base_fingerprint": "abc", "micro_batches_per_step": 4}
     for key in saved:
         changed = changed_settings(saved, {**saved, key: "something else"})

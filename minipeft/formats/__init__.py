@@ -26,6 +26,7 @@ from ..files import write_atomically
 from .bottleneck import BOTTLENECK
 from .lopt import LOPT
 from .peft import FORMATS as PEFT_FORMATS
+from .task_head import TaskHeadSettings, read_task_head, split_task_head, write_task_head
 
 FORMATS = {entry.peft_type: entry for entry in [*PEFT_FORMATS, BOTTLENECK, LOPT]}  # the last two are minipeft's own
 BY_SETTINGS = {entry.settings: entry for entry in FORMATS.values()}  # a method's settings class -> its format
@@ -33,14 +34,19 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 
 def adapter_state(model, name: str) -> tuple[dict, dict]:
-    """The peft config and tensors of adapter `name`, which holds one PEFT method."""
-    settings = getattr(model, "adapter_settings", {}).get(name, {})
+    """The peft config and tensors of adapter `name`, which holds one PEFT method (and maybe a task head)."""
+    settings = dict(getattr(model, "adapter_settings", {}).get(name, {}))
+    head = settings.pop(TaskHeadSettings, None)
     if len(settings) > 1:
         kinds = " and ".join(BY_SETTINGS[kind].peft_type for kind in settings)
         raise BadInput(f"save_adapter: adapter {name!r} carries {kinds}; peft's format holds "
                        f"one method per adapter (give each its own name)")
+    if not settings:
+        raise BadInput(f"save_adapter: adapter {name!r} has a task head and no method; peft's format keeps a head "
+                       f"beside a method (add_lora, add_prompt_tuning, ... with name={name!r})")
     (kind, method_settings), = settings.items()
-    return BY_SETTINGS[kind].write(model, method_settings, name)
+    config, tensors = BY_SETTINGS[kind].write(model, method_settings, name)
+    return write_task_head(model, head, name, config, tensors) if head else (config, tensors)
 
 
 def save_adapter(model, directory, base_model_name_or_path=None):
@@ -131,8 +137,11 @@ def load_adapter(model, directory, name="default"):
                        f"expected one of {sorted(FORMATS)}")
     if name in getattr(model, "adapter_settings", {}):
         raise BadInput(f"load_adapter: the model already has an adapter named {name!r}; pass another name=")
+    config, heads = split_task_head(config, source)  # a trained lm_head or classifier: modules_to_save
     entry.keys.check(config, source)
     expected = entry.read(model, config, source, name)  # {file key: parameter}, after wrapping the model
+    if heads:
+        expected |= read_task_head(model, heads, tensors, source, name)
 
     tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}  # peft's in-memory names
     missing = sorted(set(expected) - set(tensors))

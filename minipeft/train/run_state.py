@@ -83,15 +83,17 @@ def check_resume_settings(path, settings, state=None, may_grow=(), say=True):
     is said in one line; smaller than the checkpoint's step is refused."""
     state = state if state is not None else read_checkpoint(path)[0]
     saved = state.get("settings") or {}
-    changed = changed_settings(saved, {k: v for k, v in settings.items() if k not in may_grow})
-    if changed:
-        raise BadInput(f"--resume: {', '.join(changed)} differ; use the same settings or a new --out")
     step = state.get("step", 0)
     for name in may_grow:
         flag, value, before = "--" + name.replace("_", "-"), settings[name], saved.get(name, settings[name])
         if value < step:
             raise BadInput(f"--resume: {flag} {value} is below the checkpoint's step {step} (its run had {flag} "
                            f"{before}); give at least {step}")
+    changed = changed_settings(saved, {k: v for k, v in settings.items() if k not in may_grow})
+    if changed:
+        raise BadInput(f"--resume: {', '.join(changed)} differ; use the same settings or a new --out")
+    for name in may_grow:
+        flag, value, before = "--" + name.replace("_", "-"), settings[name], saved.get(name, settings[name])
         if value != before and say:
             print(f"note: {flag} {value} instead of the checkpoint's {before}: from step {step} the learning rate "
                   f"follows the schedule of a {value}-step run (the same warmup, then cosine decay to 0 at step "
