@@ -1,4 +1,5 @@
-"""Seed 004's comparison table, measured: every method on the same model, task, steps and tokens.
+"""The comparison table of the lecture notes "Parameter-Efficient Fine-tuning", measured: every method on the same
+model, task, steps and tokens.
 
 Each method trains on the code task with train_code.py (only --method changes), then on the fox task
 with train_fox.py; each run is its own process, so its peak memory is its own. Writes bench/METHODS.md
