@@ -95,14 +95,22 @@ def describe_base(base: dict) -> str:
 
 def base_for(adapters: dict, four_bit) -> dict:
     """How to load the base: as the adapters were trained on it (their files say how), unless --4bit or
-    --no-4bit says otherwise, which is said in one line. Adapters trained on different bases need one."""
+    --no-4bit says otherwise, which is said in one line. Adapters trained on differently quantized bases need
+    that choice; adapters that differ only in compute dtype are served in float32, said in one line."""
     recorded = {name: formats.trained_base(path) for name, path in adapters.items()}
     known = {name: base for name, base in recorded.items() if base}
-    if len({json.dumps(base, sort_keys=True) for base in known.values()}) > 1 and four_bit is None:
+    quantized = {(base["quantize"], base["double_quant"]) for base in known.values()}
+    if len(quantized) > 1 and four_bit is None:
         trained = "; ".join(f"{name} on {describe_base(base)}" for name, base in known.items())
         raise BadInput(f"--adapter: the adapters were trained on different bases ({trained}); choose one "
                        f"with --4bit or --no-4bit, or serve them separately")
     base = next(iter(known.values()), {"quantize": None, "double_quant": False, "dtype": "float32"})
+    if len({base["dtype"] for base in known.values()}) > 1:
+        lower = {name: b["dtype"] for name, b in known.items() if b["dtype"] != "float32"}
+        base = {**base, "dtype": "float32"}
+        print(f"note: {', '.join(f'{n} trained with {d} compute' for n, d in lower.items())}, the rest with float32: "
+              f"serving all in float32, so {', '.join(lower)} may answer slightly otherwise than in training",
+              file=sys.stderr)
     if four_bit is not None and bool(base["quantize"]) != four_bit:
         asked = {"quantize": "nf4" if four_bit else None, "double_quant": False, "dtype": base["dtype"]}
         if known:
@@ -173,14 +181,15 @@ def command_merge(args):
     model = load_model(weights, quantize=base["quantize"], dtype=getattr(torch, base["dtype"]),
                        double_quant=base["double_quant"], progress=sys.stderr)
     config_name = formats.load_adapter(model, args.adapter)["peft_type"]
-    probe = torch.arange(32)[None] * 7919 % model.config.vocab_size  # any tokens: the same before and after
-    with torch.no_grad():
-        unmerged = model(probe)
     cannot = [type(m).__name__ for _, m in wrappers(model) if not hasattr(m, "merge")]
     if cannot:
         raise BadInput(f"--adapter {args.adapter}: a {config_name} adapter ({cannot[0]}) is not a change to a "
                        f"weight, so it cannot be merged; serve it unmerged (minipeft generate)")
-    config, plain = json.loads((weights / "config.json").read_text()), dequantized_copy(model)
+    plain = dequantized_copy(model).float()  # the weights it trained on, exactly, computing in float32
+    probe = torch.arange(32)[None] * 7919 % model.config.vocab_size  # any tokens: the same before and after
+    with torch.no_grad():
+        unmerged = model(probe)
+    config = json.loads((weights / "config.json").read_text())
     for kind in {type(m) for _, m in wrappers(model)}:  # a method whose merge needs more of the base says so
         config = kind.prepare_export(plain, config)
     merge(model)

@@ -250,3 +250,34 @@ def test_fuzzed_command_lines_end_in_one_line_or_succeed(argv):
     assert code in (0, 2), (argv, code, stderr.getvalue())
     if code == 2:
         assert len(lines) == 1 and lines[0].startswith("error: "), (argv, stderr.getvalue())
+
+
+def test_a_bf16_trained_adapter_merges_and_serves_beside_an_fp32_one(tmp_path, capsys):
+    """train_code.py computes in bf16 on CPUs with AVX512-BF16 (train_fox.py in fp32): the merge of such an adapter
+    dequantizes the NF4 base it trained on and computes in fp32; served beside an fp32-trained adapter, both run
+    in fp32, said in one line."""
+    from transformers import LlamaForCausalLM
+
+    write_hf_checkpoint(tmp_path / "base")
+    bf16 = trained_looking(load_model(tmp_path / "base", quantize="nf4", dtype=torch.bfloat16), MERGEABLE["lora"])
+    save_adapter(bf16, tmp_path / "code")
+    assert formats.trained_base(tmp_path / "code")["dtype"] == "bfloat16"
+    merged = run("merge", "--weights", tmp_path / "base", "--adapter", tmp_path / "code", "--out", tmp_path / "m")
+    assert merged.returncode == 0 and "into the NF4 base (bfloat16 compute)" in merged.stdout, merged.stderr[-2000:]
+    assert float(merged.stdout.strip().rsplit(" ", 1)[-1]) < 1e-4  # the fold itself, in fp32
+    exported = LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        as_trained = bf16(ids).float()
+    with torch.no_grad():
+        assert (exported(input_ids=ids).logits - as_trained).abs().max() < 0.1  # bf16 compute's rounding only
+
+    save_adapter(trained_looking(load_model(tmp_path / "base", quantize="nf4"), MERGEABLE["ia3"]), tmp_path / "fox")
+    from minipeft.cli import base_for
+
+    capsys.readouterr()  # what came before
+    assert base_for({"fox": tmp_path / "fox", "code": tmp_path / "code"}, None) == {
+        "quantize": "nf4", "double_quant": False, "dtype": "float32"}
+    assert capsys.readouterr().err.splitlines() == [
+        "note: code trained with bfloat16 compute, the rest with float32: serving all in float32, so code may "
+        "answer slightly otherwise than in training"]
