@@ -32,7 +32,8 @@ class Progress:
         elapsed = now - self.started
         fraction = self.done / self.total if self.total else 1.0
         left = f", about {clock(elapsed / fraction * (1 - fraction))} left" if 0 < fraction < 1 else ""
-        return (f"{self.label}: {self.done / self.scale:.2f} / {self.total / self.scale:.2f} {self.unit} "
+        digits = 0 if self.scale == 1 else 2  # counted things (batches, tokens) are whole
+        return (f"{self.label}: {self.done / self.scale:.{digits}f} / {self.total / self.scale:.{digits}f} {self.unit} "
                 f"({fraction:.0%}), {clock(elapsed)} elapsed{left}")
 
     def advance(self, amount: float):
