@@ -14,7 +14,15 @@ class BadInput(Exception):
     Always one line: line breaks inside (from a quoted value or a library's message) are shown escaped."""
 
     def __init__(self, message: str):
-        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+        super().__init__(one_line(str(message)))
+
+
+LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # every character str.splitlines breaks at
+
+
+def one_line(text: str) -> str:
+    """`text` with its line breaks shown escaped (a quoted value or a library's message may hold some)."""
+    return "".join(ch.encode("unicode_escape").decode() if ch in LINE_BREAKS else ch for ch in text)
 
 
 MiniPeftError = BadInput  # its earlier name
@@ -87,5 +95,5 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         import sys
 
-        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        print(one_line(f"error: {self.prog}: {message} (see {self.prog} --help)"), file=sys.stderr)
         sys.exit(2)

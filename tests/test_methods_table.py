@@ -8,6 +8,7 @@ def formulas(c) -> dict:
     L, d, ff, kv = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
     return {
         "prompt tuning, 20 tokens": 20 * d,
+        "LoPT, 20 tokens, r = 4": 4 * (20 + d),  # U (20, 4) and V (4, d)
         "prefix tuning, 20 tokens": 20 * L * 2 * kv,
         "adapters (Houlsby), dim 64": 2 * L * (2 * d * 64 + d + 64),
         "LoRA, r = 8": L * 8 * ((d + d) + (d + kv)),  # q: d -> d, v: d -> kv

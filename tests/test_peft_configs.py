@@ -100,7 +100,10 @@ def test_every_prompt_tuning_config_key_is_accounted_for_and_refused_when_set(pa
     prompt_tuning.add_prompt_tuning(model, num_prompts=3)
     save_adapter(model, tmp_path / "prompts")
     config = json.loads((tmp_path / "prompts" / "adapter_config.json").read_text())
-    for key, value, named in (("modules_to_save", ["lm_head"], "key 'modules_to_save' is"),
+    # modules_to_save: a head (lm_head, score) is honoured (tests/test_task_head.py), so a file that names one must
+    # hold its weight; any other module is refused by name
+    for key, value, named in (("modules_to_save", ["embed_tokens"], "key 'modules_to_save' is"),
+                              ("modules_to_save", ["lm_head"], "missing ['base_model.model.lm_head.weight']"),
                               ("token_dim", 32, "key 'token_dim' should be int in [64, 64]"),
                               ("num_transformer_submodules", 2, "key 'num_transformer_submodules'")):
         (tmp_path / "prompts" / "adapter_config.json").write_text(json.dumps({**config, key: value}))
