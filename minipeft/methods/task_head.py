@@ -49,7 +49,7 @@ class ClassificationHead(Wrapper):
 
     def __init__(self, lm_head: nn.Module, num_labels: int, std: float = 0.02):
         super().__init__()
-        self.lm_head = lm_head  # kept, unused while this head is on, for minipeft.disabled and other adapters
+        self.lm_head = lm_head  # kept, unused while this head is on: disabled() and other rows use it
         hidden = innermost(lm_head).weight.shape[1]
         self.score = nn.Linear(hidden, num_labels, bias=False, device=innermost(lm_head).weight.device)
         nn.init.normal_(self.score.weight, std=std)
