@@ -34,7 +34,8 @@ from .llama.default_model import DEFAULT_DIR
 from .llama.generate import generate
 from .llama.loader import build_model, load, load_model
 from .llama.loader import read_named_tensor
-from .llama.tokenizer import chat_ids, load_tokenizer
+from .llama.chat import chat_ids
+from .llama.tokenizer import load_tokenizer
 from .llama.quant import dequantize, is_4bit
 from .methods.named_adapters import set_adapter
 from .methods.counting import count_parameters

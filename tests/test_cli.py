@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 import minipeft
 from minipeft import formats, load_adapter, load_model, save_adapter
-from minipeft.llama.tokenizer import chat_ids
+from minipeft.llama.chat import chat_ids
 from minipeft.methods.table import parameter_table
 from minipeft.methods.freezing import adapter_parameters
 from tests.helpers import ROOT, write_hf_checkpoint
