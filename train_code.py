@@ -28,7 +28,7 @@ from minipeft.train.data import Filters, describe, load_corpus
 from minipeft.train.distributed import DataParallelLoss, start_processes, world_from_environment
 from minipeft.train.loop import (accumulate_gradients, clip_and_check, compute_dtype, heldout_loss, micro_batch_seed,
                                  peak_memory_mb, warmup_cosine)
-from minipeft.train.method_choice import CHOICES, FLAGS, add_method_arguments, choose_method
+from minipeft.train.method_choice import CHOICES, FLAGS, add_method_arguments, between_steps, choose_method
 from minipeft.train.reporting import check_positive, check_weights, plot_losses, write_report, write_samples
 from minipeft.train.run import Run, check_resume
 from minipeft.train.run_state import CHECKPOINT_FILE, checkpoint_settings
@@ -150,6 +150,8 @@ def main():
         print(f"warning: --seq-len {args.seq_len} is beyond the model's context of {seq_len} tokens; using {seq_len}")
     print(describe(corpus))
     train, heldout = code_samples(corpus, args, tokenizer, seq_len, separator)
+    if args.method == "alora" and not heldout:
+        raise BadInput("--heldout-max: --method alora scores its ranks on held-out samples, and there are none")
 
     # 2. Wrap: the method (LoRA on the targets by default), checkpointing on.
     method_settings = choose_method(model, args, task="code")
@@ -194,6 +196,10 @@ def main():
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             run.record(step_loss, step_tokens, scheduler.get_last_lr()[0], args.max_steps)
+            with autocast():  # ALoRA moves ranks every --realloc-every steps, scored on 4 held-out samples
+                said = between_steps(model, args, run.step, optimizer, lambda: heldout_loss(model, heldout[:4], device))
+            if said and world.main:
+                print(said)
     run.end_if_interrupted(parallel)
 
     # 5. After: the same held-out set and prompts, the adapter, the report (rank 0).

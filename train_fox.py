@@ -21,7 +21,7 @@ from minipeft.llama.default_model import DEFAULT_DIR
 from minipeft.llama.loader import check_device
 from minipeft.train.distributed import (DataParallelLoss, collective_failure, start_processes,
                                         world_from_environment)
-from minipeft.train.method_choice import add_method_arguments, choose_method
+from minipeft.train.method_choice import add_method_arguments, between_steps, choose_method
 from minipeft.train.reporting import (check_positive, check_weights, plot_losses, prepare_output_dir,
                                       prompt_neighbours, write_report)
 
@@ -94,6 +94,9 @@ def main():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            said = between_steps(model, args, step, optimizer, lambda: model.loss(ids, labels=ids).item())  # ALoRA
+            if said:
+                print(said)
             if step % 10 == 0 or step == 1 or losses[-1] <= args.target_loss:
                 print(f"step {step:4d}  loss {losses[-1]:.4f}  {time.time() - start:6.1f} s", flush=True)
             if losses[-1] <= args.target_loss:

@@ -31,6 +31,8 @@ from .methods.named_adapters import adapter_names, delete_adapter, set_adapter
 from .methods.prefix_tuning import add_prefix_tuning
 from .methods.prompt_tuning import WordEmbeddingsWithLearnedPrompts, add_prompt_tuning
 from .methods.lopt import add_lopt
+from .methods.alora import add_alora, reallocate
+from .methods.ept import add_ept
 from .methods.task_head import add_task_head, classify
 from .methods.counting import count_parameters
 from .methods.fingerprints import base_fingerprint
@@ -38,7 +40,7 @@ from .methods.merging import disabled, merge, unmerge
 
 __all__ = ["BadInput", "KVCache", "Llama", "LlamaConfig", "LoRALayer", "MiniPeftError",
            "WordEmbeddingsWithLearnedPrompts", "adapter_names", "add_bitfit", "add_bottleneck_adapters", "add_ia3",
-           "add_lopt", "add_lora", "add_prefix_tuning",
+           "add_alora", "add_ept", "add_lopt", "add_lora", "reallocate", "add_prefix_tuning",
            "add_prompt_tuning", "add_task_head", "base_fingerprint", "classify", "build_model", "count_parameters",
            "disabled",
            "enable_checkpointing", "generate", "load", "delete_adapter", "load_adapter", "load_model", "load_tokenizer",

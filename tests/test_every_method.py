@@ -23,6 +23,8 @@ METHODS = {
     "prefix_projection": lambda m: minipeft.add_prefix_tuning(m, num_prompts=3, projection_hidden=16, init="random"),
     "prompt": lambda m: minipeft.add_prompt_tuning(m, num_prompts=3),
     "lopt": lambda m: minipeft.add_lopt(m, num_prompts=3, r=2),
+    "alora": lambda m: minipeft.add_alora(m, ["q", "v", "down"], r=2, capacity=3),
+    "ept": lambda m: minipeft.add_ept(m, num_prompts=3, knowledge_rows=5, r=2, spaces=2),
     "lora_and_lm_head": lambda m: (minipeft.add_lora(m, ["q", "v"], r=4), minipeft.add_task_head(m)),
 }
 

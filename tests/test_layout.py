@@ -58,8 +58,10 @@ def test_the_import_check_sees_a_back_arrow(tmp_path, monkeypatch):
 
 def test_each_method_file_holds_its_method_and_its_format_is_one_entry():
     """Wrapper, add_ function and settings in one file per method; its file format is one entry in formats/."""
-    assert set(formats.FORMATS) == {"LORA", "PROMPT_TUNING", "PREFIX_TUNING", "IA3", "BEFT", "BOTTLENECK", "LOPT"}
-    for peft_type, entry in formats.FORMATS.items():
+    assert set(formats.FORMATS) == {"LORA", "PROMPT_TUNING", "PREFIX_TUNING", "IA3", "BEFT", "BOTTLENECK", "LOPT",
+                                    "EPT"}
+    assert len(formats.BY_SETTINGS) == len(formats.FORMATS) + 1  # ALoRA is written as a LoRA file
+    for peft_type, entry in formats.BY_SETTINGS.items():
         method = sys.modules[entry.settings.__module__]
         assert Path(method.__file__).parent == PACKAGE / "methods"
         add = [name for name in vars(method) if name.startswith("add_")]
@@ -92,7 +94,7 @@ def test_no_shared_list_of_methods_outside_the_one_table():
 
 
 METHOD_FILES = ("lora", "dora", "ia3", "bitfit", "bottleneck", "prompt_tuning", "prefix_tuning", "lopt",
-                "task_head")
+                "task_head", "alora", "ept")
 
 
 def test_a_method_file_holds_its_method_and_no_routing():
@@ -105,8 +107,9 @@ def test_a_method_file_holds_its_method_and_no_routing():
         assert len(path.read_text().splitlines()) <= 150, name
         siblings = {m.split(".")[2] for m in imported_modules(path) if m.count(".") >= 2 and
                     m.startswith("minipeft.methods.")}
-        # the contract, and the method a method builds on: DoRA is LoRA's option, LoPT a low-rank prompt tuning
-        assert siblings <= {"contract", "lora", "dora", "prompt_tuning"}, (name, siblings)
+        # the contract, and the method a method builds on: DoRA is LoRA's option, ALoRA a LoRA with gates, LoPT a
+        # low-rank prompt tuning, EPT a prompt tuning that starts as LoPT does
+        assert siblings <= {"contract", "lora", "dora", "prompt_tuning", "lopt"}, (name, siblings)
         module = sys.modules[f"minipeft.methods.{name}"]
         wrappers = [v for v in vars(module).values() if isinstance(v, type) and hasattr(v, "trainable_names")]
         assert wrappers and all(issubclass(w, Wrapper) for w in wrappers), name

@@ -39,6 +39,7 @@ __all__ = ["Wrapper", "Mergeable", "Prepends", "PastWrapper",  # the classes a m
 
 class Wrapper(nn.Module):
     trainable_names: tuple = ()
+    kept_names: tuple = ()  # state it changes but does not train (ALoRA's gates): a training checkpoint keeps it
     wrapped: str = "base_layer"
     merged = False  # only a Mergeable wrapper is ever merged
 

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from .freezing import adapter_parameters
+from .freezing import adapter_parameters, adapter_state
 from .named_adapters import wrappers
 from .placing import slot_names
 
@@ -19,7 +19,7 @@ def base_name(name: str, wrapped_paths: dict) -> str:
 
 def base_fingerprint(model) -> dict[str, str]:
     """sha256 of every base tensor (4-bit ones as stored, with their scales): to prove they never change."""
-    adapter = {id(p) for p in adapter_parameters(model).values()}
+    adapter = {id(t) for t in [*adapter_parameters(model).values(), *adapter_state(model).values()]}
     slots = slot_names(model)
     wrapped_paths = {f"{name}.{m.wrapped}.": f"{slots[name]}." for name, m in wrappers(model)
                      if getattr(m, "wrapped", None)}

@@ -13,6 +13,12 @@ def adapter_parameters(model) -> dict:
     return found
 
 
+def adapter_state(model) -> dict:
+    """{full name: tensor} of every tensor that a method changes without training it (`kept_names`)."""
+    return {f"{name}.{kept}" if name else kept: module.get_buffer(kept)
+            for name, module in wrappers(model) for kept in module.kept_names}
+
+
 def freeze_base(model):
     """requires_grad=False on every tensor that no wrapper declares as trainable; new wrappers take the
     model's mode (a LoRA dropout added to a model in eval mode stays off); then `route`."""

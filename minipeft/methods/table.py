@@ -11,8 +11,10 @@ here is a Llama of hidden size 1024 and 24 layers (341M with a tied 32k vocabula
 
 from ..llama.config import LlamaConfig
 from ..llama.loader import build_model
+from .alora import add_alora
 from .bitfit import add_bitfit
 from .bottleneck import add_bottleneck_adapters
+from .ept import add_ept
 from .ia3 import add_ia3
 from .lopt import add_lopt
 from .lora import add_lora
@@ -32,11 +34,15 @@ ROWS = [
      lambda m: add_prompt_tuning(m, 20, init="random")),
     ("LoPT, 20 tokens, r = 4", "20 vectors in front of the input embeddings, as the product of 20 x 4 and 4 x D",
      lambda m: add_lopt(m, 20, 4)),
+    ("EPT, 10 tokens over 20, r = 4, 3 spaces", "10 vectors in front of the input embeddings, fused with a 20-row "
+     "rank-4 prompt, projected into 3 gated rank-4 subspaces", lambda m: add_ept(m, 10, 20, 4, 3)),
     ("prefix tuning, 20 tokens", "20 keys and values in every layer",
      lambda m: add_prefix_tuning(m, 20, init="zero")),
     ("adapters (Houlsby), dim 64", "after attention and after the MLP of every layer, with biases",
      lambda m: add_bottleneck_adapters(m, 64, "houlsby")),
     ("LoRA, r = 8", "q_proj and v_proj of every layer", lambda m: add_lora(m, ["q_proj", "v_proj"], r=8)),
+    ("ALoRA, r = 8 of 16 slots", "q_proj and v_proj of every layer; 8 ranks open a layer on average, moved by AB-LoRA",
+     lambda m: add_alora(m, ["q_proj", "v_proj"], r=8, capacity=16)),
     ("DoRA, r = 8", "q_proj and v_proj of every layer, plus a magnitude per output row",
      lambda m: add_lora(m, ["q_proj", "v_proj"], r=8, use_dora=True)),
     ("IA3", "k_proj and v_proj outputs, down_proj inputs, every layer", lambda m: add_ia3(m)),

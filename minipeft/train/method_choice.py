@@ -7,9 +7,13 @@ A flag that the chosen method does not read is refused by name, so nothing the u
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from ..errors import BadInput
+from ..methods.alora import add_alora, reallocate
 from ..methods.bitfit import BLOCK_LINEARS, add_bitfit
 from ..methods.bottleneck import add_bottleneck_adapters
+from ..methods.ept import add_ept
 from ..methods.ia3 import add_ia3
 from ..methods.lopt import add_lopt
 from ..methods.lora import add_lora
@@ -47,16 +51,27 @@ CHOICES = {
                      {"num_prompts": 16}, {"code": 1e-2, "fox": 1e-2}),
     "lopt": Choice(lambda m, s, seed: add_lopt(m, s["num_prompts"], s["r"], seed=seed),
                    {"num_prompts": 16, "r": 4}, {"code": 1e-2, "fox": 1e-2}),
+    "ept": Choice(lambda m, s, seed: add_ept(m, s["num_prompts"], s["knowledge_rows"], s["r"], s["spaces"], seed=seed),
+                  {"num_prompts": 8, "knowledge_rows": 16, "r": 4, "spaces": 3}, {"code": 1e-2, "fox": 1e-2}),
+    "alora": Choice(lambda m, s, seed: add_alora(m, s["targets"].split(","), s["r"], s["alpha"], 0.0, s["capacity"]),
+                    {"targets": "q_proj,v_proj", "r": 4, "alpha": 8, "capacity": 8, "realloc_every": 20, "prune": 12},
+                    {"code": 1e-3, "fox": 1e-2}),
 }
-FLAG_HELP = {"r": "rank: of LoRA's B A, or of LoPT's prompt matrix U V",
+FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoPT's prompt matrix U V, of EPT's K and projections",
              "alpha": "LoRA alpha; the update is scaled by alpha / r",
              "dropout": "LoRA dropout", "targets": "comma-separated linears to wrap",
              "num_prompts": "learned positions in front of the text (or of every layer's keys and values)",
              "projection_hidden": "prefix tuning's reparameterisation MLP width (None: no MLP)",
              "bottleneck_size": "bottleneck adapters' width m",
-             "placement": "houlsby (after attention and MLP) or pfeiffer (after the MLP)"}
+             "placement": "houlsby (after attention and MLP) or pfeiffer (after the MLP)",
+             "knowledge_rows": "EPT: rows of the longer low-rank prompt K = A B that the short prompt attends to",
+             "spaces": "EPT: subspaces the gating network mixes",
+             "capacity": "ALoRA's rank slots a layer (r open at the start, the rest free to grow into)",
+             "realloc_every": "ALoRA: steps between reallocations (score every open rank, move the lowest)",
+             "prune": "ALoRA: ranks closed and granted elsewhere at each reallocation"}
 FLAGS = {"r": int, "alpha": float, "dropout": float, "targets": str, "num_prompts": int, "projection_hidden": int,
-         "bottleneck_size": int, "placement": str}
+         "bottleneck_size": int, "placement": str, "capacity": int, "realloc_every": int, "prune": int,
+         "knowledge_rows": int, "spaces": int}
 
 
 def add_method_arguments(parser, default_method):
@@ -82,11 +97,39 @@ def choose_method(model, args, task: str):
                        f"{', '.join('--' + f.replace('_', '-') for f in choice.settings)}")
     settings = {flag: getattr(args, flag) if getattr(args, flag) is not None else default
                 for flag, default in choice.settings.items()}
-    positive = ("r", "alpha", "num_prompts", "projection_hidden", "bottleneck_size")
+    positive = ("r", "alpha", "num_prompts", "projection_hidden", "bottleneck_size", "capacity", "realloc_every",
+                "knowledge_rows", "spaces")
     check_positive(**{flag: value for flag, value in settings.items() if flag in positive and value is not None})
+    if settings.get("prune", 0) < 0:
+        raise BadInput(f"--prune: expected ranks to move, 0 or more, got {settings['prune']}")
     for flag, value in settings.items():
         setattr(args, flag, value)
     if args.lr is None:
         args.lr = choice.lr[task]
     choice.add(model, settings, args.seed)
     return settings
+
+
+def between_steps(model, args, step: int, optimizer, scoring_loss) -> str | None:
+    """What the method does after optimizer step `step`, if anything: ALoRA moves ranks every
+    --realloc-every steps, scored by `scoring_loss()` (the loss on a few fixed held-out samples), not after
+    the last step. Returns a line saying what it did, or None."""
+    if args.method != "alora" or step % args.realloc_every or step >= args.max_steps:
+        return None
+    did = reallocate(model, scoring_loss, args.prune, seed=args.seed + step)
+    restart_moments(optimizer, model, [(n, i) for n, i, _ in did["closed"]] + did["opened"])
+    ranks = sorted(did["ranks"].values())
+    harmful = sum(score < 0 for _, _, score in did["closed"])
+    return (f"ALoRA after step {step}: closed {len(did['closed'])} ranks ({harmful} harmful), opened "
+            f"{len(did['opened'])}; open ranks a layer now {ranks[0]} to {ranks[-1]}, {sum(ranks)} in all")
+
+
+def restart_moments(optimizer, model, slots):
+    """AdamW's running moments of A's row i and B's column i start again from zero, for each (layer, i) that
+    ALoRA closed or opened: a fresh rank learns from its own gradients alone."""
+    for layer_name, i in slots:
+        layer = model.get_submodule(layer_name)
+        for parameter, index in ((layer.lora_A.weight, (i,)), (layer.lora_B.weight, (slice(None), i))):
+            for moment in optimizer.state.get(parameter, {}).values():
+                if torch.is_tensor(moment) and moment.shape == parameter.shape:
+                    moment[index] = 0.0

@@ -4,6 +4,7 @@ One file, `checkpoint.safetensors`, written atomically (temp file, fsync, rename
 absent, never half of a new one:
 
     tensors     trainable/<name>          the adapter as trained so far
+                kept/<name>               what a method changed without training it (ALoRA's gates)
                 optimizer/<i>/<key>       AdamW's moments and step count for the i-th trainable tensor
                 rng/torch, rng/cuda       the generators' states (dropout masks, sampling)
     metadata    {"state": JSON}           step, data position, settings, scheduler, optimizer hyper-parameters,
@@ -25,6 +26,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from ..errors import BadInput
 from ..files import write_atomically
+from ..methods.freezing import adapter_state
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
@@ -33,6 +35,7 @@ def save_checkpoint(path, model, optimizer, scheduler, batches, device, **extra)
     """Everything a resume needs; `extra` must be JSON (numbers, strings, lists, dicts)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     tensors = {f"trainable/{name}": p.detach().cpu().contiguous() for name, p in trainable}
+    tensors.update({f"kept/{name}": t.detach().cpu().contiguous() for name, t in adapter_state(model).items()})
     optimizer_state = optimizer.state_dict()
     for index, moments in optimizer_state["state"].items():
         for key, value in moments.items():
@@ -114,6 +117,8 @@ def load_checkpoint(path, model, optimizer, scheduler, batches, device, settings
         with torch.no_grad():
             for name, parameter in trainable.items():
                 parameter.copy_(tensors[f"trainable/{name}"])
+            for name, kept in adapter_state(model).items():  # what a method changed without training it
+                kept.copy_(tensors[f"kept/{name}"])
         moments = {}
         for key, value in tensors.items():
             if key.startswith("optimizer/"):
