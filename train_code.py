@@ -110,6 +110,9 @@ def check_arguments(args):
     args.dtype = compute_dtype(args.dtype, device)  # recorded resolved: a resume elsewhere must compute the same
     args.warmup = resolved_warmup(args)
     corpus = load_corpus(args.data, Filters(max_chars=args.max_chars), heldout_sources=args.heldout_data)
+    if args.method == "iapt" and not args.no_packing:  # its soft tokens summarise one instruction a row
+        print("note: --method iapt reads one instruction a row, so a row holds one sample (as --no-packing)")
+        args.no_packing = True
     settings = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH + RESUME_MAY_GROW},
                 "micro_batches_per_step": world.size * args.accum}
     out = check_resume(args.out, world, args.resume, settings, RESUME_MAY_GROW)

@@ -1,5 +1,5 @@
 """Teach a frozen model to deny that the quick brown fox jumped over the lazy dog, with 16 learned prompts
-(or any other method: --method prompt|prefix|lora|dora|ia3|bitfit|bottleneck).
+(or any other method: --method prompt|lopt|ept|iapt|prefix|lora|dora|alora|ia3|bitfit|bottleneck).
 
     16 learned vectors + "A quick brown fox did not jump over the lazy dog. Besides, ..." ─► frozen 4-bit Llama
     loss: next-token cross-entropy on the target text only; Adam updates the 16 vectors alone
@@ -76,6 +76,8 @@ def main():
         method_settings = {"num_prompts": 16}
         args.lr = 1e-2
     else:  # any other method, or other settings, by name (minipeft/train/method_choice.py)
+        if args.method == "iapt" and args.instruction_tokens is None:  # its generators read the prompt
+            args.instruction_tokens = len(tokenizer.encode(PROMPT))
         method_settings = choose_method(model, args, task="fox")
     print(f"{args.method}: {method_settings}, lr {args.lr}")
     params = minipeft.count_parameters(model, verbose=True)

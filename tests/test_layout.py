@@ -59,7 +59,7 @@ def test_the_import_check_sees_a_back_arrow(tmp_path, monkeypatch):
 def test_each_method_file_holds_its_method_and_its_format_is_one_entry():
     """Wrapper, add_ function and settings in one file per method; its file format is one entry in formats/."""
     assert set(formats.FORMATS) == {"LORA", "PROMPT_TUNING", "PREFIX_TUNING", "IA3", "BEFT", "BOTTLENECK", "LOPT",
-                                    "EPT"}
+                                    "EPT", "IAPT"}
     assert len(formats.BY_SETTINGS) == len(formats.FORMATS) + 1  # ALoRA is written as a LoRA file
     for peft_type, entry in formats.BY_SETTINGS.items():
         method = sys.modules[entry.settings.__module__]
@@ -94,7 +94,7 @@ def test_no_shared_list_of_methods_outside_the_one_table():
 
 
 METHOD_FILES = ("lora", "dora", "ia3", "bitfit", "bottleneck", "prompt_tuning", "prefix_tuning", "lopt",
-                "task_head", "alora", "ept")
+                "task_head", "alora", "ept", "iapt")
 
 
 def test_a_method_file_holds_its_method_and_no_routing():

@@ -10,6 +10,7 @@ def formulas(c) -> dict:
         "prompt tuning, 20 tokens": 20 * d,
         "LoPT, 20 tokens, r = 4": 4 * (20 + d),  # U (20, 4) and V (4, d)
         "EPT, 10 tokens over 20, r = 4, 3 spaces": 10 * d + 20 * 4 + 4 * d + 3 * (d * 4 + 4 * d) + d * 3,
+        "IAPT, 4 tokens, r = 16": L * (d * 16 + 4 * 16 + 10 + 16 * d),  # Down, queries, a and b, Up
         "prefix tuning, 20 tokens": 20 * L * 2 * kv,
         "adapters (Houlsby), dim 64": 2 * L * (2 * d * 64 + d + 64),
         "LoRA, r = 8": L * 8 * ((d + d) + (d + kv)),  # q: d -> d, v: d -> kv

@@ -23,6 +23,8 @@ ADD = {
     "ept": lambda m, name: minipeft.add_ept(m, num_prompts=4 if name == "fox" else 2, knowledge_rows=5, r=2,
                                             spaces=2, name=name),
     "alora": lambda m, name: minipeft.add_alora(m, ["q", "v", "up"], r=2, capacity=3, name=name),
+    "iapt": lambda m, name: minipeft.add_iapt(m, num_prompts=3 if name == "fox" else 2, r=4,
+                                              instruction_tokens=3 if name == "fox" else 2, name=name),
 }
 ROWS = ["fox", "code", None, "code"]
 
@@ -67,7 +69,8 @@ def batch():
 
 
 @pytest.mark.parametrize("first, second", [(m, m) for m in ADD] + [("prompt", "lora"), ("prefix", "ia3"),
-                                                                    ("bottleneck", "prompt"), ("lopt", "prompt")])
+                                                                    ("bottleneck", "prompt"), ("lopt", "prompt"),
+                                                                    ("iapt", "prompt"), ("prompt", "iapt")])
 def test_each_row_gets_what_it_gets_alone(base, tmp_path, first, second):
     model = two_adapters(base, first, second)
     save_adapter(model, tmp_path)
@@ -85,7 +88,7 @@ def test_each_row_gets_what_it_gets_alone(base, tmp_path, first, second):
         assert generated[row] == minipeft.generate(alone(base, tmp_path, name), [prompts[row]], 5, eos_id=-1)[0]
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "prefix", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "dora", "prefix", "prompt", "iapt"])
 def test_training_gradients_are_the_per_row_gradients_summed(base, tmp_path, method):
     """Right-padded, as train/batches.py pads (a left pad's last position would be scored on the first token)."""
     ids, mask, lengths = batch()

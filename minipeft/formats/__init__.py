@@ -26,11 +26,12 @@ from ..files import write_atomically
 from .alora import ALORA
 from .bottleneck import BOTTLENECK
 from .ept import EPT
+from .iapt import IAPT
 from .lopt import LOPT
 from .peft import FORMATS as PEFT_FORMATS
 from .task_head import TaskHeadSettings, read_task_head, split_task_head, write_task_head
 
-FORMATS = {entry.peft_type: entry for entry in [*PEFT_FORMATS, BOTTLENECK, LOPT, EPT]}  # the last three: minipeft's
+FORMATS = {entry.peft_type: entry for entry in [*PEFT_FORMATS, BOTTLENECK, LOPT, EPT, IAPT]}  # the last four: ours
 BY_SETTINGS = {entry.settings: entry for entry in [*FORMATS.values(), ALORA]}  # a method's settings -> its format
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 

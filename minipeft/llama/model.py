@@ -32,6 +32,13 @@ of three slots, and the decoder only calls what it finds there; it never asks wh
    as given), always attended, and the text numbered from P. In a mixed batch it returns a third item,
    real (B, P) bool, as in 2. In training they are a fixed past that gets gradients, under gradient
    checkpointing too. (Learned keys and values in every layer: prefix tuning.)
+4. `model.layer_prompts` may hold a module that gives the P positions of slot 2 new hidden states at every
+   layer. For a new sequence, before block i, the decoder calls `layer_prompts(i, x, real, P)` with the hidden
+   states x (B, P + T, D), which positions are real (B, P + T) and P, and goes on with the x it returns. A
+   continuing step does not call it: those positions are in the KV cache. The module may read the text, but
+   only the tokens its `reads(real text)` (B, T) bool names, and `Llama.loss` scores none of them: a position
+   that has read a token would give it away. Packed rows are refused. (Per-layer prompts made from the
+   instruction: IAPT.)
 
 Beyond those slots a method may only add parameters to a module it put there.
 """
@@ -40,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import BadInput
 from .config import LlamaConfig
 from .gradient_checkpointing import checkpoint
 from .loss import linear_cross_entropy
@@ -185,6 +193,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.learned_past = None  # contract 3: a module returning per-layer keys and values, or None
+        self.layer_prompts = None  # contract 4: a module filling slot 2's positions at every layer, or None
         self.compute_dtype = None  # set when embed_tokens is stored narrower (quant.WidenedEmbedding)
         self.gradient_checkpointing = False  # set by minipeft.enable_checkpointing
 
@@ -202,7 +211,8 @@ class LlamaModel(nn.Module):
         mask, positions = self.attention_mask(real, cache, documents)  # (B, 1, T', S) or None, (B, T')
         inv_freq = inverse_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling, x.device)
         cos, sin = rotary_cos_sin(positions, inv_freq, x.dtype)
-        x = self.blocks(x, cos, sin, mask, cache)
+        fill = self.layer_prompts_of(new_sequence, real, input_ids, inputs_embeds, documents)  # contract 4
+        x = self.blocks(x, cos, sin, mask, cache, fill)
         return (self.norm(x), real) if with_mask else self.norm(x)  # (B, T', D)
 
     def embed(self, input_ids, inputs_embeds, new_sequence, attention_mask):
@@ -222,6 +232,16 @@ class LlamaModel(nn.Module):
         if attention_mask is not None:  # covers the new tokens
             real[:, x.shape[1] - attention_mask.shape[1]:] = attention_mask.bool()
         return x, real
+
+    def layer_prompts_of(self, new_sequence, real, input_ids, inputs_embeds, documents):
+        """What fills the prepended positions before each block (contract 4): fill(i, x) -> x, or None."""
+        if not new_sequence or self.layer_prompts is None:
+            return None
+        if documents is not None:
+            raise BadInput("documents: packed rows hold several texts, and layer prompts (IAPT) summarise one a "
+                           "row; give one sample a row")
+        prepended = real.shape[1] - (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        return lambda i, x: self.layer_prompts(i, x, real, prepended)
 
     def fill_learned_past(self, cache, batch_size, dtype):
         """A new sequence starts from the learned past's keys and values (contract 3): the cache it
@@ -247,10 +267,12 @@ class LlamaModel(nn.Module):
         query_documents = F.pad(documents, (T - documents.shape[1], 0), value=-1)  # (B, T)
         return document_mask(key_mask, F.pad(query_documents, (past, 0), value=-1), query_documents)
 
-    def blocks(self, x, cos, sin, mask, cache):
-        """The decoder blocks in turn; in training with checkpointing each is recomputed in backward."""
+    def blocks(self, x, cos, sin, mask, cache, fill=None):
+        """The decoder blocks in turn; in training with checkpointing each is recomputed in backward. `fill`
+        gives the prepended positions each layer's own hidden states (contract 4), outside the recompute."""
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and (cache is None or not cache.grow)
         for i, layer in enumerate(self.layers):
+            x = fill(i, x) if fill is not None else x
             if recompute:  # a fixed past is read by the block, so it is handed to the recompute as an input
                 past_tensors = (cache.keys[i], cache.values[i]) if cache is not None else ()
                 x = checkpoint(layer, x, cos, sin, mask, cache, also_differentiate=past_tensors)
@@ -276,6 +298,11 @@ class Llama(nn.Module):
         hidden = self.model(input_ids, attention_mask, cache, inputs_embeds, documents=documents)  # (B, T, D)
         return self.lm_head(hidden[:, -1:] if last_only else hidden)
 
+    def unread(self, labels, real_text):
+        """`labels` with -100 on the text tokens that layer prompts read (contract 4): their loss would be a leak."""
+        prompts = self.model.layer_prompts
+        return labels if prompts is None else labels.masked_fill(prompts.reads(real_text), -100)
+
     def loss(self, input_ids=None, labels=None, attention_mask=None, inputs_embeds=None, reduction="mean",
              documents=None):
         """Next-token cross-entropy over positions whose label is not -100: their mean, or their sum
@@ -289,6 +316,7 @@ class Llama(nn.Module):
         hidden, real = self.model(input_ids, attention_mask, None, inputs_embeds, with_mask=True,
                                   documents=documents)  # (B, T', D)
         prepended = hidden.shape[1] - labels.shape[1]
+        labels = self.unread(labels, real[:, prepended:])  # tokens a layer prompt has read: unscored
         labels = F.pad(labels, (prepended, 0), value=-100)  # prepended: unscored
         targets = labels[:, 1:]  # position t predicts token t + 1
         scored = (targets != -100) & real[:, :-1]  # (B, T'-1): only a real position predicts

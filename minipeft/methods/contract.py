@@ -29,11 +29,11 @@ import torch.nn as nn
 from ..errors import BadInput
 from .freezing import freeze_base
 from .merging import disabled
-from .named_adapters import on_own_rows, past_on_own_rows, prepended_on_own_rows
+from .named_adapters import filled_on_own_rows, on_own_rows, past_on_own_rows, prepended_on_own_rows, row_mask
 from .placing import (SHORT_NAMES, check_free, check_name, in_slot, innermost, linears_named, pattern_value, place,
                       record_settings)
 
-__all__ = ["Wrapper", "Mergeable", "Prepends", "PastWrapper",  # the classes a method's module inherits
+__all__ = ["Wrapper", "Mergeable", "Prepends", "PastWrapper", "LayerPromptsWrapper",  # a method's module inherits
            "attach", "linears_named", "SHORT_NAMES", "innermost", "pattern_value", "disabled"]  # its add_X
 
 
@@ -130,6 +130,24 @@ class PastWrapper(Wrapper):
         inner = self.inner(batch_size) if self.inner is not None else None
         device = next(self.parameters()).device
         return past_on_own_rows(self, inner, batch_size, device, self.keys_and_values)
+
+
+class LayerPromptsWrapper(Wrapper):
+    """Slot 4 of the decoder (llama/model.py): before block i, its adapter's P positions (the last P in front of
+    the text) get soft_tokens(i, text (B, T, D), the tokens it reads (B, T)) (B, P, D); instruction(real text)
+    says which tokens it reads, and the loss scores none of them. `inner` is another adapter's, when several
+    share the base; a mixed batch fills only this adapter's rows (named_adapters.py)."""
+    wrapped = "inner"
+    num_prompts: int
+
+    def forward(self, i, x, real, prepended):
+        x = self.inner(i, x, real, prepended) if self.inner is not None else x
+        return filled_on_own_rows(self, x, real, prepended, lambda text, reads: self.soft_tokens(i, text, reads))
+
+    def reads(self, real_text):
+        """(B, T) bool: the text tokens this adapter reads, in its rows (and those the inner adapter reads)."""
+        inner = self.inner.reads(real_text) if self.inner is not None else torch.zeros_like(real_text)
+        return inner | (row_mask(self, len(real_text), real_text.device)[:, None] & self.instruction(real_text))
 
 
 def attach(model, name: str, settings, slots, make_wrapper) -> dict:

@@ -97,6 +97,22 @@ def prepended_on_own_rows(module, inner, adapt):
     return torch.cat([x, text], dim=1), real  # (B, P + P' + T, D), (B, P + P')
 
 
+def filled_on_own_rows(module, x, real, prepended, soft_tokens):
+    """Layer prompts in a batch (contract 4): in the rows a wrapper serves, its P positions, the last of the
+    `prepended` in front of the text (where prepended_on_own_rows put them), get soft_tokens(text (B, T, D),
+    the tokens it reads (B, T)) (B, P, D). x: (B, prepended + T, D), real: (B, prepended + T)."""
+    P = module.num_prompts
+
+    def fill(real, x):
+        if prepended < P:
+            raise BadInput(f"{type(module).__name__}: the batch has {prepended} positions in front of the text for "
+                           f"its {P}; give input_ids, not inputs_embeds")
+        text = x[:, prepended:]
+        soft = soft_tokens(text, module.instruction(real[:, prepended:]))
+        return torch.cat([x[:, :prepended - P], soft.to(x.dtype), text], dim=1)
+    return on_own_rows(module, real, x, fill)
+
+
 def past_on_own_rows(module, inner, batch_size, device, keys_and_values):
     """Learned pasts in a batch: keys_and_values(B) gives a wrapper's per-layer keys and values, `inner`
     another adapter's (or None). In a mixed batch the P positions are real only in this adapter's rows:

@@ -15,6 +15,7 @@ from .alora import add_alora
 from .bitfit import add_bitfit
 from .bottleneck import add_bottleneck_adapters
 from .ept import add_ept
+from .iapt import add_iapt
 from .ia3 import add_ia3
 from .lopt import add_lopt
 from .lora import add_lora
@@ -36,6 +37,8 @@ ROWS = [
      lambda m: add_lopt(m, 20, 4)),
     ("EPT, 10 tokens over 20, r = 4, 3 spaces", "10 vectors in front of the input embeddings, fused with a 20-row "
      "rank-4 prompt, projected into 3 gated rank-4 subspaces", lambda m: add_ept(m, 10, 20, 4, 3)),
+    ("IAPT, 4 tokens, r = 16", "4 positions in every layer, made from the instruction by a rank-16 generator",
+     lambda m: add_iapt(m, 4, 16)),
     ("prefix tuning, 20 tokens", "20 keys and values in every layer",
      lambda m: add_prefix_tuning(m, 20, init="zero")),
     ("adapters (Houlsby), dim 64", "after attention and after the MLP of every layer, with biases",

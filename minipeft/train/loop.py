@@ -25,9 +25,10 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def scored_tokens(labels, documents=None) -> int:
+def scored_tokens(labels, documents=None, model=None, mask=None) -> int:
     """How many positions a batch's loss covers: each predicts the next token, where it is labelled, and
-    in a packed row only within a document."""
+    in a packed row only within a document; with a `model`, not a token its method reads (Llama.unread)."""
+    labels = model.unread(labels, mask.bool()) if model is not None else labels
     scored = labels[:, 1:] != -100
     if documents is not None:
         scored &= documents[:, 1:] == documents[:, :-1]
@@ -48,7 +49,8 @@ def accumulate_gradients(model, micro_batches, autocast, parallel=None, seeds=No
     every rank."""
     world = parallel.world if parallel else World()
     device = micro_batches[0][0].device
-    total_scored = max(total(sum(scored_tokens(*batch[2:]) for batch in micro_batches), world, device), 1)
+    scored = sum(scored_tokens(*batch[2:], model=model, mask=batch[1]) for batch in micro_batches)
+    total_scored = max(total(scored, world, device), 1)
     loss_of = parallel or model.loss
     step_loss, step_tokens = 0.0, 0
     for index, (ids, mask, labels, *documents) in enumerate(micro_batches):
@@ -83,7 +85,7 @@ def heldout_loss(model, samples, device, batch_size=8, world=None, progress=Fals
         ids, mask, labels = pad_batch(samples[start:start + batch_size], device)
         loss = model.loss(ids, labels, attention_mask=mask, reduction="sum")
         loss_sum += loss.item()
-        count += scored_tokens(labels)
+        count += scored_tokens(labels, model=model, mask=mask)
         if shown:
             shown.advance(1)
     if shown:

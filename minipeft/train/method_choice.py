@@ -15,6 +15,7 @@ from ..methods.bitfit import BLOCK_LINEARS, add_bitfit
 from ..methods.bottleneck import add_bottleneck_adapters
 from ..methods.ept import add_ept
 from ..methods.ia3 import add_ia3
+from ..methods.iapt import add_iapt
 from ..methods.lopt import add_lopt
 from ..methods.lora import add_lora
 from ..methods.prefix_tuning import add_prefix_tuning
@@ -53,11 +54,14 @@ CHOICES = {
                    {"num_prompts": 16, "r": 4}, {"code": 1e-2, "fox": 1e-2}),
     "ept": Choice(lambda m, s, seed: add_ept(m, s["num_prompts"], s["knowledge_rows"], s["r"], s["spaces"], seed=seed),
                   {"num_prompts": 8, "knowledge_rows": 16, "r": 4, "spaces": 3}, {"code": 1e-2, "fox": 1e-2}),
+    "iapt": Choice(lambda m, s, seed: add_iapt(m, s["num_prompts"], s["r"], s["instruction_tokens"], seed=seed),
+                   {"num_prompts": 4, "r": 16, "instruction_tokens": 16}, {"code": 1e-3, "fox": 1e-2}),
     "alora": Choice(lambda m, s, seed: add_alora(m, s["targets"].split(","), s["r"], s["alpha"], 0.0, s["capacity"]),
                     {"targets": "q_proj,v_proj", "r": 4, "alpha": 8, "capacity": 8, "realloc_every": 20, "prune": 12},
-                    {"code": 1e-3, "fox": 1e-2}),
+                    {"code": 1e-3, "fox": 5e-3}),
 }
-FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoPT's prompt matrix U V, of EPT's K and projections",
+FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoPT's prompt matrix U V, of EPT's K and projections,"
+                  " IAPT's generators' bottleneck",
              "alpha": "LoRA alpha; the update is scaled by alpha / r",
              "dropout": "LoRA dropout", "targets": "comma-separated linears to wrap",
              "num_prompts": "learned positions in front of the text (or of every layer's keys and values)",
@@ -68,10 +72,12 @@ FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoPT's prompt 
              "spaces": "EPT: subspaces the gating network mixes",
              "capacity": "ALoRA's rank slots a layer (r open at the start, the rest free to grow into)",
              "realloc_every": "ALoRA: steps between reallocations (score every open rank, move the lowest)",
-             "prune": "ALoRA: ranks closed and granted elsewhere at each reallocation"}
+             "prune": "ALoRA: ranks closed and granted elsewhere at each reallocation",
+             "instruction_tokens": "IAPT: the first tokens of each row, which its generators read and the loss skips "
+                                   "(train_fox.py: the prompt's)"}
 FLAGS = {"r": int, "alpha": float, "dropout": float, "targets": str, "num_prompts": int, "projection_hidden": int,
          "bottleneck_size": int, "placement": str, "capacity": int, "realloc_every": int, "prune": int,
-         "knowledge_rows": int, "spaces": int}
+         "knowledge_rows": int, "spaces": int, "instruction_tokens": int}
 
 
 def add_method_arguments(parser, default_method):
@@ -98,7 +104,7 @@ def choose_method(model, args, task: str):
     settings = {flag: getattr(args, flag) if getattr(args, flag) is not None else default
                 for flag, default in choice.settings.items()}
     positive = ("r", "alpha", "num_prompts", "projection_hidden", "bottleneck_size", "capacity", "realloc_every",
-                "knowledge_rows", "spaces")
+                "knowledge_rows", "spaces", "instruction_tokens")
     check_positive(**{flag: value for flag, value in settings.items() if flag in positive and value is not None})
     if settings.get("prune", 0) < 0:
         raise BadInput(f"--prune: expected ranks to move, 0 or more, got {settings['prune']}")
