@@ -62,3 +62,34 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch)
     assert compute_dtype("fp32", cpu) == "fp32" and compute_dtype("bf16", cpu) == "bf16"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert compute_dtype("auto", cpu) == "bf16"
+
+
+def test_the_token_count_is_the_one_the_loss_divides_by(tmp_path):
+    """scored_tokens(model=...) is how many terms model.loss sums, their sum over their mean, for every way a
+    position can be scored or not: padding, prepended prompts (their last predicts the first token), a packed
+    row (a document's first token), a mixed batch (rows with and without prompts), tokens IAPT reads."""
+    import minipeft
+    from minipeft.train.batches import pack_rows
+    from minipeft.train.loop import scored_tokens
+
+    write_hf_checkpoint(tmp_path)
+    generator = torch.Generator().manual_seed(4)
+    samples = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in (9, 4, 7)]
+    padded = pad_batch(samples, "cpu")
+    packed = pack_rows([samples[:2], samples[2:]], "cpu")
+    cases = {"bare": (lambda m: None, [padded, packed]),
+             "prompt": (lambda m: minipeft.add_prompt_tuning(m, num_prompts=3), [padded, packed]),
+             "prefix": (lambda m: minipeft.add_prefix_tuning(m, num_prompts=3), [padded, packed]),
+             "iapt": (lambda m: minipeft.add_iapt(m, num_prompts=2, r=4, instruction_tokens=3), [padded]),
+             "mixed": (lambda m: (minipeft.add_prompt_tuning(m, num_prompts=3, name="fox"), minipeft.add_lora(
+                 m, ["q"], r=2, name="code"), minipeft.set_adapter(m, ["fox", "code", None])), [padded])}
+    for name, (add, batches) in cases.items():
+        model = load_model(tmp_path)
+        add(model)
+        for ids, mask, labels, *documents in batches:
+            documents = documents[0] if documents else None
+            with torch.no_grad():
+                total = model.loss(ids, labels, attention_mask=mask, documents=documents, reduction="sum")
+                mean = model.loss(ids, labels, attention_mask=mask, documents=documents)
+            count = scored_tokens(labels, documents, model=model, mask=mask)
+            assert count == round((total / mean).item()), (name, documents is not None)

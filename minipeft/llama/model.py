@@ -303,6 +303,23 @@ class Llama(nn.Module):
         prompts = self.model.layer_prompts
         return labels if prompts is None else labels.masked_fill(prompts.reads(real_text), -100)
 
+    @torch.no_grad()
+    def scored(self, labels, attention_mask=None, documents=None) -> int:
+        """How many positions loss() covers, without running the model: each labelled token, but a row's
+        first token (and in a packed row each document's) only where positions are prepended in front of it
+        (contract 2: the last of them predicts it), and none that a layer prompt reads."""
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(labels, dtype=torch.bool)
+        labelled = self.unread(labels, real) != -100  # (B, T)
+        starts = torch.zeros_like(labelled)
+        starts[:, 0] = True
+        if documents is not None:
+            starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+        front = self.model.embed_tokens(labels.new_zeros(len(labels), 1))  # (B, P + 1, D), and which P are real
+        front, front_real = front if isinstance(front, tuple) else (front, None)
+        prepends = (front_real.any(1) if front_real is not None else torch.full((len(labels),), front.shape[1] > 1,
+                                                                                device=labels.device))
+        return int((labelled & (~starts | prepends[:, None])).sum())
+
     def loss(self, input_ids=None, labels=None, attention_mask=None, inputs_embeds=None, reduction="mean",
              documents=None):
         """Next-token cross-entropy over positions whose label is not -100: their mean, or their sum

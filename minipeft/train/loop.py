@@ -27,8 +27,10 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 def scored_tokens(labels, documents=None, model=None, mask=None) -> int:
     """How many positions a batch's loss covers: each predicts the next token, where it is labelled, and
-    in a packed row only within a document; with a `model`, not a token its method reads (Llama.unread)."""
-    labels = model.unread(labels, mask.bool()) if model is not None else labels
+    in a packed row only within a document. With a `model`, as its loss counts (Llama.scored): a method's
+    prepended positions predict the first token, and a token its method reads is not scored."""
+    if model is not None:
+        return model.scored(labels, mask, documents)
     scored = labels[:, 1:] != -100
     if documents is not None:
         scored &= documents[:, 1:] == documents[:, :-1]
