@@ -223,7 +223,7 @@ def command_nearest(args):
     neighbours = prompt_neighbours(model, tokenizer, args.k)
     if not neighbours:
         raise BadInput(f"--adapter {args.adapter}: a {peft_type} adapter learns no vectors in the token embedding "
-                       f"space; nearest reads prompt tuning and LoPT adapters")
+                       f"space; nearest reads prompt tuning, LoPT and EPT adapters")
     print(f"nearest vocabulary tokens by cosine, for each of the {len(neighbours)} learned prompts of {args.adapter}:")
     for i, row in enumerate(neighbours):
         print(f"{i:3d}  " + "  ".join(f"{token!r} {cosine:.2f}" for token, cosine in row))

@@ -148,3 +148,43 @@ def test_a_checkpoint_at_such_widths_loads_right_and_says_so(tmp_path, monkeypat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_model(tmp_path)  # full precision: nothing to say
+
+
+def test_weights_kept_decoded_while_generating_give_the_same_numbers(tmp_path):
+    """quant.decoded_weights keeps each 4-bit weight decoded, as the formula above decodes it, within its budget,
+    in model order; the logits and the greedy tokens are those of decoding every weight at each use; gradients
+    never use the kept weights, and nothing is kept after the block."""
+    import minipeft
+
+    write_hf_checkpoint(tmp_path, intermediate_size=200)  # the MLP's 4-bit weights are rows of 200: the torch path
+    model = load_model(tmp_path, quantize="nf4")
+    layers = [m for m in model.modules() if isinstance(m, quant.Linear4bit)]
+    sizes = [m.out_features * m.in_features * 4 for m in layers]
+    ids = torch.randint(3, 256, (2, 9))
+    with torch.no_grad():
+        plain = model(ids)
+    fingerprint = minipeft.base_fingerprint(model)
+    budget = (sizes[0] + sizes[1] + sizes[2] // 2) / 2 ** 20  # the first two fit, the third does not
+    with quant.decoded_weights(model, budget) as kept:
+        assert kept == (sizes[0] + sizes[1]) / 2 ** 20
+        assert [m.decoded is not None for m in layers] == [True, True] + [False] * (len(layers) - 2)
+        for layer in layers[:2]:
+            assert torch.equal(layer.decoded, reference_weight(layer))
+    with quant.decoded_weights(model, 1024):
+        assert all(m.decoded is not None for m in layers)
+        with torch.no_grad():
+            assert torch.equal(model(ids), plain)
+        decoded = [m.decoded for m in layers]
+        for m in layers:
+            m.decoded = torch.zeros_like(m.decoded)
+        with torch.no_grad():
+            assert not torch.equal(model(ids), plain)  # generation reads the kept weights
+        with torch.enable_grad():
+            assert torch.equal(model(ids), plain)  # the training path decodes as it goes
+        for m, weight in zip(layers, decoded):
+            m.decoded = weight
+    assert all(m.decoded is None for m in layers)
+    prompts = [ids[0].tolist(), ids[1, :4].tolist()]
+    assert minipeft.generate(model, prompts, 8, eos_id=-1) == minipeft.generate(model, prompts, 8, eos_id=-1,
+                                                                                weight_cache_mb=0)
+    assert minipeft.base_fingerprint(model) == fingerprint

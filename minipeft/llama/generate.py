@@ -12,6 +12,7 @@ import torch
 from ..errors import BadInput
 from ..progress import Progress
 from .model import KVCache
+from .quant import decoded_weights
 
 
 def choose_next(logits, temperature: float, top_p: float, generator):
@@ -30,7 +31,7 @@ def choose_next(logits, temperature: float, top_p: float, generator):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed=None, eos_id=None,
-             progress=False):
+             progress=False, weight_cache_mb=1024):
     """Continue each prompt (a list of token ids); return the new ids per prompt, without EOS.
 
     Args:
@@ -41,6 +42,8 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed
         eos_id: generation of a sequence stops at this token, or at any of a list of them (default: the
             model config's eos_token_id, which Llama 3 instruct gives as a list).
         progress: a label, to show the tokens made and the time left on stdout (minipeft/progress.py).
+        weight_cache_mb: on CPU, how much of a 4-bit base to keep decoded while generating, so that each
+            token does not decode it again (quant.decoded_weights); 0 keeps none.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise BadInput("generate: every prompt needs at least one token")
@@ -56,10 +59,19 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed
         attention_mask[row, longest - len(prompt):] = True
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
 
+    with decoded_weights(model, weight_cache_mb if max_new_tokens > 1 else 0):
+        rows = decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, generator, stop_ids,
+                      progress)
+    return [list(itertools.takewhile(lambda token: token not in stop_ids and token != -1, row)) for row in rows]
+
+
+def decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, generator, stop_ids, progress):
+    """The prefill and the loop: each row's new ids, -1 after the row has ended."""
+    device = input_ids.device
     cache = KVCache(model.config.num_hidden_layers)
     logits = model(input_ids, attention_mask, cache, last_only=True)[:, -1]  # (B, vocab)
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    finished = torch.zeros(len(input_ids), dtype=torch.bool, device=device)
     new_tokens = []
     shown = Progress(progress, max_new_tokens, unit="tokens", scale=1) if progress else None
     for _ in range(max_new_tokens):
@@ -73,5 +85,4 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed
         logits = model(next_ids[:, None], cache=cache, last_only=True)[:, -1]
     if shown:
         shown.close()
-    rows = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
-    return [list(itertools.takewhile(lambda token: token not in stop_ids and token != -1, row)) for row in rows]
+    return torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in input_ids]

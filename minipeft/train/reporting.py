@@ -71,7 +71,7 @@ def plot_losses(path, series: dict, title: str):
 
 
 def prompt_neighbours(model, tokenizer, k=5) -> list[list[tuple[str, float]]]:
-    """For each learned prompt vector on the model (prompt tuning, LoPT), its k nearest vocabulary tokens by
+    """For each learned prompt vector on the model (prompt tuning, LoPT, EPT), its k nearest vocabulary tokens by
     cosine, as (token text, cosine): what the vector means, read off the vocabulary. [] without learned prompts."""
     found = [module for _, module in wrappers(model) if hasattr(module, "prompts")]
     neighbours = []
