@@ -55,7 +55,7 @@ CHOICES = {
     "ept": Choice(lambda m, s, seed: add_ept(m, s["num_prompts"], s["knowledge_rows"], s["r"], s["spaces"], seed=seed),
                   {"num_prompts": 8, "knowledge_rows": 16, "r": 4, "spaces": 3}, {"code": 1e-2, "fox": 1e-2}),
     "iapt": Choice(lambda m, s, seed: add_iapt(m, s["num_prompts"], s["r"], s["instruction_tokens"], seed=seed),
-                   {"num_prompts": 4, "r": 16, "instruction_tokens": 16}, {"code": 1e-3, "fox": 1e-2}),
+                   {"num_prompts": 4, "r": 16, "instruction_tokens": 16}, {"code": 1e-2, "fox": 1e-2}),
     "alora": Choice(lambda m, s, seed: add_alora(m, s["targets"].split(","), s["r"], s["alpha"], 0.0, s["capacity"]),
                     {"targets": "q_proj,v_proj", "r": 4, "alpha": 8, "capacity": 8, "realloc_every": 20, "prune": 12},
                     {"code": 1e-3, "fox": 5e-3}),
