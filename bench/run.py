@@ -114,7 +114,7 @@ def main():
     for task in tasks:
         for round_ in range(args.rounds):
             stacks = ("minipeft",) if task == "peak" else (
-                ("minipeft", "peer") + (("peer-fp32",) if task == "generate" else ()))
+                ("minipeft", "peer") + (("peer-fp32", "minipeft-no-cache") if task == "generate" else ()))
             for stack in stacks:
                 result = measure(stack, task, args)
                 print(f"round {round_ + 1} {task:8s} {stack:8s} {json.dumps(result)}", flush=True)
@@ -135,6 +135,10 @@ def main():
             fp32 = statistics.median(r[figure] for r in runs[(task, "peer-fp32")])
             print(f"| {task}: {figure}, peer without its bf16 CPU kernel | {ours:.2f} | {fp32:.2f} | "
                   f"{ours / fp32:.2f}x |")
+        if (task, "minipeft-no-cache") in runs and figure == "tokens_per_second":
+            plain = statistics.median(r[figure] for r in runs[(task, "minipeft-no-cache")])
+            print(f"| {task}: {figure}, minipeft decoding every weight for every token | {plain:.2f} | "
+                  f"{theirs:.2f} | {plain / theirs:.2f}x |")
     if ("train", "peer") in runs and ("peak", "minipeft") in runs:
         roofline(runs, args)
     if args.json:

@@ -94,10 +94,12 @@ def train_steps(stack, model, args, dtype, device):
 @torch.no_grad()
 def generate(stack, model, args, device):
     prompt = torch.tensor([[1, 563, 7071, 30, 78, 711]], device=device)  # any fixed ids
-    if stack == "minipeft":
+    if stack.startswith("minipeft"):
         import minipeft
 
-        run = lambda n: minipeft.generate(model, prompt.tolist(), max_new_tokens=n, eos_id=-1)[0]
+        cache_mb = 0 if stack == "minipeft-no-cache" else 1024
+        run = lambda n: minipeft.generate(model, prompt.tolist(), max_new_tokens=n, eos_id=-1,
+                                          weight_cache_mb=cache_mb)[0]
     else:
         run = lambda n: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                        min_new_tokens=n, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist()
@@ -135,8 +137,9 @@ def peak_memory_mb(device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stack", choices=["minipeft", "peer", "peer-fp32"], required=True,
-                        help="peer-fp32: the peer with bitsandbytes' bf16 CPU inference kernel switched off")
+    parser.add_argument("--stack", choices=["minipeft", "minipeft-no-cache", "peer", "peer-fp32"], required=True,
+                        help="peer-fp32: the peer with bitsandbytes' bf16 CPU inference kernel switched off; "
+                             "minipeft-no-cache: generation decoding every 4-bit weight for every token")
     parser.add_argument("--task", choices=["train", "generate", "load", "peak"], required=True)
     parser.add_argument("--weights", required=True)
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
@@ -156,7 +159,7 @@ def main():
         print(json.dumps({"stack": args.stack, "task": "peak", **matmul_peak(dtype, device)}))
         return
     start = sync(device)
-    if args.stack == "minipeft":
+    if args.stack.startswith("minipeft"):
         model = load_minipeft(args.weights, dtype, device)
     else:
         model = load_peer(args.weights, dtype, device, fp32_kernels=args.stack == "peer-fp32")
