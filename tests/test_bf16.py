@@ -48,3 +48,43 @@ def test_bf16_gradients_are_no_further_from_fp32_than_the_peers(gradients):
     peer = relative_error(gradients["peer", "bf16"], gradients["peer", "fp32"])
     assert 0 < peer < 0.5  # bf16 did run, and the step is still a step
     assert ours <= 1.03 * peer + 0.001, (ours, peer)
+
+
+def test_under_autocast_the_adapters_convert_no_activation(tmp_path):
+    """A conversion a step does not need, counted: under bf16 autocast, LoRA's, ALoRA's and the bottleneck
+    adapters' forwards hand their bf16 input to their own matmuls as it is (autocast casts it), never through an
+    fp32 copy that the matmul would round back; with the bare base's conversions as the baseline, the adapters add
+    none of an activation's size. Without autocast the fp32 copy is needed, and made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tests.helpers import write_hf_checkpoint
+
+    class Conversions(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.count = numel, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") not in (None, args[0].dtype):
+                self.count += args[0].numel() >= self.numel  # activations, not the small adapter weights
+            return func(*args, **kwargs)
+
+    write_hf_checkpoint(tmp_path)
+    ids = torch.randint(3, 256, (2, 16))
+
+    def conversions(add, autocast=True):
+        model = minipeft.load_model(tmp_path, dtype=torch.bfloat16)
+        add(model)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                Conversions(ids.numel() * model.config.hidden_size) as counted:
+            model(ids)
+        return counted.count
+
+    bare = conversions(lambda m: None)
+    for add in (lambda m: minipeft.add_lora(m, ["q", "v", "down"], r=4),
+                lambda m: minipeft.add_alora(m, ["q", "v"], r=2),
+                lambda m: minipeft.add_bottleneck_adapters(m, bottleneck_size=8)):
+        assert conversions(add) == bare
+    assert conversions(lambda m: minipeft.add_lora(m, ["q", "v"], r=4), autocast=False) > conversions(
+        lambda m: None, autocast=False)

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import BadInput
-from .contract import attach, linears_named
+from .contract import attach, linears_named, matmul_input
 from .lora import LoRALayer
 
 
@@ -52,7 +52,7 @@ class ALoRALayer(LoRALayer):
 
     def adapt_output(self, x, y):
         """y + s B G A x."""
-        down = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # A x: (..., R)
+        down = self.lora_A(self.dropout(matmul_input(x, self.lora_A.weight)))  # A x: (..., R)
         update = self.lora_B(down * self.lora_gate.to(down.dtype))  # B G A x: (..., out)
         return y + (self.scaling * update).to(y.dtype)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from ..errors import BadInput
-from .contract import Wrapper, attach, innermost, linears_named
+from .contract import Wrapper, attach, innermost, linears_named, matmul_input
 
 PLACEMENTS = {"houlsby": ("o_proj", "down_proj"), "pfeiffer": ("down_proj",)}  # after attention and/or the MLP
 NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -51,7 +51,7 @@ class BottleneckAdapter(Wrapper):
 
     def adapt_output(self, x, h):
         """h + up(act(down(h))), from the wrapped layer's output h (..., D)."""
-        update = self.adapter_up(self.non_linearity(self.adapter_down(h.to(self.adapter_down.weight.dtype))))
+        update = self.adapter_up(self.non_linearity(self.adapter_down(matmul_input(h, self.adapter_down.weight))))
         return h + update.to(h.dtype)  # (..., D): the skip connection around the bottleneck
 
 

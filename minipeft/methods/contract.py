@@ -34,6 +34,7 @@ from .placing import (SHORT_NAMES, check_free, check_name, in_slot, innermost, l
                       record_settings)
 
 __all__ = ["Wrapper", "Mergeable", "Prepends", "PastWrapper", "LayerPromptsWrapper",  # a method's module inherits
+           "matmul_input",  # what its own matmuls take
            "attach", "linears_named", "SHORT_NAMES", "innermost", "pattern_value", "disabled"]  # its add_X
 
 
@@ -148,6 +149,13 @@ class LayerPromptsWrapper(Wrapper):
         """(B, T) bool: the text tokens this adapter reads, in its rows (and those the inner adapter reads)."""
         inner = self.inner.reads(real_text) if self.inner is not None else torch.zeros_like(real_text)
         return inner | (row_mask(self, len(real_text), real_text.device)[:, None] & self.instruction(real_text))
+
+
+def matmul_input(x, weight):
+    """x as a method's own matmul by `weight` takes it: under autocast as it comes, since autocast casts both
+    sides to its dtype anyway (a cast to fp32 first would be undone); otherwise in the weight's dtype (a bf16
+    base's activations meet fp32 LoRA matrices)."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(weight.dtype)
 
 
 def attach(model, name: str, settings, slots, make_wrapper) -> dict:

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..errors import BadInput
 from ..llama.quant import dequantize, is_4bit, requantize_
-from .contract import Mergeable, Wrapper, attach, innermost, linears_named, pattern_value
+from .contract import Mergeable, Wrapper, attach, innermost, linears_named, matmul_input, pattern_value
 
 
 class LoRALayer(Wrapper, Mergeable):
@@ -47,7 +47,7 @@ class LoRALayer(Wrapper, Mergeable):
 
     def adapt_output(self, x, y):
         """y + (alpha / r) B A x, from the wrapped layer's output y = W x."""
-        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))  # B A x: (..., out)
+        update = self.lora_B(self.lora_A(self.dropout(matmul_input(x, self.lora_A.weight))))  # B A x: (..., out)
         return y + (self.scaling * update).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
