@@ -10,8 +10,8 @@ Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models".
 Module names follow the Hugging Face checkpoint layout, so `model.state_dict()` keys are the file's
 keys (`model.layers.0.self_attn.q_proj.weight`, ...).
 
-The contract with PEFT methods. A method changes the model only by putting a module of its own into one
-of three slots, and the decoder only calls what it finds there; it never asks which method is on.
+The contract with PEFT methods. A method changes the model only by putting modules of its own into some
+of four slots, and the decoder only calls what it finds there; it never asks which method is on.
 
 1. A linear or a norm: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`, `lm_head`,
    `input_layernorm`, `post_attention_layernorm` or `norm` may be replaced by any module that maps
