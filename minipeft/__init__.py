@@ -22,7 +22,8 @@ from .llama.config import LlamaConfig
 from .llama.generate import generate
 from .llama.gradient_checkpointing import enable_checkpointing
 from .llama.loader import build_model, load, load_model
-from .llama.model import KVCache, Llama
+from .llama.kv_cache import KVCache
+from .llama.model import Llama
 from .llama.tokenizer import load_tokenizer
 from .methods.bitfit import add_bitfit
 from .methods.bottleneck import add_bottleneck_adapters

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import BadInput
 from ..progress import Progress
-from .model import KVCache
+from .kv_cache import KVCache
 from .quant import decoded_weights
 
 

@@ -50,7 +50,9 @@ import torch.nn.functional as F
 from ..errors import BadInput
 from .config import LlamaConfig
 from .gradient_checkpointing import checkpoint
+from .kv_cache import KVCache
 from .loss import linear_cross_entropy
+from .masks import causal_padding_mask, document_mask
 from .rotary import apply_rotary, inverse_frequencies, rotary_cos_sin
 
 
@@ -67,40 +69,6 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-class KVCache:
-    """Keys and values of the positions before the new tokens, per layer, and which of them are real.
-
-    It starts empty (generation), or pre-filled with learned positions (contract 3 above). A cache that
-    does not `grow` is a fixed past: each layer joins it to its new keys and values but stores nothing,
-    so a recompute in backward sees the same past."""
-
-    def __init__(self, num_layers: int, grow: bool = True):
-        self.keys = [None] * num_layers
-        self.values = [None] * num_layers
-        self.mask = None  # (B, S) bool: False at padding
-        self.grow = grow
-
-    def fill(self, keys, values, real=None, dtype=torch.float32) -> "KVCache":
-        """Start the cache with P positions per layer: keys[i], values[i] are (B, KV, P, hd); `real` (B, P)
-        says which a row has (all, unless a mixed batch)."""
-        self.keys, self.values = [k.to(dtype) for k in keys], [v.to(dtype) for v in values]
-        B, _, P, _ = keys[0].shape
-        self.mask = real if real is not None else torch.ones(B, P, dtype=torch.bool, device=keys[0].device)
-        return self
-
-    @property
-    def length(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
-
-    def update(self, layer_index: int, k, v):
-        if self.keys[layer_index] is not None:
-            k = torch.cat([self.keys[layer_index], k], dim=2)  # (B, kv_heads, S, head_dim)
-            v = torch.cat([self.values[layer_index], v], dim=2)
-        if self.grow:
-            self.keys[layer_index], self.values[layer_index] = k, v
-        return k, v
 
 
 class Attention(nn.Module):
@@ -155,32 +123,6 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-def causal_padding_mask(key_mask, num_new: int):
-    """Boolean (B, 1, T, S) mask: a query sees real keys at or before its own position.
-
-    A padded query also sees itself, so no softmax row is empty (its output is never used)."""
-    S = key_mask.shape[1]
-    query_pos = torch.arange(S - num_new, S, device=key_mask.device)[:, None]  # (T, 1)
-    key_pos = torch.arange(S, device=key_mask.device)[None]  # (1, S)
-    mask = (key_pos <= query_pos) & key_mask[:, None, :]  # (B, T, S)
-    return (mask | (key_pos == query_pos))[:, None]
-
-
-def document_mask(key_mask, key_documents, query_documents):
-    """Packed rows: boolean (B, 1, T, S) mask, and rotary positions (B, T) that restart at each document.
-
-    A query sees real keys at or before it in its own document, and the shared positions in front of
-    every document (document -1: learned prompts or a learned past). Its position is how many it sees,
-    less one: the position it would have with its document alone behind the shared ones."""
-    S, T = key_mask.shape[1], query_documents.shape[1]
-    query_pos = torch.arange(S - T, S, device=key_mask.device)[:, None]  # (T, 1)
-    key_pos = torch.arange(S, device=key_mask.device)[None]  # (1, S)
-    same = (key_documents[:, None, :] == query_documents[:, :, None]) | (key_documents[:, None, :] == -1)  # (B, T, S)
-    sees = (key_pos <= query_pos) & key_mask[:, None, :] & same
-    positions = (sees.sum(-1) - 1).clamp(min=0)
-    return (sees | (key_pos == query_pos))[:, None], positions
 
 
 class LlamaModel(nn.Module):

@@ -156,7 +156,8 @@ def dequantized_rows(layer, rows=None):
 def decoded_weights(model, budget_mb: float):
     """Within the block, the 4-bit linears on CPU keep their weight decoded in their compute dtype, those
     first in the model first, up to `budget_mb` megabytes; the others decode as they are used. Decoding one
-    token would otherwise decode every weight again (generation at batch 1 is 1.6-2x faster with it: bench/).
+    token would otherwise decode every weight again (batch-1 generation is 1.7x faster with it on a 2-core
+    Xeon with AMX: bench/RESULTS.md).
     Gradients never use it, and nothing of it outlives the block. Yields the megabytes kept."""
     kept, budget = [], budget_mb * 2 ** 20
     try:

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import BadInput
-from ..llama.model import KVCache
+from ..llama.kv_cache import KVCache
 from .contract import PastWrapper, attach, disabled
 
 
