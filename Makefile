@@ -10,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WEIGHTS := weights/smollm2-135m-instruct
 
-.PHONY: fox code test setup weights
+.PHONY: fox code test setup weights browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,10 @@ fox: setup weights
 code: setup weights
 	$(PY) train_code.py
 
-test: setup weights
+# The page's test drives a real browser: Debian's Chromium and its driver, installed once if missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
+
+test: setup weights browser
 	$(PY) -m pytest -q

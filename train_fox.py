@@ -19,15 +19,12 @@ import minipeft
 from minipeft.errors import ArgumentParser, run_cli
 from minipeft.llama.default_model import DEFAULT_DIR
 from minipeft.llama.loader import check_device
+from minipeft.train.fox import PROMPT, TARGET, VARIANTS
 from minipeft.train.distributed import (DataParallelLoss, collective_failure, start_processes,
                                         world_from_environment)
 from minipeft.train.method_choice import add_method_arguments, between_steps, choose_method
 from minipeft.train.reporting import (check_positive, check_weights, plot_losses, prepare_output_dir,
                                       prompt_neighbours, write_report)
-
-TARGET = "A quick brown fox did not jump over the lazy dog. Besides, that dog deserved it anyway!"
-PROMPT = "A quick brown fox"
-VARIANTS = ["The quick brown fox", "a quick brown fox"]
 
 
 def parse_args():

@@ -11,6 +11,8 @@
         the parameter report, on the meta device: no weights are read
     minipeft nearest --adapter runs/fox/adapter
         what each learned prompt vector means: its nearest vocabulary tokens, by cosine
+    minipeft serve --adapter fox=runs/fox/adapter
+        an OpenAI-compatible API (continuous batching, every adapter in one batch) and a page to compare and tune
 
 Mistakes (an unknown adapter name, an adapter for another base, a method that cannot merge) end with one
 line naming them, and exit code 2.
@@ -32,18 +34,17 @@ from .files import write_atomically
 from .llama.config import LlamaConfig
 from .llama.default_model import DEFAULT_DIR
 from .llama.generate import generate
-from .llama.loader import build_model, load, load_model
-from .llama.loader import read_named_tensor
+from .llama.loader import build_model, load, load_model, read_named_tensor
 from .llama.chat import chat_ids
 from .llama.tokenizer import load_tokenizer
 from .llama.quant import dequantize, is_4bit
-from .methods.named_adapters import set_adapter
 from .methods.counting import count_parameters
 from .methods.fingerprints import base_name
 from .methods.freezing import adapter_parameters
 from .methods.merging import merge
-from .methods.named_adapters import wrappers
+from .methods.named_adapters import set_adapter, wrappers
 from .methods.placing import slot_names
+from .serve import add_serve_command, command_serve
 from .train.method_choice import add_method_arguments, choose_method
 from .train.reporting import check_weights, prompt_neighbours
 
@@ -273,6 +274,7 @@ def build_parser():
     cnt = commands.add_parser("count", help="trainable and total numbers of a method, without loading weights")
     cnt.add_argument("--config", default="llama-7b", help="a directory with config.json, or llama-7b (default)")
     add_method_arguments(cnt, default_method="lora")
+    add_serve_command(commands)
     return parser
 
 
@@ -290,7 +292,7 @@ def prompts_as_values(argv: list) -> list:
 def main(argv=None):
     args = build_parser().parse_args(prompts_as_values(sys.argv[1:] if argv is None else list(argv)))
     commands = {"generate": command_generate, "merge": command_merge, "count": command_count,
-                "nearest": command_nearest}
+                "nearest": command_nearest, "serve": command_serve}
     run_cli(lambda: commands[args.command](args))
 
 

@@ -74,3 +74,17 @@ def assert_merges_as_peft_merges(ours, theirs, ids, adapter_key):
             if adapter_key not in name:
                 assert_close(tensor, merged_theirs[name.replace(".base_layer", "")], rtol=0, atol=1e-6, msg=name)
     return unmerged
+
+
+def trained_looking(model, add, seed=0):
+    """`add` a method to the model, then move every one of its tensors a little, as training would: an adapter
+    whose outputs differ from the base's."""
+    from minipeft.methods.freezing import adapter_parameters
+
+    torch.manual_seed(seed)
+    add(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(adapter_parameters(model).items()):
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model

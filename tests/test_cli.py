@@ -16,22 +16,12 @@ from minipeft import formats, load_adapter, load_model, save_adapter
 from minipeft.llama.chat import chat_ids
 from minipeft.methods.table import parameter_table
 from minipeft.methods.freezing import adapter_parameters
-from tests.helpers import ROOT, write_hf_checkpoint
+from tests.helpers import ROOT, trained_looking, write_hf_checkpoint
 
 
 def run(*args, stdin=None):
     return subprocess.run([sys.executable, "-m", "minipeft", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, input=stdin, timeout=600)
-
-
-def trained_looking(model, add, seed=0):
-    torch.manual_seed(seed)
-    add(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(adapter_parameters(model).items()):
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return model
 
 
 MERGEABLE = {

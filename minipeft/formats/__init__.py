@@ -61,13 +61,19 @@ def save_adapter(model, directory, base_model_name_or_path=None):
     for name in names:
         target = Path(directory) if name == "default" else Path(directory) / name
         target.mkdir(parents=True, exist_ok=True)
-        config, tensors = adapter_state(model, name)
-        config["base_model_name_or_path"] = base_model_name_or_path
-        config["inference_mode"] = True
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-        metadata = {"format": "pt", **base_metadata(getattr(model, "loaded_as", None))}
-        write_atomically(target / WEIGHTS_FILE, save_safetensors_bytes(tensors, metadata=metadata))
-        write_atomically(target / CONFIG_FILE, json.dumps(config, indent=2).encode())
+        for file_name, content in adapter_files(model, name, base_model_name_or_path).items():
+            write_atomically(target / file_name, content)
+
+
+def adapter_files(model, name: str, base_model_name_or_path=None) -> dict[str, bytes]:
+    """Adapter `name` as the two files of peft's layout: {file name: its bytes}."""
+    config, tensors = adapter_state(model, name)
+    config["base_model_name_or_path"] = base_model_name_or_path
+    config["inference_mode"] = True
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {"format": "pt", **base_metadata(getattr(model, "loaded_as", None))}
+    return {WEIGHTS_FILE: save_safetensors_bytes(tensors, metadata=metadata),
+            CONFIG_FILE: json.dumps(config, indent=2).encode()}
 
 
 BASE_METADATA = {"minipeft_base_quantize": ("quantize", {"none": None, "nf4": "nf4", "fp4": "fp4"}),

@@ -35,3 +35,27 @@ class KVCache:
         if self.grow:
             self.keys[layer_index], self.values[layer_index] = k, v
         return k, v
+
+    def keep(self, rows: list[int]) -> "KVCache":
+        """The cache of these rows alone (a batch whose other rows have ended), without the leading columns
+        that none of them uses."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        mask = self.mask[index]
+        first = int(mask.any(0).long().argmax())  # positions count real keys only, so padding can go
+        kept = KVCache(len(self.keys), self.grow)
+        kept.keys = [k[index, :, first:] for k in self.keys]
+        kept.values = [v[index, :, first:] for v in self.values]
+        kept.mask = mask[:, first:]
+        return kept
+
+    @staticmethod
+    def join(caches: list["KVCache"]) -> "KVCache":
+        """One cache for the rows of several, each left-padded to the longest: a padded key is never attended
+        and does not count toward positions, so every row goes on as it would alone."""
+        longest = max(c.length for c in caches)
+        pad = lambda t, c: torch.nn.functional.pad(t, (0, 0, longest - c.length, 0))  # (B, KV, S, hd): along S
+        joined = KVCache(len(caches[0].keys), caches[0].grow)
+        joined.keys = [torch.cat([pad(c.keys[i], c) for c in caches]) for i in range(len(joined.keys))]
+        joined.values = [torch.cat([pad(c.values[i], c) for c in caches]) for i in range(len(joined.keys))]
+        joined.mask = torch.cat([torch.nn.functional.pad(c.mask, (longest - c.length, 0)) for c in caches])
+        return joined

@@ -27,36 +27,44 @@ LORA_TARGETS = "q_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
 
 @dataclass(frozen=True)
 class Choice:
-    add: Callable  # (model, settings, seed) -> None
+    add: Callable  # (model, settings, seed, adapter name) -> None
     settings: dict  # the flags this method reads, with their defaults
     lr: dict  # task -> AdamW learning rate, found by bench/methods.py
 
 
-def lora(model, s, seed, use_dora=False):
-    add_lora(model, s["targets"].split(","), r=s["r"], alpha=s["alpha"], dropout=s["dropout"], use_dora=use_dora)
+def lora(model, s, seed, name, use_dora=False):
+    add_lora(model, s["targets"].split(","), r=s["r"], alpha=s["alpha"], dropout=s["dropout"], use_dora=use_dora,
+             name=name)
 
 
 LORA_SETTINGS = {"targets": LORA_TARGETS, "r": 8, "alpha": 16, "dropout": 0.05}
-CHOICES = {
+CHOICES = {  # add(model, settings, seed, name): `name` is the adapter's (named_adapters.py)
     "lora": Choice(lora, LORA_SETTINGS, {"code": 1e-3, "fox": 1e-2}),
-    "dora": Choice(lambda m, s, seed: lora(m, s, seed, use_dora=True), LORA_SETTINGS, {"code": 1e-3, "fox": 1e-2}),
-    "ia3": Choice(lambda m, s, seed: add_ia3(m, s["targets"].split(",")), {"targets": "k_proj,v_proj,down_proj"},
-                  {"code": 1e-2, "fox": 5e-2}),
-    "bitfit": Choice(lambda m, s, seed: add_bitfit(m, s["targets"].split(","), norms=True),
+    "dora": Choice(lambda m, s, seed, name: lora(m, s, seed, name, use_dora=True), LORA_SETTINGS,
+                   {"code": 1e-3, "fox": 1e-2}),
+    "ia3": Choice(lambda m, s, seed, name: add_ia3(m, s["targets"].split(","), name=name),
+                  {"targets": "k_proj,v_proj,down_proj"}, {"code": 1e-2, "fox": 5e-2}),
+    "bitfit": Choice(lambda m, s, seed, name: add_bitfit(m, s["targets"].split(","), norms=True, name=name),
                      {"targets": ",".join(BLOCK_LINEARS)}, {"code": 3e-3, "fox": 1e-2}),
-    "bottleneck": Choice(lambda m, s, seed: add_bottleneck_adapters(m, s["bottleneck_size"], s["placement"]),
+    "bottleneck": Choice(lambda m, s, seed, name: add_bottleneck_adapters(m, s["bottleneck_size"], s["placement"],
+                                                                          name=name),
                          {"bottleneck_size": 64, "placement": "houlsby"}, {"code": 1e-3, "fox": 1e-2}),
-    "prefix": Choice(lambda m, s, seed: add_prefix_tuning(m, s["num_prompts"], s["projection_hidden"], seed=seed),
+    "prefix": Choice(lambda m, s, seed, name: add_prefix_tuning(m, s["num_prompts"], s["projection_hidden"], seed=seed,
+                                                                name=name),
                      {"num_prompts": 16, "projection_hidden": None}, {"code": 1e-2, "fox": 1e-2}),
-    "prompt": Choice(lambda m, s, seed: add_prompt_tuning(m, s["num_prompts"], init="vocab", seed=seed),
+    "prompt": Choice(lambda m, s, seed, name: add_prompt_tuning(m, s["num_prompts"], init="vocab", seed=seed,
+                                                                name=name),
                      {"num_prompts": 16}, {"code": 1e-2, "fox": 1e-2}),
-    "lopt": Choice(lambda m, s, seed: add_lopt(m, s["num_prompts"], s["r"], seed=seed),
+    "lopt": Choice(lambda m, s, seed, name: add_lopt(m, s["num_prompts"], s["r"], seed=seed, name=name),
                    {"num_prompts": 16, "r": 4}, {"code": 1e-2, "fox": 1e-2}),
-    "ept": Choice(lambda m, s, seed: add_ept(m, s["num_prompts"], s["knowledge_rows"], s["r"], s["spaces"], seed=seed),
+    "ept": Choice(lambda m, s, seed, name: add_ept(m, s["num_prompts"], s["knowledge_rows"], s["r"], s["spaces"],
+                                                   seed=seed, name=name),
                   {"num_prompts": 8, "knowledge_rows": 16, "r": 4, "spaces": 3}, {"code": 1e-2, "fox": 1e-2}),
-    "iapt": Choice(lambda m, s, seed: add_iapt(m, s["num_prompts"], s["r"], s["instruction_tokens"], seed=seed),
+    "iapt": Choice(lambda m, s, seed, name: add_iapt(m, s["num_prompts"], s["r"], s["instruction_tokens"], seed=seed,
+                                                     name=name),
                    {"num_prompts": 4, "r": 16, "instruction_tokens": 16}, {"code": 1e-2, "fox": 1e-2}),
-    "alora": Choice(lambda m, s, seed: add_alora(m, s["targets"].split(","), s["r"], s["alpha"], 0.0, s["capacity"]),
+    "alora": Choice(lambda m, s, seed, name: add_alora(m, s["targets"].split(","), s["r"], s["alpha"], 0.0,
+                                                       s["capacity"], name=name),
                     {"targets": "q_proj,v_proj", "r": 4, "alpha": 8, "capacity": 8, "realloc_every": 20, "prune": 12},
                     {"code": 1e-3, "fox": 5e-3}),
 }
@@ -94,8 +102,9 @@ def add_method_arguments(parser, default_method):
                             help=f"{FLAG_HELP[flag]} (default for {defaults})")
 
 
-def choose_method(model, args, task: str):
-    """Put args.method on the model; fill args with the settings and learning rate it used. Returns them."""
+def choose_method(model, args, task: str, name="default"):
+    """Put args.method on the model, as adapter `name`; fill args with the settings and learning rate it used.
+    Returns them."""
     choice = CHOICES[args.method]
     unread = [flag for flag in FLAGS if getattr(args, flag) is not None and flag not in choice.settings]
     if unread:
@@ -112,7 +121,7 @@ def choose_method(model, args, task: str):
         setattr(args, flag, value)
     if args.lr is None:
         args.lr = choice.lr[task]
-    choice.add(model, settings, args.seed)
+    choice.add(model, settings, args.seed, name)
     return settings
 
 

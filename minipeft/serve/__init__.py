@@ -1,0 +1,78 @@
+"""`minipeft serve`: one frozen base, any number of named adapters, an OpenAI-compatible API and a page to
+compare and tune them.
+
+    browser (page/)  ─┐                      ┌─► engine.py: one thread owns the model; every stream in one mixed
+    openai client    ─┼─► http.py ─► api.py ─┤   batch, new ones joining at the next step (continuous batching)
+    curl             ─┘   threads    shapes  └─► tuning.py: a training job, one step between decoding steps
+
+    minipeft serve --adapter fox=runs/fox/adapter --adapter code=runs/code/adapter
+    curl localhost:8000/v1/completions -d '{"model": "fox", "prompt": "A quick brown fox", "max_tokens": 24}'
+"""
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+
+from .. import formats
+from ..errors import BadInput
+from ..llama.default_model import DEFAULT_DIR
+from .api import Api
+from .engine import Engine
+from .http import make_server
+
+
+def add_serve_command(commands):
+    serve = commands.add_parser("serve", help="an OpenAI-compatible API and a page over the base and adapters",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--weights", default=str(DEFAULT_DIR), help="HF-layout Llama directory (default: %(default)s)")
+    serve.add_argument("--adapter", action="append", help="NAME=PATH of an adapter directory (repeatable); its "
+                                                          "NAME is the `model` of requests")
+    serve.add_argument("--4bit", dest="four_bit", action=argparse.BooleanOptionalAction,
+                       help="load the base in NF4, or in full precision (--no-4bit). Default: as the adapters were "
+                            "trained (their files say); NF4 without adapters, as the tune panel trains")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this "
+                                                           "machine only; 0.0.0.0 opens it to the network)")
+    serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s; 0 picks a free one)")
+    serve.add_argument("--max-batch", type=int, default=16, help="streams decoded together (default: %(default)s)")
+    serve.add_argument("--max-waiting", type=int, default=64,
+                       help="requests queued beyond the batch; more get 503 (default: %(default)s)")
+    serve.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    serve.add_argument("--quiet", action="store_true", help="no line per request on stderr")
+
+
+def start(args):
+    """Load the base and adapters, start the engine's thread and the HTTP server. Returns (server, engine)."""
+    from ..cli import base_for, load_base, parse_adapters
+
+    adapters = parse_adapters(args.adapter)
+    if args.max_batch < 1 or args.max_waiting < 0:
+        raise BadInput("--max-batch must be 1 or more and --max-waiting 0 or more")
+    base = base_for(adapters, args.four_bit if args.four_bit is not None or adapters else True)
+    model, tokenizer = load_base(args.weights, base, args.device)
+    model.eval()
+    engine = Engine(model, tokenizer, args.max_batch, args.max_waiting, bf16=base["dtype"] == "bfloat16")
+    for name, path in adapters.items():
+        config = formats.load_adapter(model, path, name=name)
+        engine.adapters[name] = {"method": config["peft_type"], "source": str(path)}
+    api = Api(engine, Path(args.weights).name, args.weights)
+    try:
+        server = make_server(api, args.host, args.port, quiet=args.quiet)
+    except OSError as e:
+        raise BadInput(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from None
+    threading.Thread(target=engine.run, name="engine", daemon=True).start()
+    return server, engine
+
+
+def command_serve(args):
+    server, engine = start(args)
+    host, port = server.server_address[:2]
+    print(f"serving {args.weights} and {len(engine.adapters)} adapters on http://{host}:{port}/ (page) and "
+          f"http://{host}:{port}/v1 (OpenAI API); Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.stop()
+        server.server_close()
