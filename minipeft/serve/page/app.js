@@ -181,7 +181,7 @@ function drawLoss(losses) {
   svg.innerHTML = `<line class="axis" x1="${left}" y1="${height - bottom}" x2="${width}" y2="${height - bottom}"/>` +
     `<line class="axis" x1="${left}" y1="0" x2="${left}" y2="${height - bottom}"/>` +
     `<text x="2" y="14">${top.toFixed(2)}</text><text x="2" y="${height - bottom}">0</text>` +
-    `<text x="${width - 60}" y="${height - 4}">step ${losses.length}</text>` +
+    `<text x="${width - 60}" y="${height - 4}">step ${losses.length}</text><text x="${left + 6}" y="14">loss</text>` +
     `<polyline class="curve" points="${points}"/>`;
 }
 
