@@ -5,7 +5,11 @@ get a 4xx JSON error, a client that hangs up frees its slot, and a full queue sa
 
 import io
 import json
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -23,7 +27,8 @@ import minipeft
 from minipeft.cli import build_parser
 from minipeft.llama.chat import chat_ids
 from minipeft.serve import start
-from tests.helpers import trained_looking
+from minipeft.serve.streams import Stream
+from tests.helpers import ROOT, trained_looking
 
 ADAPTERS = {  # four of the contract's slots: a linear, the embedding, a learned past, and scaled activations
     "lora": lambda m: minipeft.add_lora(m, ["q_proj", "v_proj", "down_proj"], r=4, name="lora"),
@@ -48,11 +53,14 @@ def served(default_weights, tmp_path_factory):
                                       *[f"--adapter={n}={folder / n}" for n in ADAPTERS]])
     server, engine = start(args)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    decoding = threading.Thread(target=engine.run, daemon=True)  # off the main thread: slower, the same answers
+    decoding.start()
     host, port = server.server_address[:2]
     yield SimpleNamespace(url=f"http://{host}:{port}", server=server, engine=engine, model=model,
                           tokenizer=tokenizer, folder=folder, base=default_weights.name)
     server.shutdown()
     engine.stop()
+    decoding.join(timeout=60)
 
 
 def one_at_a_time(served, adapter, ids, max_tokens, **sampling):
@@ -132,18 +140,19 @@ def test_mistakes_get_openai_errors(served):
 
 
 def test_concurrent_streams_share_a_batch_and_equal_one_at_a_time(served):
-    """The load test: 16 streams at once over the base and four adapters, all answered, each equal to its
-    one-at-a-time greedy answer, decoded in batches of several rows."""
+    """The load test: 16 streams over the base and four adapters, started in four waves, all answered, each equal
+    to its one-at-a-time greedy answer, decoded in batches of several rows."""
     jobs = [(adapter, PROMPTS[i % len(PROMPTS)]) for i, adapter in enumerate([None, *ADAPTERS] * 3 + [None])]
 
-    def stream(job):
-        adapter, prompt = job
+    def stream(numbered):
+        i, (adapter, prompt) = numbered
+        time.sleep(0.4 * (i % 4))  # in four waves: later ones join a batch that is decoding, with its own cache
         pieces = client(served).completions.create(model=adapter or served.base, prompt=prompt, max_tokens=16,
                                                    temperature=0, stream=True)
         return "".join(c.choices[0].text for c in pieces)
     served.engine.widest = 0
     with ThreadPoolExecutor(len(jobs)) as pool:
-        answers = list(pool.map(stream, jobs))
+        answers = list(pool.map(stream, enumerate(jobs)))
     assert served.engine.widest >= 8  # they were decoded together
     for (adapter, prompt), answer in zip(jobs, answers):
         assert answer == one_at_a_time(served, adapter, served.tokenizer.encode(prompt), 16), (adapter, prompt)
@@ -249,3 +258,46 @@ def test_tuning_teaches_the_cow_answer(served):
     assert job["losses"][-1] < job["losses"][0] / 5
     assert ask("cow") == "I don't know. Ask the cow!"
     assert ask(served.base) == before != "I don't know. Ask the cow!"
+
+
+def test_the_command_serves_until_ctrl_c_and_refuses_bad_arguments(default_weights, tmp_path):
+    command = [sys.executable, "-m", "minipeft", "serve", "--weights", str(default_weights), "--port", "0"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = next(line for line in process.stderr if line.startswith("serving"))
+        url = re.search(r"(http://127\.0\.0\.1:\d+)/v1", line).group(1)  # localhost unless --host says otherwise
+        with urllib.request.urlopen(url + "/v1/models", timeout=30) as response:
+            assert json.loads(response.read())["data"][0]["id"] == default_weights.name
+        with urllib.request.urlopen(url + "/", timeout=30) as response:
+            assert b"<title>minipeft serve</title>" in response.read()  # the page, from the package itself
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    bad = subprocess.run([*command, "--adapter", f"x={tmp_path / 'absent'}"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'absent' / 'adapter_model.safetensors'}: not found (an adapter directory holds "
+        f"adapter_config.json and adapter_model.safetensors)"]
+
+
+def test_a_stream_never_says_what_may_be_a_stop_string_or_half_a_character():
+    """Token by token, text is said once it is sure: a stop string that spans tokens is never said, not even
+    its start, and a character whose bytes are still coming waits for them."""
+    pieces = {0: "Hel", 1: "lo", 2: " wo", 3: "rld", 4: "caf", 5: "\ufffd", 6: "é!"}  # 5: half of 'é'
+    decode = lambda ids: "".join(pieces[i] for i in ids if i != 5 or ids[-1] == 5).replace("\ufffdé", "é")
+    said = lambda stream: [event[2] for event in list(stream.events.queue) if event[0] == "text"]
+
+    stream = Stream([9], None, max_tokens=10, stop=("lo wor",))
+    assert [stream.take(t, decode) for t in (0, 1, 2, 3)] == [None, None, None, "stop"]
+    assert said(stream) == ["He", "l"] and stream.events.queue[-1][2] == "stop"  # each "l...", "lo wo": held back
+
+    stream = Stream([9], None, max_tokens=10, stop=("xyz",))
+    for token in (4, 5):
+        stream.take(token, decode)
+    assert said(stream) == ["caf"]  # not "caf\ufffd"
+    stream.take(6, decode)
+    assert said(stream) == ["caf", "é!"]
+    assert Stream([9], None, max_tokens=2).take(0, decode) is None
+    ended = Stream([9], None, max_tokens=1, stop_ids=(7,))
+    assert ended.take(7, decode) == "stop" and ended.events.queue[-1][3]["completion_tokens"] == 0

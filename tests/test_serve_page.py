@@ -25,9 +25,12 @@ def server(default_weights):
     server, engine = start(build_parser().parse_args(["serve", "--weights", str(default_weights), "--port", "0",
                                                       "--quiet"]))
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    decoding = threading.Thread(target=engine.run, daemon=True)  # off the main thread: slower, the same answers
+    decoding.start()
     yield server
     server.shutdown()
     engine.stop()
+    decoding.join(timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,8 @@ def add_serve_command(commands):
 
 
 def start(args):
-    """Load the base and adapters, start the engine's thread and the HTTP server. Returns (server, engine)."""
+    """Load the base and adapters; make the engine and the HTTP server (not yet running). Returns (server, engine):
+    run `server.serve_forever` on a thread of its own, and `engine.run` on the main thread (engine.py says why)."""
     from ..cli import base_for, load_base, parse_adapters
 
     adapters = parse_adapters(args.adapter)
@@ -60,19 +61,19 @@ def start(args):
         server = make_server(api, args.host, args.port, quiet=args.quiet)
     except OSError as e:
         raise BadInput(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from None
-    threading.Thread(target=engine.run, name="engine", daemon=True).start()
     return server, engine
 
 
 def command_serve(args):
     server, engine = start(args)
     host, port = server.server_address[:2]
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     print(f"serving {args.weights} and {len(engine.adapters)} adapters on http://{host}:{port}/ (page) and "
           f"http://{host}:{port}/v1 (OpenAI API); Ctrl-C stops", file=sys.stderr, flush=True)
     try:
-        server.serve_forever()
+        engine.run()
     except KeyboardInterrupt:
         pass
     finally:
-        engine.stop()
+        server.shutdown()
         server.server_close()
