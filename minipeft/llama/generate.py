@@ -51,18 +51,25 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed
         raise BadInput(f"generate: top_p must be in (0, 1], got {top_p}")
     stop_ids = model.config.eos_token_ids if eos_id is None else eos_id if isinstance(eos_id, list) else [eos_id]
     device = model.model.norm.weight.device  # lm_head may be wrapped by an adapter
-    longest = max(len(p) for p in prompts)
-    input_ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-    attention_mask = torch.zeros(len(prompts), longest, dtype=torch.bool, device=device)
-    for row, prompt in enumerate(prompts):  # left padding: every prompt ends at the last column
-        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
-        attention_mask[row, longest - len(prompt):] = True
+    input_ids, attention_mask = left_padded(prompts, device)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
 
     with decoded_weights(model, weight_cache_mb if max_new_tokens > 1 else 0):
         rows = decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, generator, stop_ids,
                       progress)
     return [list(itertools.takewhile(lambda token: token not in stop_ids and token != -1, row)) for row in rows]
+
+
+def left_padded(prompts, device):
+    """Token-id lists as input ids and attention mask (B, longest), padded on the left: every prompt ends at
+    the last column, where the next token is chosen."""
+    longest = max(len(p) for p in prompts)
+    input_ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+    attention_mask = torch.zeros(len(prompts), longest, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
+        attention_mask[row, longest - len(prompt):] = True
+    return input_ids, attention_mask
 
 
 def decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, generator, stop_ids, progress):

@@ -25,7 +25,7 @@ import traceback
 
 import torch
 
-from ..llama.generate import choose_next
+from ..llama.generate import choose_next, left_padded
 from ..llama.kv_cache import KVCache
 from ..llama.quant import decoded_weights
 from ..methods.named_adapters import set_adapter
@@ -126,12 +126,7 @@ class Engine:
         new = [stream for stream in new if not stream.gone]
         if not new:
             return
-        longest = max(len(s.prompt) for s in new)
-        ids = torch.zeros(len(new), longest, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(new), longest, dtype=torch.bool, device=self.device)
-        for row, stream in enumerate(new):  # left padding: every prompt ends at the last column
-            ids[row, longest - len(stream.prompt):] = torch.tensor(stream.prompt, device=self.device)
-            mask[row, longest - len(stream.prompt):] = True
+        ids, mask = left_padded([s.prompt for s in new], self.device)
         set_adapter(self.model, [s.adapter for s in new])
         cache = KVCache(self.model.config.num_hidden_layers)
         logits = self.forward(ids, mask, cache)
