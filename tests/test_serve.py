@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPConnection
 from types import SimpleNamespace
 
 import openai
@@ -134,6 +135,17 @@ def test_mistakes_get_openai_errors(served):
             openai_client.completions.create(model=served.base, prompt="x", **wrong)
     status, body = http(served, "POST", "/v1/completions", raw=b"{not json")
     assert status == 400 and "not JSON" in body["error"]["message"]
+    for prompt in ("", [], [[]], [served.model.config.vocab_size]):
+        status, body = http(served, "POST", "/v1/completions", {"model": served.base, "prompt": prompt})
+        assert status == 400 and body["error"]["param"] == "prompt"
+    nulls = {"model": served.base, "prompt": "Hi", "max_tokens": 2, "stop": None, "seed": None, "n": None,
+             "temperature": 0, "logit_bias": None, "stream_options": None}  # null means the default, as OpenAI's
+    assert http(served, "POST", "/v1/completions", nulls)[0] == 200
+    connection = HTTPConnection(*served.server.server_address[:2], timeout=60)
+    connection.request("POST", "/v1/nowhere", body=b'{"a": 1}')  # refused, and the connection goes on
+    assert connection.getresponse().read() and connection.sock is not None
+    connection.request("GET", "/v1/models")
+    assert json.loads(connection.getresponse().read())["data"][0]["id"] == served.base
     assert http(served, "GET", "/v1/nothing")[0] == 404
     assert http(served, "DELETE", "/v1/models")[0] == 405
     assert served.server.server_address[0] == "127.0.0.1"  # the default: this machine only

@@ -132,6 +132,7 @@ class Api:
                                             **info} for name, info in listed]}
 
     def completions(self, body) -> Reply:
+        body = {key: value for key, value in body.items() if value is not None}  # null: the default, as OpenAI's
         refuse_unhonoured(body, (*SAMPLING, "prompt"), NOT_MATH, AT_DEFAULT, "request")
         prompts = require(body, "prompt", (str, list), "request")
         prompts = [prompts] if isinstance(prompts, str) or prompts and isinstance(prompts[0], int) else prompts
@@ -139,11 +140,15 @@ class Api:
             raise ApiError(400, f"prompt: expected 1 to {self.engine.max_batch} prompts", param="prompt")
         tokenizer = self.engine.tokenizer
         ids = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
-        if not all(isinstance(p, list) and p and all(isinstance(i, int) for i in p) for p in ids):
-            raise ApiError(400, "prompt: expected a string, a list of strings, or token ids", param="prompt")
+        vocabulary = self.engine.model.config.vocab_size
+        if not all(isinstance(p, list) and p and all(isinstance(i, int) and 0 <= i < vocabulary for i in p)
+                   for p in ids):
+            raise ApiError(400, f"prompt: expected non-empty text, a list of texts, or token ids in [0, {vocabulary})",
+                           param="prompt")
         return self.start(body, ids, chat=False, default_max_tokens=16)
 
     def chat_completions(self, body) -> Reply:
+        body = {key: value for key, value in body.items() if value is not None}
         refuse_unhonoured(body, (*SAMPLING, "messages", "max_completion_tokens"), NOT_MATH, AT_DEFAULT, "request")
         messages = require(body, "messages", list, "request")
         if not messages:
@@ -173,13 +178,13 @@ class Api:
         max_tokens = require(body, "max_tokens", int, "request", 1, limit, default=default_max_tokens)
         temperature = require(body, "temperature", (int, float), "request", 0, 2, default=1.0)
         top_p = require(body, "top_p", (int, float), "request", 1e-9, 1, default=1.0)
-        seed = require(body, "seed", int, "request", default=None) if body.get("seed") is not None else None
+        seed = require(body, "seed", int, "request") if "seed" in body else None
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
             raise ApiError(400, "stop: expected a string or up to 4 strings", param="stop")
         stream = require(body, "stream", bool, "request", default=False)
-        options = require(body, "stream_options", dict, "request", default={}) if body.get("stream_options") else {}
+        options = require(body, "stream_options", dict, "request", default={})
         if max(len(p) for p in prompts) + max_tokens > limit:
             raise ApiError(400, f"max_tokens: the prompt ({max(len(p) for p in prompts)} tokens) and max_tokens "
                                 f"({max_tokens}) exceed the model's {limit} positions", param="max_tokens")
@@ -253,7 +258,7 @@ class Api:
         for i, example in enumerate(examples):
             for key in ("prompt", "completion"):
                 require(example if isinstance(example, dict) else {}, key, str, f"examples[{i}]")
-        lr = require(body, "lr", float, "request", 1e-7, 1.0, default=None) if body.get("lr") is not None else None
+        lr = require(body, "lr", (int, float), "request", 1e-7, 1.0) if body.get("lr") is not None else None
         job = TuneJob(self.engine, name, body.get("method"), steps, require(body, "task", str, "request",
                                                                              default="examples"), examples, lr)
         self.jobs[job.id] = job

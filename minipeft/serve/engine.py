@@ -123,7 +123,10 @@ class Engine:
         with self.wake:
             room = self.max_batch - len(self.running)
             new = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-        new = [stream for stream in new if not stream.gone]
+        for stream in new:
+            if stream.adapter is not None and stream.adapter not in self.adapters:  # removed while it waited
+                stream.fail(f"adapter {stream.adapter!r} was removed before this request began")
+        new = [s for s in new if not s.gone and (s.adapter is None or s.adapter in self.adapters)]
         if not new:
             return
         ids, mask = left_padded([s.prompt for s in new], self.device)

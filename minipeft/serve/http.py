@@ -65,10 +65,10 @@ class Handler(BaseHTTPRequestHandler):
             if method == "GET" and path in STATIC:
                 name, kind = STATIC[path]
                 return self.send(200, (PAGE / name).read_bytes(), kind)
+            body = self.read_json() if method == "POST" else None  # read first: the connection may go on
             for route_method, pattern, name in ROUTES:
                 match = re.fullmatch(pattern, path)
                 if match and route_method == method:
-                    body = self.read_json() if method == "POST" else None
                     return self.answer(getattr(self.api, name)(*match.groups(), body))
             known = any(re.fullmatch(pattern, path) for _, pattern, _ in ROUTES)
             raise ApiError(405 if known else 404, f"{method} {path}: {'method not allowed' if known else 'not found'}",
@@ -86,6 +86,7 @@ class Handler(BaseHTTPRequestHandler):
     def read_json(self):
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:
+            self.close_connection = True  # the body stays unread
             raise ApiError(413, f"the body is {length} bytes; at most {MAX_BODY}")
         try:
             body = json.loads(self.rfile.read(length) or b"{}")

@@ -174,6 +174,10 @@ async function follow(id, task) {
 function drawLoss(losses) {
   const svg = $("loss-chart");
   const [width, height, left, bottom] = [480, 200, 40, 20];
+  if (!losses.length) {
+    svg.innerHTML = `<text x="${left}" y="${height / 2}">the loss of each step appears here as it trains</text>`;
+    return;
+  }
   const top = Math.max(...losses, 1e-9);
   const x = (i) => left + (losses.length > 1 ? i / (losses.length - 1) : 0) * (width - left - 10);
   const y = (loss) => 10 + (1 - loss / top) * (height - bottom - 10);
