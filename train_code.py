@@ -37,7 +37,7 @@ PROMPTS = ["", "import", "from", "while", "try", "if", "for", "torch"]
 # Every setting that changes the result: a resume with any of them changed is refused by name.
 # Under torchrun the number of processes may change, as long as processes x --accum (micro_batches_per_step) does not.
 RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "method", *FLAGS, "lr", "seq_len", "batch", "warmup",
-                     "seed", "dtype", "no_4bit", "device", "max_chars", "no_packing", "heldout_max")
+                     "seed", "dtype", "no_4bit", "device", "max_chars", "no_packing", "heldout_max", "compile")
 RESUME_MAY_GROW = ("max_steps",)  # a longer run: the cosine schedule stretches to the new end
 
 
@@ -69,6 +69,8 @@ def build_parser():
         help="compute dtype (autocast); the method's tensors and AdamW's state stay fp32. auto: bf16 on CUDA and on "
              "CPUs with AVX512-BF16 or AMX, fp32 elsewhere, where bf16 is emulated and slow (default: %(default)s)")
     add("--no-4bit", action="store_true", help="keep the frozen base in full precision")
+    add("--compile", action="store_true", help="torch.compile each decoder block for training and held-out losses "
+                                               "(llama/compiling.py): faster steps after about 20 s of compiling")
     add("--new-tokens", type=int, default=48, help="tokens per generated sample (default: %(default)s)")
     add("--heldout-max", type=int, help="held-out samples scored before and after training, 0 to skip "
                                         "(default: all)")
@@ -161,6 +163,7 @@ def main():
     print(f"{args.method}: {method_settings}, lr {args.lr}, {args.dtype}, "
           f"{'one sample per row' if args.no_packing else f'packed rows of {seq_len} tokens'}")
     minipeft.enable_checkpointing(model)
+    minipeft.compile_blocks(model, enabled=args.compile)
     params = minipeft.count_parameters(model, verbose=True)
     parallel = DataParallelLoss(model, world)  # with one process: model.loss, no more
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -34,6 +34,8 @@ def parse_args():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--no-4bit", action="store_true", help="keep the frozen base in full precision")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each decoder block for training (llama/compiling.py)")
     add_method_arguments(parser, default_method="prompt")
     parser.add_argument("--lr", type=float, help="Adam learning rate (default: the method's; 0.01 for prompt)")
     parser.add_argument("--max-steps", type=int, default=300, help="step budget (default: %(default)s)")
@@ -78,6 +80,7 @@ def main():
         method_settings = choose_method(model, args, task="fox")
     print(f"{args.method}: {method_settings}, lr {args.lr}")
     params = minipeft.count_parameters(model, verbose=True)
+    minipeft.compile_blocks(model, enabled=args.compile)
 
     # 3. Train the method's tensors alone on the target text; the loss covers the target's tokens only.
     ids = torch.tensor([tokenizer.encode(TARGET)], device=device)
@@ -124,7 +127,8 @@ def main():
     report = {"model": str(args.weights), "method": args.method, "method_settings": method_settings, "lr": args.lr,
               **params, "steps": len(losses),
               "final_loss": losses[-1], "reached_target": losses[-1] <= args.target_loss, "seconds": round(seconds, 1),
-              "device": str(device), "quantize": None if args.no_4bit else "nf4", "before": before, "after": after,
+              "device": str(device), "quantize": None if args.no_4bit else "nf4", "compile": args.compile,
+              "before": before, "after": after,
               "after_without_adapter": after_without, "variants_with_adapter": variants,
               "base_unchanged": base_unchanged, "losses": losses,
               "nearest_tokens": neighbours}

@@ -79,7 +79,7 @@ def roofline(runs, args):
           f"matmul peak {peak:.0f} GFLOP/s (plain 2048^3 matmul, same run)\n")
     print("| stack | step (s) | achieved GFLOP/s | of the peak |")
     print("| --- | ---: | ---: | ---: |")
-    for stack in ("minipeft", "peer"):
+    for stack in [s for s in ("minipeft", "minipeft-compile", "peer") if ("train", s) in runs]:
         seconds = statistics.median(r["step_seconds"] for r in runs[("train", stack)])
         print(f"| {stack} | {seconds:.2f} | {flops / seconds / 1e9:.1f} | {flops / seconds / 1e9 / peak:.0%} |")
 
@@ -114,7 +114,8 @@ def main():
     for task in tasks:
         for round_ in range(args.rounds):
             stacks = ("minipeft",) if task == "peak" else (
-                ("minipeft", "peer") + (("peer-fp32", "minipeft-no-cache") if task == "generate" else ()))
+                ("minipeft", "peer") + (("peer-fp32", "minipeft-no-cache") if task == "generate" else ())
+                + (("minipeft-compile",) if task == "train" else ()))
             for stack in stacks:
                 result = measure(stack, task, args)
                 print(f"round {round_ + 1} {task:8s} {stack:8s} {json.dumps(result)}", flush=True)
@@ -135,6 +136,10 @@ def main():
             fp32 = statistics.median(r[figure] for r in runs[(task, "peer-fp32")])
             print(f"| {task}: {figure}, peer without its bf16 CPU kernel | {ours:.2f} | {fp32:.2f} | "
                   f"{ours / fp32:.2f}x |")
+        if (task, "minipeft-compile") in runs:
+            compiled = statistics.median(r[figure] for r in runs[(task, "minipeft-compile")])
+            print(f"| {task}: {figure}, minipeft with --compile | {compiled:.2f} | {theirs:.2f} | "
+                  f"{compiled / theirs:.2f}x |")
         if (task, "minipeft-no-cache") in runs and figure == "tokens_per_second":
             plain = statistics.median(r[figure] for r in runs[(task, "minipeft-no-cache")])
             print(f"| {task}: {figure}, minipeft decoding every weight for every token | {plain:.2f} | "

@@ -52,7 +52,7 @@ def load_peer(weights, dtype, device, fp32_kernels=False):
 
 
 def train_steps(stack, model, args, dtype, device):
-    if stack == "minipeft":
+    if stack.startswith("minipeft"):
         import minipeft
 
         if args.method == "lora":
@@ -60,6 +60,7 @@ def train_steps(stack, model, args, dtype, device):
         else:
             minipeft.add_prompt_tuning(model, num_prompts=16, init="vocab")
         minipeft.enable_checkpointing(model)
+        minipeft.compile_blocks(model, enabled=stack == "minipeft-compile")  # compiles in the uncounted first step
         loss_of = lambda ids: model.loss(ids, labels=ids)
     else:
         from peft import LoraConfig, PromptTuningConfig, get_peft_model
@@ -137,9 +138,11 @@ def peak_memory_mb(device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stack", choices=["minipeft", "minipeft-no-cache", "peer", "peer-fp32"], required=True,
+    parser.add_argument("--stack", choices=["minipeft", "minipeft-no-cache", "minipeft-compile", "peer", "peer-fp32"],
+                        required=True,
                         help="peer-fp32: the peer with bitsandbytes' bf16 CPU inference kernel switched off; "
-                             "minipeft-no-cache: generation decoding every 4-bit weight for every token")
+                             "minipeft-no-cache: generation decoding every 4-bit weight for every token; "
+                             "minipeft-compile: training with compile_blocks (--compile)")
     parser.add_argument("--task", choices=["train", "generate", "load", "peak"], required=True)
     parser.add_argument("--weights", required=True)
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")

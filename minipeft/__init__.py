@@ -20,6 +20,7 @@ from .formats import load_adapter, save_adapter
 from .errors import BadInput, MiniPeftError
 from .llama.config import LlamaConfig
 from .llama.generate import generate
+from .llama.compiling import compile_blocks
 from .llama.gradient_checkpointing import enable_checkpointing
 from .llama.loader import build_model, load, load_model
 from .llama.kv_cache import KVCache
@@ -44,7 +45,8 @@ from .methods.merging import disabled, merge, unmerge
 __all__ = ["BadInput", "KVCache", "Llama", "LlamaConfig", "LoRALayer", "MiniPeftError",
            "WordEmbeddingsWithLearnedPrompts", "adapter_names", "add_bitfit", "add_bottleneck_adapters", "add_ia3",
            "add_alora", "add_ept", "add_iapt", "add_lopt", "add_lora", "reallocate", "add_prefix_tuning",
-           "add_prompt_tuning", "add_task_head", "base_fingerprint", "classify", "build_model", "count_parameters",
+           "add_prompt_tuning", "add_task_head", "base_fingerprint", "classify", "build_model", "compile_blocks",
+           "count_parameters",
            "disabled",
            "enable_checkpointing", "generate", "load", "delete_adapter", "load_adapter", "load_model", "load_tokenizer",
            "merge", "save_adapter", "set_adapter", "unmerge"]

@@ -138,6 +138,7 @@ class LlamaModel(nn.Module):
         self.layer_prompts = None  # contract 4: a module filling slot 2's positions at every layer, or None
         self.compute_dtype = None  # set when embed_tokens is stored narrower (quant.WidenedEmbedding)
         self.gradient_checkpointing = False  # set by minipeft.enable_checkpointing
+        self.compiled = None  # minipeft.compile_blocks: each block compiled, for passes whose cache does not grow
 
     def forward(self, input_ids=None, attention_mask=None, cache=None, inputs_embeds=None, with_mask=False,
                 documents=None):
@@ -214,6 +215,7 @@ class LlamaModel(nn.Module):
         gives the prepended positions each layer's own hidden states (contract 4), outside the recompute."""
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and (cache is None or not cache.grow)
         for i, layer in enumerate(self.layers):
+            layer = self.compiled[i] if self.compiled and (cache is None or not cache.grow) else layer
             x = fill(i, x) if fill is not None else x
             if recompute:  # a fixed past is read by the block, so it is handed to the recompute as an input
                 past_tensors = (cache.keys[i], cache.values[i]) if cache is not None else ()
