@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import formats
-from ..errors import BadInput, refuse_unhonoured, require
+from ..errors import refuse_unhonoured, require
 from ..llama.chat import chat_ids
 from ..methods.named_adapters import delete_adapter
 from ..train.method_choice import CHOICES
@@ -274,7 +274,3 @@ class Api:
         self.tune_job(job_id)
         self.jobs[job_id].cancelled.set()
         return self.jobs[job_id].view()
-
-
-def as_api_error(e: BadInput) -> ApiError:
-    return ApiError(400, str(e))
