@@ -129,6 +129,9 @@ class Engine:
         new = [s for s in new if not s.gone and (s.adapter is None or s.adapter in self.adapters)]
         if not new:
             return
+        for stream in new:  # as generate seeds its draws
+            if stream.seed is not None:
+                stream.generator = torch.Generator(self.device).manual_seed(stream.seed)
         ids, mask = left_padded([s.prompt for s in new], self.device)
         set_adapter(self.model, [s.adapter for s in new])
         cache = KVCache(self.model.config.num_hidden_layers)

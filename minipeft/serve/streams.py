@@ -31,11 +31,7 @@ class Stream:
     tokens: list = field(default_factory=list)
     said: int = 0  # characters of the text already sent
     gone: bool = False  # its client hung up: the engine drops it at the next step
-    generator: torch.Generator = None
-
-    def __post_init__(self):
-        if self.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.seed)
+    generator: torch.Generator = None  # made by the engine from `seed`, on the model's device
 
     def take(self, token: int, decode) -> str | None:
         """Add one token; say what became sure. Returns the finish reason ("stop" or "length") once it ends."""
