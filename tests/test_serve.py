@@ -190,6 +190,8 @@ def test_adapters_join_and_leave_while_serving(served):
     assert status == 409 and "taken" in body["error"]["message"]
     status, body = http(served, "POST", "/api/adapters", {"name": "none", "path": str(served.folder / "absent")})
     assert status == 400 and "absent" in body["error"]["message"]
+    status, body = http(served, "POST", "/api/tune", {"name": "x", "task": "fox", "r": 16})  # a key it would not read
+    assert status == 400 and "'r'" in body["error"]["message"]
 
 
 def test_a_client_that_hangs_up_frees_its_slot(served):

@@ -218,6 +218,7 @@ class Api:
         return name
 
     def add_adapter(self, body) -> dict:
+        refuse_unhonoured(body, ("name", "path"), (), {}, "request")
         name, path = self.check_new_name(body), Path(require(body, "path", str, "request"))
 
         def load():
@@ -249,6 +250,7 @@ class Api:
         return Download(archive.getvalue(), f"{name}.zip")
 
     def tune(self, body) -> dict:
+        refuse_unhonoured(body, ("name", "task", "method", "steps", "examples", "lr"), (), {}, "request")
         if any(j.state in ("starting", "training") for j in self.jobs.values()):
             raise ApiError(409, "a training job is running; wait for it, or cancel it (DELETE /api/tune/ID)",
                            kind="conflict")
