@@ -114,7 +114,8 @@ def main():
     for task in tasks:
         for round_ in range(args.rounds):
             stacks = ("minipeft",) if task == "peak" else (
-                ("minipeft", "peer") + (("peer-fp32", "minipeft-no-cache") if task == "generate" else ())
+                ("minipeft", "peer")
+                + (("peer-fp32", "minipeft-decoded", "minipeft-no-cache") if task == "generate" else ())
                 + (("minipeft-compile",) if task == "train" else ()))
             for stack in stacks:
                 result = measure(stack, task, args)
@@ -140,6 +141,10 @@ def main():
             compiled = statistics.median(r[figure] for r in runs[(task, "minipeft-compile")])
             print(f"| {task}: {figure}, minipeft with --compile | {compiled:.2f} | {theirs:.2f} | "
                   f"{compiled / theirs:.2f}x |")
+        if (task, "minipeft-decoded") in runs and figure == "tokens_per_second":
+            kept = statistics.median(r[figure] for r in runs[(task, "minipeft-decoded")])
+            print(f"| {task}: {figure}, minipeft with weights kept decoded instead of its 4-bit kernel | {kept:.2f} | "
+                  f"{theirs:.2f} | {kept / theirs:.2f}x |")
         if (task, "minipeft-no-cache") in runs and figure == "tokens_per_second":
             plain = statistics.median(r[figure] for r in runs[(task, "minipeft-no-cache")])
             print(f"| {task}: {figure}, minipeft decoding every weight for every token | {plain:.2f} | "

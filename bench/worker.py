@@ -100,7 +100,7 @@ def generate(stack, model, args, device):
 
         cache_mb = 0 if stack == "minipeft-no-cache" else 1024
         run = lambda n: minipeft.generate(model, prompt.tolist(), max_new_tokens=n, eos_id=-1,
-                                          weight_cache_mb=cache_mb)[0]
+                                          weight_cache_mb=cache_mb, read_codes=stack == "minipeft")[0]
     else:
         run = lambda n: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                        min_new_tokens=n, do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist()
@@ -138,9 +138,11 @@ def peak_memory_mb(device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stack", choices=["minipeft", "minipeft-no-cache", "minipeft-compile", "peer", "peer-fp32"],
+    parser.add_argument("--stack", choices=["minipeft", "minipeft-decoded", "minipeft-no-cache", "minipeft-compile",
+                                            "peer", "peer-fp32"],
                         required=True,
                         help="peer-fp32: the peer with bitsandbytes' bf16 CPU inference kernel switched off; "
+                             "minipeft-decoded: generation from weights kept decoded, not the 4-bit kernel; "
                              "minipeft-no-cache: generation decoding every 4-bit weight for every token; "
                              "minipeft-compile: training with compile_blocks (--compile)")
     parser.add_argument("--task", choices=["train", "generate", "load", "peak"], required=True)

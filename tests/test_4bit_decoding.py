@@ -151,9 +151,9 @@ def test_a_checkpoint_at_such_widths_loads_right_and_says_so(tmp_path, monkeypat
 
 
 def test_weights_kept_decoded_while_generating_give_the_same_numbers(tmp_path):
-    """quant.decoded_weights keeps each 4-bit weight decoded, as the formula above decodes it, within its budget,
-    in model order; the logits and the greedy tokens are those of decoding every weight at each use; gradients
-    never use the kept weights, and nothing is kept after the block."""
+    """quant.decoded_weights(read_codes=False) keeps each 4-bit weight decoded, as the formula above decodes it,
+    within its budget, in model order; the logits and the greedy tokens are those of decoding every weight at
+    each use; gradients never use the kept weights, and nothing is kept after the block."""
     import minipeft
 
     write_hf_checkpoint(tmp_path, intermediate_size=200)  # the MLP's 4-bit weights are rows of 200: the torch path
@@ -165,26 +165,26 @@ def test_weights_kept_decoded_while_generating_give_the_same_numbers(tmp_path):
         plain = model(ids)
     fingerprint = minipeft.base_fingerprint(model)
     budget = (sizes[0] + sizes[1] + sizes[2] // 2) / 2 ** 20  # the first two fit, the third does not
-    with quant.decoded_weights(model, budget) as kept:
+    with quant.decoded_weights(model, budget, read_codes=False) as kept:
         assert kept == (sizes[0] + sizes[1]) / 2 ** 20
-        assert [m.decoded is not None for m in layers] == [True, True] + [False] * (len(layers) - 2)
+        assert [m.kept is not None for m in layers] == [True, True] + [False] * (len(layers) - 2)
         for layer in layers[:2]:
-            assert torch.equal(layer.decoded, reference_weight(layer))
-    with quant.decoded_weights(model, 1024):
-        assert all(m.decoded is not None for m in layers)
+            assert torch.equal(layer.kept.weight, reference_weight(layer))
+    with quant.decoded_weights(model, 1024, read_codes=False):
+        assert all(m.kept is not None for m in layers)
         with torch.no_grad():
             assert torch.equal(model(ids), plain)
-        decoded = [m.decoded for m in layers]
+        decoded = [m.kept.weight for m in layers]
         for m in layers:
-            m.decoded = torch.zeros_like(m.decoded)
+            m.kept.weight = torch.zeros_like(m.kept.weight)
         with torch.no_grad():
             assert not torch.equal(model(ids), plain)  # generation reads the kept weights
         with torch.enable_grad():
             assert torch.equal(model(ids), plain)  # the training path decodes as it goes
         for m, weight in zip(layers, decoded):
-            m.decoded = weight
-    assert all(m.decoded is None for m in layers)
+            m.kept.weight = weight
+    assert all(m.kept is None for m in layers)
     prompts = [ids[0].tolist(), ids[1, :4].tolist()]
-    assert minipeft.generate(model, prompts, 8, eos_id=-1) == minipeft.generate(model, prompts, 8, eos_id=-1,
-                                                                                weight_cache_mb=0)
+    assert minipeft.generate(model, prompts, 8, eos_id=-1, read_codes=False) == minipeft.generate(
+        model, prompts, 8, eos_id=-1, weight_cache_mb=0, read_codes=False)
     assert minipeft.base_fingerprint(model) == fingerprint

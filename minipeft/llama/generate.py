@@ -31,7 +31,7 @@ def choose_next(logits, temperature: float, top_p: float, generator):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed=None, eos_id=None,
-             progress=False, weight_cache_mb=1024):
+             progress=False, weight_cache_mb=1024, read_codes=True):
     """Continue each prompt (a list of token ids); return the new ids per prompt, without EOS.
 
     Args:
@@ -42,8 +42,11 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed
         eos_id: generation of a sequence stops at this token, or at any of a list of them (default: the
             model config's eos_token_id, which Llama 3 instruct gives as a list).
         progress: a label, to show the tokens made and the time left on stdout (minipeft/progress.py).
-        weight_cache_mb: on CPU, how much of a 4-bit base to keep decoded while generating, so that each
-            token does not decode it again (quant.decoded_weights); 0 keeps none.
+        read_codes: on CPU, each token multiplies straight from a 4-bit weight's codes, without decoding it
+            (llama/fast_gemv.py), where that kernel serves the layer.
+        weight_cache_mb: on CPU, how much of the other 4-bit weights (all of them with read_codes=False) to
+            keep decoded while generating, so that each token does not decode them again
+            (quant.decoded_weights); 0 keeps none.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise BadInput("generate: every prompt needs at least one token")
@@ -54,7 +57,7 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed
     input_ids, attention_mask = left_padded(prompts, device)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
 
-    with decoded_weights(model, weight_cache_mb if max_new_tokens > 1 else 0):
+    with decoded_weights(model, weight_cache_mb if max_new_tokens > 1 else 0, read_codes):
         rows = decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, generator, stop_ids,
                       progress)
     return [list(itertools.takewhile(lambda token: token not in stop_ids and token != -1, row)) for row in rows]

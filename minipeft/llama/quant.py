@@ -33,6 +33,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import bitsandbytes as bnb  # noqa: E402
 
 from ..errors import BadInput
+from . import fast_gemv
 from .loss import times_transposed
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -99,16 +100,15 @@ class Linear4bit(bnb.nn.Linear4bit):
     for a 7B MLP weight, above everything else), through a kernel that is wrong for some widths on AVX512
     CPUs. CUDA takes bitsandbytes' own path unchanged.
 
-    While generating, `decoded` may hold the whole weight, decoded once (decoded_weights, below): a token then
-    reads it instead of decoding every weight again."""
-    decoded = None  # W (out, in) in compute_dtype, kept by decoded_weights while generating
+    While generating, `kept` multiplies without decoding the weight again for every token (decoded_weights,
+    below): the product that TimesRows makes, from the weight decoded once, or straight from its 4-bit codes."""
+    kept = None  # x -> x @ W.T, or None for more rows than it takes; set by decoded_weights while generating
 
     def forward(self, x):
         if x.device.type != "cpu":
             return super().forward(x)
-        if self.decoded is not None and not torch.is_grad_enabled():
-            out = x.to(self.compute_dtype) @ self.decoded.T  # the product TimesRows makes, from the kept weight
-        else:
+        out = self.kept(x.to(self.compute_dtype)) if self.kept is not None and not torch.is_grad_enabled() else None
+        if out is None:
             out = TimesRows.apply(x.to(self.compute_dtype), self)  # x @ W.T
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
@@ -153,26 +153,38 @@ def dequantized_rows(layer, rows=None):
 
 
 @contextlib.contextmanager
-def decoded_weights(model, budget_mb: float):
-    """Within the block, the 4-bit linears on CPU keep their weight decoded in their compute dtype, those
-    first in the model first, up to `budget_mb` megabytes; the others decode as they are used. Decoding one
-    token would otherwise decode every weight again (batch-1 generation is 1.7x faster with it on a 2-core
-    Xeon with AMX: bench/RESULTS.md).
-    Gradients never use it, and nothing of it outlives the block. Yields the megabytes kept."""
+def decoded_weights(model, budget_mb: float, read_codes: bool = True):
+    """Within the block, the 4-bit linears on CPU multiply a few rows at a time without decoding their weight
+    again for each: from the 4-bit codes themselves, through fast_gemv's kernel (`read_codes`, where it is
+    built, for rows of whole blocks in fp32 or bf16); otherwise from the weight decoded once in the compute
+    dtype, those first in the model first, up to `budget_mb` megabytes (the others decode as they are used).
+    Gradients never use it, and nothing of it outlives the block. Yields the megabytes it holds."""
     kept, budget = [], budget_mb * 2 ** 20
     try:
         for layer in model.modules():
-            if isinstance(layer, Linear4bit) and layer.weight.device.type == "cpu":
-                size = layer.out_features * layer.in_features * layer.compute_dtype.itemsize
-                if size > budget:
-                    break
-                layer.decoded = dequantize(layer).to(layer.compute_dtype)
-                kept.append(layer)
-                budget -= size
-        yield sum(layer.decoded.nbytes for layer in kept) / 2 ** 20
+            if not isinstance(layer, Linear4bit) or layer.weight.device.type != "cpu":
+                continue
+            layer.kept = fast_gemv.reader(layer, scales(layer.weight.quant_state)) if read_codes else None
+            if layer.kept is None:  # decoded once instead, within the budget
+                if layer.out_features * layer.in_features * layer.compute_dtype.itemsize > budget:
+                    continue
+                layer.kept = Decoded(dequantize(layer).to(layer.compute_dtype))
+            kept.append(layer)
+            budget -= layer.kept.nbytes
+        yield sum(layer.kept.nbytes for layer in kept) / 2 ** 20
     finally:
         for layer in kept:
-            layer.decoded = None
+            layer.kept = None
+
+
+class Decoded:
+    """x @ W.T from a weight decoded once (what TimesRows computes, without decoding again)."""
+
+    def __init__(self, weight):
+        self.weight, self.nbytes = weight, weight.nbytes  # (out, in) in the compute dtype
+
+    def __call__(self, x):
+        return x @ self.weight.T
 
 
 def scales(state) -> torch.Tensor:

@@ -1,0 +1,102 @@
+"""A product with a 4-bit weight that reads the weight as stored, for decoding a few tokens at a time.
+
+Generating one token multiplies a handful of rows by every weight of the model, so the time goes into
+reading weights from memory. Decoded to fp32 a weight is 8x the bytes of its 4-bit codes; the small C
+kernel in kernels/gemv_4bit.c multiplies straight from the codes and the block scales:
+
+    y[m, n] = sum over blocks b of row n:  absmax[n, b] * sum_{k in b} codebook[code[n, k]] * x[m, k]
+
+which is x @ dequantize_4bit(W).T summed in another order. The C compiler that torch.compile uses builds it
+once per machine (-march=native), into ~/.cache/minipeft; where none is found, generation keeps weights
+decoded instead (quant.decoded_weights) and says so once.
+"""
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "kernels" / "gemv_4bit.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_library = None  # the loaded kernel, False once building it has failed
+
+
+def library():
+    """The kernel, built on first use; None where it cannot be built (said once, on stderr)."""
+    global _library
+    if _library is None:
+        try:
+            _library = load(build())
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = (getattr(error, "stderr", b"") or b"").decode(errors="replace").strip() or str(error)
+            print(f"minipeft: the 4-bit kernel {SOURCE.name} could not be built ({detail.splitlines()[0]}); "
+                  "generation keeps weights decoded instead", file=sys.stderr)
+            _library = False
+    return _library or None
+
+
+def build(extra_flags=()) -> Path:
+    """Compile the kernel into the cache, atomically, unless this source was built for this CPU before.
+    `extra_flags` (tests): e.g. -mno-avx512f builds the AVX2 path on a CPU that has both."""
+    compiler = os.environ.get("CC", "cc")
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu_flags = next((line for line in cpu.splitlines() if line.startswith("flags")), "")
+    command = [compiler, *FLAGS, *extra_flags]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([*command, cpu_flags]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minipeft"
+    target = cache / f"gemv_4bit-{key}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as scratch:
+            built = Path(scratch) / target.name
+            subprocess.run([*command, str(SOURCE), "-o", str(built)], check=True, capture_output=True)
+            os.replace(built, target)
+    return target
+
+
+def load(path):
+    lib = ctypes.CDLL(str(path))
+    lib.gemv_4bit.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2
+    lib.gemv_4bit.restype = None
+    return lib
+
+
+ROUNDINGS = {torch.float32: 0, torch.bfloat16: 1}  # the compute dtypes it decodes into: weights rounded to bf16 or not
+MAX_ROWS = 16  # more rows than this make a matmul that gains from decoding the weight for all of them at once
+
+
+def reader(layer, absmax):
+    """A Reader for a 4-bit layer on CPU with its fp32 block scales, or None where the kernel does not serve it."""
+    state = layer.weight.quant_state
+    out_features, in_features = state.shape
+    if in_features % 64 or state.blocksize != 64 or layer.compute_dtype not in ROUNDINGS or library() is None:
+        return None
+    return Reader(library(), layer.weight.data.view(torch.uint8).view(-1), absmax, state.code, state.shape,
+                  layer.compute_dtype)
+
+
+class Reader:
+    """x @ W.T for one 4-bit weight, from its codes, for up to MAX_ROWS rows of x; None for more rows."""
+
+    def __init__(self, lib, packed, absmax, codebook, shape, dtype):
+        self.lib, self.shape, self.dtype = lib, shape, dtype  # (N, K)
+        self.packed = packed.contiguous()  # (N * K / 2,) uint8: the layer's own storage, not a copy
+        self.absmax = absmax.float().contiguous()  # (N * K / 64,)
+        self.codebook = codebook.float().contiguous()  # (16,)
+        self.nbytes = self.absmax.nbytes if self.absmax.data_ptr() != absmax.data_ptr() else 0  # what it adds
+        self.pointers = [self.packed.data_ptr(), self.absmax.data_ptr(), self.codebook.data_ptr()]
+
+    def __call__(self, x):
+        N, K = self.shape
+        M = x.numel() // K
+        if M > MAX_ROWS:
+            return None
+        x = x.float().contiguous()
+        out = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+        self.lib.gemv_4bit(M, N, K, x.data_ptr(), *self.pointers, out.data_ptr(), N, ROUNDINGS[self.dtype])
+        return out.to(self.dtype)
