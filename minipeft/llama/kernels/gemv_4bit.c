@@ -2,10 +2,11 @@
  * a block of 64 weights. Each weight is decoded in a register, exactly as quant.dequantize_4bit decodes it
  * (a block's 16 possible weights are made first; each code then picks one),
  *
- *     w[n, k] = absmax[n, k / 64] * codebook[code[n, k]]        rounded to bf16 when round_bf16
+ *     w[n, k] = absmax[n, k / 64] * codebook[code[n, k]]        rounded to bf16 under bf16 compute
  *
  * and multiplied at once: the weight never goes to memory decoded, so a token reads 0.5 byte a weight
- * instead of 4 (fp32) or 2 (bf16). Sums are in fp32. Rows must be whole blocks (K % 64 == 0).
+ * instead of 4 (fp32) or 2 (bf16). Sums are in fp32. Rows must be whole blocks (K % 64 == 0). Rows of W are
+ * shared among the threads; reading them ahead (PREFETCH) made a token of the default model 1.15x faster.
  * Built and loaded by minipeft/llama/fast_gemv.py. */
 #include <stdint.h>
 #include <stdlib.h>
@@ -14,25 +15,29 @@
 #endif
 
 #define BLOCK 64
+#define PREFETCH 4096  /* bytes of codes ahead */
 
-/* x (M, K) is first reordered, each block's 32 even columns then its 32 odd ones, so that the high
- * half-bytes (even columns) and the low ones each meet a contiguous run of x. */
-static float *reordered(const float *x, int64_t M, int64_t K)
-{
-    float *xs = malloc(sizeof(float) * M * K);
-    for (int64_t i = 0; i < M * K / 2; i++) {
-        int64_t block = i / 32, j = i % 32;
-        xs[block * BLOCK + j] = x[2 * i];
-        xs[block * BLOCK + 32 + j] = x[2 * i + 1];
-    }
-    return xs;
-}
+typedef union { float f; uint32_t u; } bits32;
 
-static __attribute__((unused)) float round_to_bf16(float value)  /* to nearest, ties to even, as torch rounds */
+static float round_to_bf16(float value)  /* to nearest, ties to even, as torch rounds */
 {
-    union { float f; uint32_t u; } bits = { value };
+    if (value != value) return value;  /* NaN stays NaN */
+    bits32 bits = { value };
     bits.u = (bits.u + 0x7FFF + ((bits.u >> 16) & 1)) & 0xFFFF0000u;
     return bits.f;
+}
+
+/* x (M, K), fp32 or bf16, as fp32 and reordered: each block's 32 even columns then its 32 odd ones, so that
+ * the high half-bytes (even columns) and the low ones each meet a contiguous run of x. */
+static float *reordered(const void *x, int64_t M, int64_t K, int bf16)
+{
+    float *xs = malloc(sizeof(float) * M * K);
+    for (int64_t i = 0; i < M * K; i++) {
+        int64_t block = i / BLOCK, j = i % BLOCK;
+        bits32 value = { .u = bf16 ? (uint32_t)((const uint16_t *)x)[i] << 16 : 0 };
+        xs[block * BLOCK + (j % 2) * 32 + j / 2] = bf16 ? value.f : ((const float *)x)[i];
+    }
+    return xs;
 }
 
 #ifdef __AVX512F__
@@ -70,7 +75,7 @@ static inline __m256 pick8(__m256i codes, __m256 first, __m256 second)
  * multiply-add need not wait for the one before. */
 static inline __attribute__((always_inline)) void dot(int R, const uint8_t *codes, const float *scale,
                                                       const float *xs, int64_t K, const float *codebook,
-                                                      int round_bf16, float *out, int64_t out_stride)
+                                                      int round_bf16, float *out)
 {
     const int64_t blocks = K / BLOCK;
 #ifdef __AVX512F__
@@ -79,6 +84,7 @@ static inline __attribute__((always_inline)) void dot(int R, const uint8_t *code
     for (int r = 0; r < R; r++)
         for (int q = 0; q < 4; q++) sum[r][q] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b++, codes += 32) {
+        __builtin_prefetch(codes + PREFETCH);  /* memory, not arithmetic, is the limit */
         const __m512 table = block_table(book, scale[b], round_bf16);
         for (int h = 0; h < 2; h++) {  /* 16 bytes: 16 even columns (high half-bytes) and 16 odd ones */
             __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16 * h)));
@@ -92,13 +98,14 @@ static inline __attribute__((always_inline)) void dot(int R, const uint8_t *code
         }
     }
     for (int r = 0; r < R; r++)
-        out[r * out_stride] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(sum[r][0], sum[r][1]),
-                                                                 _mm512_add_ps(sum[r][2], sum[r][3])));
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(sum[r][0], sum[r][1]),
+                                                    _mm512_add_ps(sum[r][2], sum[r][3])));
 #elif defined(__AVX2__) && defined(__FMA__)
     const __m256 book_first = _mm256_loadu_ps(codebook), book_second = _mm256_loadu_ps(codebook + 8);
     __m256 sum[4][2];
     for (int r = 0; r < R; r++) sum[r][0] = sum[r][1] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; b++, codes += 32) {
+        __builtin_prefetch(codes + PREFETCH);
         const __m256 first = block_table(book_first, scale[b], round_bf16);
         const __m256 second = block_table(book_second, scale[b], round_bf16);
         for (int h = 0; h < 4; h++) {  /* 8 bytes: 8 even columns (high half-bytes) and 8 odd ones */
@@ -115,8 +122,7 @@ static inline __attribute__((always_inline)) void dot(int R, const uint8_t *code
     for (int r = 0; r < R; r++) {
         float lanes[8];
         _mm256_storeu_ps(lanes, _mm256_add_ps(sum[r][0], sum[r][1]));
-        out[r * out_stride] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-                              ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        out[r] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
     }
 #else
     for (int r = 0; r < R; r++) {
@@ -128,26 +134,38 @@ static inline __attribute__((always_inline)) void dot(int R, const uint8_t *code
                 if (round_bf16) even = round_to_bf16(even), odd = round_to_bf16(odd);
                 total += even * xs[r * K + b * BLOCK + j] + odd * xs[r * K + b * BLOCK + 32 + j];
             }
-        out[r * out_stride] = total;
+        out[r] = total;
     }
 #endif
 }
 
-/* x: (M, K) row-major; out: (M, N), rows out_stride apart. */
-void gemv_4bit(int64_t M, int64_t N, int64_t K, const float *x, const uint8_t *packed, const float *absmax,
-               const float *codebook, float *out, int64_t out_stride, int64_t round_bf16)
+/* x: (M, K) row-major; out: (M, N), rows out_stride apart; both fp32, or both bf16 when bf16 (which also
+ * rounds each weight to bf16, as the weight decoded in bf16 is). */
+void gemv_4bit(int64_t M, int64_t N, int64_t K, const void *x, const uint8_t *packed, const float *absmax,
+               const float *codebook, void *out, int64_t out_stride, int64_t bf16)
 {
     const int64_t blocks = K / BLOCK;
-    float *xs = reordered(x, M, K);
+    float *xs = reordered(x, M, K, (int)bf16);
     #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *codes = packed + n * (K / 2);
         const float *scale = absmax + n * blocks;
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4)  /* four rows of x at a time, then one */
-            dot(4, codes, scale, xs + m * K, K, codebook, (int)round_bf16, out + m * out_stride + n, out_stride);
-        for (; m < M; m++)
-            dot(1, codes, scale, xs + m * K, K, codebook, (int)round_bf16, out + m * out_stride + n, out_stride);
+        for (int64_t m = 0; m < M;) {
+            float results[4];
+            int rows = M - m >= 4 ? 4 : 1;  /* four rows of x at a time, then one */
+            if (rows == 4)
+                dot(4, codes, scale, xs + m * K, K, codebook, (int)bf16, results);
+            else
+                dot(1, codes, scale, xs + m * K, K, codebook, (int)bf16, results);
+            for (int r = 0; r < rows; r++, m++) {
+                if (bf16) {
+                    bits32 value = { round_to_bf16(results[r]) };
+                    ((uint16_t *)out)[m * out_stride + n] = (uint16_t)(value.u >> 16);
+                } else {
+                    ((float *)out)[m * out_stride + n] = results[r];
+                }
+            }
+        }
     }
     free(xs);
 }
