@@ -54,3 +54,13 @@ def test_compiled_blocks_agree_with_eager(tmp_path, method):
     assert minipeft.generate(model, [[5, 6, 7], [9]], max_new_tokens=6) == eager_tokens
     minipeft.compile_blocks(model, enabled=False)
     assert model.model.compiled is None
+
+
+def test_without_a_cpp_compiler_compile_is_refused_in_one_line(tmp_path, monkeypatch):
+    write_hf_checkpoint(tmp_path)
+    model = minipeft.load_model(tmp_path)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(minipeft.BadInput, match=r"^--compile: torch.compile builds C\+\+ on CPU, and no compiler"):
+        minipeft.compile_blocks(model)
+    assert model.model.compiled is None
+    minipeft.compile_blocks(model, enabled=False)  # nothing to build: nothing to say

@@ -62,11 +62,12 @@ def tiny_weights(tmp_path_factory, default_weights):
 @pytest.mark.parametrize("weights", ["tiny", "default"])
 def test_two_processes_equal_one_with_the_same_global_batch(weights, tiny_weights, default_weights, code_data,
                                                             tmp_path):
-    """LoRA with dropout 0.05 and checkpointing (train_code.py's defaults): 2 x accum 1 against 1 x accum 2.
+    """LoRA with dropout 0.05 and checkpointing (train_code.py's, with --dropout): 2 x accum 1 against 1 x accum 2.
     One micro-batch a rank: the all-reduce adds the two gradients as the single process does, so the runs
     agree to the bit. (With accum k > 1 the order of the sums differs: test_gradients_... below.)"""
     path = tiny_weights if weights == "tiny" else default_weights
-    common = [*FAST, "--weights", str(path), "--data", str(code_data), "--max-steps", "3", "--new-tokens", "2"]
+    common = [*FAST, "--weights", str(path), "--data", str(code_data), "--max-steps", "3", "--new-tokens", "2",
+              "--dropout", "0.05"]
     one = run("train_code.py", *common, "--accum", "2", "--out", str(tmp_path / "one"))
     two = run("train_code.py", *common, "--accum", "1", "--out", str(tmp_path / "two"), processes=2)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -10,10 +10,24 @@ The eager code stays the truth: compiled runs are tested to agree with it (tests
 4.53 -> 3.91 s in fp32, after about 20 s of compiling on the first step (bench/RESULTS.md).
 """
 
+import os
+import shutil
+
 import torch
+
+from ..errors import BadInput
 
 
 def compile_blocks(model, enabled=True):
     """Compile each decoder block of `model` (after its PEFT methods are on: adding one later compiles again)."""
+    if enabled and model.model.norm.weight.device.type == "cpu" and not cpp_compiler():
+        raise BadInput("--compile: torch.compile builds C++ on CPU, and no compiler was found ($CXX, g++, clang++ "
+                       "or c++); install one, or run without --compile")
     model.model.compiled = [torch.compile(layer) for layer in model.model.layers] if enabled else None
     return model
+
+
+def cpp_compiler():
+    """The C++ compiler torch.compile would find on CPU, or None."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
+    return next((found for found in map(shutil.which, names) if found), None)
