@@ -5,7 +5,7 @@ alternate: minipeft, peer, minipeft, peer, ... The median of the rounds is repor
 
     .venv/bin/python bench/run.py                       # the default model on CPU, fp32
     .venv/bin/python bench/run.py --dtype bf16 --rounds 3
-    .venv/bin/python bench/run.py --tasks makecode      # `make code`: the old defaults against today's
+    .venv/bin/python bench/run.py --tasks makecode      # `make code`: the old defaults against today's, eager and compiled
 
 Roofline: the training step's achieved GFLOP/s (its arithmetic, bench/roofline.py, over its median
 time) against this machine's matmul peak at the same dtype, measured in the same run (task "peak").
@@ -39,18 +39,19 @@ def measure(stack, task, args):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-# `make code` before packing (its flags then were the defaults), and today's defaults
+# `make code` before packing (its flags then were the defaults), today's defaults eager, and `make code` itself
 MAKE_CODE = {"old defaults (one sample per row)": ["--no-packing", "--seq-len", "256", "--batch", "1", "--accum", "4",
                                                     "--max-steps", "150", "--lr", "1e-3", "--warmup", "10",
-                                                    "--dtype", "fp32"],
-             "today's defaults": []}
+                                                    "--dtype", "fp32", "--dropout", "0.05"],
+             "today's defaults, eager": [],
+             "`make code` (today's defaults, compiled)": ["--compile"]}
 
 
 def make_code(args):
     """Each train_code.py run end to end (load, held-out loss, training, samples, saving), timed on the wall."""
     rows = []
-    for name, flags in MAKE_CODE.items():
-        out = ROOT / "runs" / "bench_make_code" / ("old" if flags else "new")
+    for number, (name, flags) in enumerate(MAKE_CODE.items()):
+        out = ROOT / "runs" / "bench_make_code" / f"run{number}"
         command = [sys.executable, str(ROOT / "train_code.py"), "--out", str(out), *flags]
         start = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
