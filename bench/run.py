@@ -5,7 +5,7 @@ alternate: minipeft, peer, minipeft, peer, ... The median of the rounds is repor
 
     .venv/bin/python bench/run.py                       # the default model on CPU, fp32
     .venv/bin/python bench/run.py --dtype bf16 --rounds 3
-    .venv/bin/python bench/run.py --tasks makecode      # `make code`: the old defaults against today's, eager and compiled
+    .venv/bin/python bench/run.py --tasks makecode      # `make code`: old defaults, today's eager and compiled
 
 Roofline: the training step's achieved GFLOP/s (its arithmetic, bench/roofline.py, over its median
 time) against this machine's matmul peak at the same dtype, measured in the same run (task "peak").
