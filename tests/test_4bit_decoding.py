@@ -170,6 +170,9 @@ def test_weights_kept_decoded_while_generating_give_the_same_numbers(tmp_path):
         assert [m.kept is not None for m in layers] == [True, True] + [False] * (len(layers) - 2)
         for layer in layers[:2]:
             assert torch.equal(layer.kept.weight, reference_weight(layer))
+    assert sizes[1] < sizes[0]
+    with quant.decoded_weights(model, sizes[1] / 2 ** 20, read_codes=False) as kept:
+        assert kept == 0  # the first does not fit: none after it is kept either, though the second would fit
     with quant.decoded_weights(model, 1024, read_codes=False):
         assert all(m.kept is not None for m in layers)
         with torch.no_grad():

@@ -167,6 +167,7 @@ def decoded_weights(model, budget_mb: float, read_codes: bool = True):
             layer.kept = fast_gemv.reader(layer, scales(layer.weight.quant_state)) if read_codes else None
             if layer.kept is None:  # decoded once instead, within the budget
                 if layer.out_features * layer.in_features * layer.compute_dtype.itemsize > budget:
+                    budget = 0  # this one and every later one decode as they are used
                     continue
                 layer.kept = Decoded(dequantize(layer).to(layer.compute_dtype))
             kept.append(layer)
