@@ -76,8 +76,9 @@ MAX_ROWS = 16  # more rows than this make a matmul that gains from decoding the 
 def reader(layer, absmax):
     """A Reader for a 4-bit layer on CPU with its fp32 block scales, or None where the kernel does not serve it."""
     state = layer.weight.quant_state
-    out_features, in_features = state.shape
-    if in_features % 64 or state.blocksize != 64 or layer.compute_dtype not in BF16 or library() is None:
+    rows_are_whole_blocks = state.blocksize == 64 and state.shape[1] % 64 == 0
+    served_dtype = layer.compute_dtype in BF16  # fp32 or bf16: no fp16 rounding in the kernel
+    if not (rows_are_whole_blocks and served_dtype) or library() is None:
         return None
     return Reader(library(), layer.weight.data.view(torch.uint8).view(-1), absmax, state.code, state.shape,
                   layer.compute_dtype)
