@@ -316,3 +316,23 @@ def test_chunked_loss_equals_plain_cross_entropy(tmp_path):
     (reference_grad,) = torch.autograd.grad(reference, hidden)
     assert_close(loss, reference, rtol=0, atol=1e-5)
     assert_close(grad, reference_grad, rtol=0, atol=1e-6)
+
+
+def test_last_position_logits_copy_no_weight(tmp_path):
+    """`last_only` (generation's prefill) multiplies the last position alone, and copies nothing of lm_head's
+    size: given a strided view of that position, torch's bf16 matmul copied the whole weight transposed first, inside
+    its kernel (68 ms a prompt for the default model's 49,152 x 576). The profiler sees inside kernels."""
+    from torch.profiler import profile
+
+    write_hf_checkpoint(tmp_path)
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        full = model(ids)
+        with profile(record_shapes=True) as run:
+            last = model(ids, last_only=True)
+    size = model.lm_head.weight.numel()
+    copies = [(e.name, e.input_shapes) for e in run.events() if e.name in ("aten::copy_", "aten::clone")
+              and e.input_shapes and torch.Size(e.input_shapes[0]).numel() >= size]
+    assert copies == []
+    assert torch.equal(last, full[:, -1:])

@@ -48,3 +48,14 @@ def test_step_flops_match_torch_formulas(tmp_path):
         model.loss(ids, ids).backward()
     assert not counter.uncounted
     assert qlora_step_flops(model.config, batch=2, seq=32, r=8)["total"] == counter.total
+
+
+def test_the_step_roof_times_the_counted_arithmetic(default_weights):
+    """bench/shape_roof.py times each matmul and attention call of the step alone: what it times is what
+    roofline.py counts, but LoRA's rank-r matmuls."""
+    from shape_roof import step_parts
+
+    config = minipeft.LlamaConfig.from_json(default_weights / "config.json")
+    counted = qlora_step_flops(config, batch=4, seq=256, r=8)
+    timed = sum(flops * runs for _, _, flops, runs in step_parts(config, 4, 256, torch.float32))
+    assert timed == counted["total"] - counted["lora"]

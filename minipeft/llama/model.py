@@ -225,6 +225,14 @@ class LlamaModel(nn.Module):
         return x
 
 
+class LMHead(nn.Linear):
+    """nn.Linear; one row (generation at batch 1) by torch.mv, which reads a bf16 weight on CPU about twice as fast as
+    torch's (1, D) x (D, vocab) matmul does, the same sums (bench/RESULTS.md)."""
+
+    def forward(self, x):
+        return torch.mv(self.weight, x[0])[None] if x.shape[:-1] == (1,) and self.bias is None else super().forward(x)
+
+
 class Llama(nn.Module):
     """The causal language model: LlamaModel plus lm_head (tied to the embedding or not)."""
 
@@ -232,7 +240,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -240,7 +248,8 @@ class Llama(nn.Module):
                 documents=None):
         """Logits (B, T, vocab), or (B, 1, vocab) at the last position only when `last_only`."""
         hidden = self.model(input_ids, attention_mask, cache, inputs_embeds, documents=documents)  # (B, T, D)
-        return self.lm_head(hidden[:, -1:] if last_only else hidden)
+        # the last position as (B, D): torch multiplies a (B, 1, D) view of it, strided, by copying lm_head's weight
+        return self.lm_head(hidden[:, -1])[:, None] if last_only else self.lm_head(hidden)
 
     def unread(self, labels, real_text):
         """`labels` with -100 on the text tokens that layer prompts read (contract 4): their loss would be a leak."""
