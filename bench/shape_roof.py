@@ -37,26 +37,34 @@ def timed(run, repeats):
     return min(times)  # at best, as bench/worker.py measures the peak
 
 
+# Each part is (make, flops of one run): make() draws the operands and returns the run, so that only the part being
+# timed holds memory.
+
 def matmul(m, k, n, dtype):
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    return lambda: torch.mm(a, b), 2 * m * k * n
+    def make():
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        return lambda: torch.mm(a, b)
+    return make, 2 * m * k * n
 
 
 def attention(config, batch, seq, dtype, backward):
     hd, H, KV = config.head_dim, config.num_attention_heads, config.num_key_value_heads
-    q = torch.randn(batch, H, seq, hd, dtype=dtype, requires_grad=backward)
-    k, v = (torch.randn(batch, KV, seq, hd, dtype=dtype, requires_grad=backward) for _ in range(2))
-    grad = torch.randn(batch, H, seq, hd, dtype=dtype)
 
-    def run():
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
-        if backward:
-            y.backward(grad)
-    return run, (4 + 10 * backward) * batch * H * seq * seq * hd  # forward 4BHT^2hd; backward 10 (roofline.py)
+    def make():
+        q = torch.randn(batch, H, seq, hd, dtype=dtype, requires_grad=backward)
+        k, v = (torch.randn(batch, KV, seq, hd, dtype=dtype, requires_grad=backward) for _ in range(2))
+        grad = torch.randn(batch, H, seq, hd, dtype=dtype)
+
+        def run():
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
+            if backward:
+                y.backward(grad)
+        return run
+    return make, (4 + 10 * backward) * batch * H * seq * seq * hd  # forward 4BHT^2hd; backward 10 (roofline.py)
 
 
 def step_parts(config, batch, seq, dtype, chunk=256):
-    """(name, run, flops of one run, runs a step): bench/roofline.py's count, LoRA left out."""
+    """(name, make, flops of one run, runs a step): bench/roofline.py's count, LoRA left out."""
     D, I, hd, N = config.hidden_size, config.intermediate_size, config.head_dim, batch * seq
     q, kv, layers = config.num_attention_heads * hd, config.num_key_value_heads * hd, config.num_hidden_layers
     shapes = {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D),
@@ -86,18 +94,16 @@ def main():
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     config = LlamaConfig.from_json(Path(args.weights) / "config.json")
-    peak_run, peak_flops = matmul(2048, 2048, 2048, dtype)
-    peak = peak_flops / timed(peak_run, args.repeats) / 1e9
+    make_peak, peak_flops = matmul(2048, 2048, 2048, dtype)
+    peak = peak_flops / timed(make_peak(), args.repeats) / 1e9
     print(f"| part of one {args.dtype} step, {args.batch} x {args.seq} | runs | ms each | GFLOP/s | ms a step |")
     print("| --- | ---: | ---: | ---: | ---: |")
     total_flops = total_seconds = 0
-    with torch.no_grad():
-        for name, run, flops, runs in step_parts(config, args.batch, args.seq, dtype):
-            with torch.enable_grad():
-                seconds = timed(run, args.repeats)
-            total_flops, total_seconds = total_flops + flops * runs, total_seconds + seconds * runs
-            rate, per_step = flops / seconds / 1e9, seconds * runs * 1e3
-            print(f"| {name} | {runs} | {seconds * 1e3:.2f} | {rate:.0f} | {per_step:.0f} |")
+    for name, make, flops, runs in step_parts(config, args.batch, args.seq, dtype):
+        seconds = timed(make(), args.repeats)
+        total_flops, total_seconds = total_flops + flops * runs, total_seconds + seconds * runs
+        rate, per_step = flops / seconds / 1e9, seconds * runs * 1e3
+        print(f"| {name} | {runs} | {seconds * 1e3:.2f} | {rate:.0f} | {per_step:.0f} |")
     print(f"\n{total_flops / 1e9:.0f} GFLOP in {total_seconds:.2f} s at best: {total_flops / total_seconds / 1e9:.0f} "
           f"GFLOP/s, {total_flops / total_seconds / 1e9 / peak:.0%} of the 2048^3 matmul peak ({peak:.0f} GFLOP/s)")
 
