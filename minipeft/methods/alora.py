@@ -7,21 +7,38 @@ Models" (NAACL 2024, arXiv 2403.16187).
        │                                                                (+) ─► y = W x + s B G A x
        └─► dropout ─► A (in ─► R) ─► G = diag(g) ─► B (R ─► out) ─► x s ─┘
 
-    g in {0, 1}^R: a gate on each of the R rank slots. r of them start open (g_i = 1) and the rest closed.
+    g in {0, 1}^R: a gate on each of the R rank slots (the paper's alpha_i). r of them start open (g_i = 1,
+    "each alpha_i is set to 1 at initialization"), the rest closed: room to grow into.
 
-1. AB-LoRA, importance by ablation: rank i of a module matters by how much the held-out loss rises when it
-   alone is closed,  score_i = L(g with g_i = 0) - L(g).  A score below 0 is a harmful rank.
-2. Reallocation, every few steps: close the `prune` lowest-scoring ranks of all modules (A row, B column
-   zeroed) and open as many slots in the modules whose open ranks score highest on average, one a module in
-   turn: a fresh A row as LoRA starts it and a zero B column, which change nothing until trained. The budget,
-   the number of open ranks, stays what it was.
+The paper, and the line that computes each part:
+  the layer       h = W x + B G A x, G diagonal, a gate per rank                      ALoRALayer.adapt_output
+  Eq. (6), AB-LoRA, the importance of rank r, from scores S on a validation batch (S = minus its loss):
+                  IS(r) = S(M) - S(M\r) + S(M_r)                                      importance_scores
+                  M: the model as it is; M\r: rank r closed; M_r: rank r the only one kept
+  pruning         a pruned rank's gate goes to 0 ("setting the corresponding gate to zeros")   ALoRALayer.close
+  allocation      the pruned budget goes to the modules whose ranks were not pruned          reallocate
+  the schedule    train the super-network first; then a bounded number of rounds, each pruning
+                  one rank per module type, with training between rounds                    is_round
+
+So IS(r) counts both what the model loses without r (the first two terms) and what r does on its own (the
+third); a rank whose removal helps (S(M\r) > S(M)) and that is useless alone scores below the others.
+
+What was read, and the choices this file makes where the paper's text could not be read here: the equations
+above come from the paper's abstract, its Figure 1 caption and its Eq. (6) as quoted in this project's
+reference notes (the search tool reaches only the opening of the paper's pages, not its method section); the
+paper's other equation numbers, and its round count and step counts, could not be read, so none is cited.
+- The scale s = alpha / r of the starting r, fixed, so moving a rank never rescales the others.
+- S is minus the loss on the held-out batches the caller gives (the scripts: the fox text; 4 held-out files).
+- "One rank per module type": each round closes, for each wrapped linear's name (q_proj, v_proj, ...), the
+  open rank of lowest IS among all layers' modules of that name.
+- The freed ranks go, one a module in turn, to the modules that lost none this round, most important first,
+  a module's importance the mean IS of its open ranks; a module may lose every rank.
+- Growth has no cap by default: `capacity` slots, r + (every rank the rounds can move), exist from the start,
+  so no module is ever refused a rank; `capacity` set lower is a cap, for memory, and says so by its name.
+- A new rank starts as LoRA starts one (a fresh A row, a zero B column): it changes nothing until trained.
 
 With nothing reallocated (R = r, every gate open), ALoRA is LoRA (tested). Trains R (in + out) numbers per
 wrapped layer, r (in + out) of them in use at the start; a closed slot gets no gradient (G = 0).
-
-Choices where the paper leaves them open: s = alpha / r for the starting r, fixed, so moving a rank never
-rescales the others; the score is the rise in the loss on held-out batches the caller gives; a module may lose
-every rank; the R slots a module can grow into (`capacity`, 2 r by default) exist from the start.
 
 On disk: once trained, an ALoRA adapter is a LoRA adapter with a rank per module, so its file is peft's LoRA
 file (formats/alora.py): the open ranks only, rank_pattern r_i, alpha_pattern s r_i. peft loads it.
@@ -87,18 +104,27 @@ class ALoRASettings:
     targets: list = field(default_factory=list)
 
 
-def add_alora(model, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0, capacity=None,
+def add_alora(model, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0, rounds=5, capacity=None,
               name="default") -> int:
-    """Wrap every linear that `targets` names in an ALoRALayer with r open ranks out of `capacity` slots
-    (default 2 r). Returns how many. Call reallocate() while training to move ranks."""
+    """Wrap every linear that `targets` names in an ALoRALayer with r open ranks. Returns how many.
+    Call reallocate() while training to move ranks, at most `rounds` times.
+
+    Args:
+        rounds: how many reallocation rounds the run will hold; with capacity None it sizes the slots.
+        capacity: rank slots a layer. None: no cap, r + rounds x (module types), every rank the rounds can
+            move; fewer caps a module's growth there (to save memory).
+    """
     if not isinstance(r, int) or r <= 0:
         raise BadInput(f"r: expected a positive integer rank, got {r!r}")
-    capacity = 2 * r if capacity is None else capacity
-    if not isinstance(capacity, int) or capacity < r:
-        raise BadInput(f"capacity: expected an integer of at least r ({r}), got {capacity!r}")
+    if not isinstance(rounds, int) or rounds < 0:
+        raise BadInput(f"rounds: expected a number of reallocation rounds, 0 or more, got {rounds!r}")
     if not 0 <= dropout < 1:
         raise BadInput(f"dropout: expected a probability in [0, 1), got {dropout!r}")
     layers, asked = linears_named(model, targets, every_name_must_match=True)
+    types = {layer.rsplit(".", 1)[-1] for layer in layers}
+    capacity = r + rounds * len(types) if capacity is None else capacity
+    if not isinstance(capacity, int) or capacity < r:
+        raise BadInput(f"capacity: expected an integer of at least r ({r}), got {capacity!r}")
     attach(model, name, ALoRASettings(r, alpha, dropout, capacity, asked), layers,
            lambda _, base: ALoRALayer(base, r, alpha, dropout, capacity))
     return len(layers)
@@ -109,42 +135,66 @@ def alora_layers(model, name="default") -> dict[str, ALoRALayer]:
 
 
 @torch.no_grad()
-def rank_scores(model, heldout_loss, name="default") -> dict[tuple[str, int], float]:
-    """AB-LoRA: {(layer, slot): L(with that rank closed) - L(all open)}, over every open rank.
-    `heldout_loss()` returns the loss (a float) of the model as it is, on the caller's held-out batches."""
+def importance_scores(model, heldout_loss, name="default") -> dict[tuple[str, int], float]:
+    """AB-LoRA, Eq. (6): {(layer, slot): IS(r) = S(M) - S(M\\r) + S(M_r)} over every open rank r, with
+    S = -heldout_loss(), the loss (a float) of the model as its gates are now, on the caller's held-out batches."""
     layers = alora_layers(model, name)
-    everything = heldout_loss()
+    gates = {layer_name: layer.lora_gate.clone() for layer_name, layer in layers.items()}
+    S_M = -heldout_loss()  # S(M): every open rank
     scores = {}
     for layer_name, layer in layers.items():
         for i in layer.open_ranks():
             layer.lora_gate[i] = 0.0
-            scores[(layer_name, i)] = heldout_loss() - everything
+            S_without = -heldout_loss()  # S(M\r): rank r closed, every other open
+            for other in layers.values():
+                other.lora_gate.zero_()
             layer.lora_gate[i] = 1.0
+            S_alone = -heldout_loss()  # S(M_r): rank r the only one open, in every module
+            for other_name, other in layers.items():
+                other.lora_gate.copy_(gates[other_name])
+            scores[(layer_name, i)] = S_M - S_without + S_alone  # Eq. (6)
     return scores
 
 
 @torch.no_grad()
-def reallocate(model, heldout_loss, prune: int, seed: int = 0, name="default") -> dict:
-    """One round of ALoRA: score every open rank (rank_scores), close the `prune` lowest, and open as many
-    slots in the modules whose open ranks score highest on average, one a module in turn. Returns what it did:
+def reallocate(model, heldout_loss, seed: int = 0, name="default") -> dict:
+    """One round of ALoRA: score every open rank (Eq. 6), close the lowest-scoring rank of each module type
+    (q_proj, v_proj, ...), and give as many ranks to the modules that lost none, most important first (the
+    mean score of their open ranks), one a module in turn. Returns what it did:
     {"closed": [(layer, slot, score)], "opened": [(layer, slot)], "ranks": {layer: open ranks}}."""
     was_training = model.training
     model.eval()  # no dropout while scoring
-    scores = rank_scores(model, heldout_loss, name)
+    scores = importance_scores(model, heldout_loss, name)
     model.train(was_training)
-    layers = alora_layers(model, name)
-    closed = sorted(scores, key=scores.get)[:prune]
+    closed, opened = move_ranks(alora_layers(model, name), scores, torch.Generator().manual_seed(seed))
+    return {"closed": [(n, i, scores[(n, i)]) for n, i in closed], "opened": opened,
+            "ranks": {n: len(layer.open_ranks()) for n, layer in alora_layers(model, name).items()}}
+
+
+@torch.no_grad()
+def move_ranks(layers: dict, scores: dict, generator: torch.Generator):
+    """Given the scores, the round's move: close, for each module type (the name after the last dot), its
+    open rank of lowest score; open as many slots in the modules that lost none, most important first (the
+    mean score of their open ranks), one a module in turn. Returns (closed [(layer, slot)], opened [...])."""
+    lowest = {}  # module type -> its open rank of lowest score, over every layer
+    for layer_name, i in sorted(scores, key=scores.get):
+        lowest.setdefault(layer_name.rsplit(".", 1)[-1], (layer_name, i))
+    closed = list(lowest.values())
     for layer_name, i in closed:
         layers[layer_name].close(i)
-    mean = {n: torch.tensor([s for (m, _), s in scores.items() if m == n]).mean() for n, _ in scores}
+    mean = {n: sum(s for (m, _), s in scores.items() if m == n) / sum(m == n for m, _ in scores) for n, _ in scores}
     losing = {layer_name for layer_name, _ in closed}
     growing = sorted((n for n in mean if n not in losing), key=lambda n: -mean[n])  # most important first
-    generator, opened = torch.Generator().manual_seed(seed), []
+    opened = []
     while len(opened) < len(closed) and any(0 in layers[n].lora_gate for n in growing):  # one a module in turn
         for layer_name in [n for n in growing if 0 in layers[n].lora_gate][:len(closed) - len(opened)]:
             slot = (layers[layer_name].lora_gate == 0).nonzero()[0].item()
             layers[layer_name].open(slot, generator)
             opened.append((layer_name, slot))
-    return {"closed": [(n, i, scores[(n, i)]) for n, i in closed], "opened": opened,
-            "ranks": {n: len(layer.open_ranks()) for n, layer in layers.items()}}
+    return closed, opened
 
+
+def is_round(step: int, start: int, every: int, rounds: int) -> bool:
+    """The paper's schedule, in optimizer steps: train `start` steps first, then a round after every `every`
+    steps, `rounds` of them at most (step start, start + every, ..., start + (rounds - 1) every)."""
+    return step >= start and (step - start) % every == 0 and (step - start) // every < rounds

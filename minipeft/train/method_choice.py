@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ..errors import BadInput
-from ..methods.alora import add_alora, reallocate
+from ..methods.alora import add_alora, is_round, reallocate
 from ..methods.bitfit import BLOCK_LINEARS, add_bitfit
 from ..methods.bottleneck import add_bottleneck_adapters
 from ..methods.ept import add_ept
@@ -66,8 +66,9 @@ CHOICES = {  # add(model, settings, seed, name): `name` is the adapter's (named_
                                                      name=name),
                    {"num_prompts": 4, "r": 16, "instruction_tokens": 16}, {"code": 1e-2, "fox": 1e-2}),
     "alora": Choice(lambda m, s, seed, name: add_alora(m, s["targets"].split(","), s["r"], s["alpha"], 0.0,
-                                                       s["capacity"], name=name),
-                    {"targets": "q_proj,v_proj", "r": 4, "alpha": 8, "capacity": 8, "realloc_every": 20, "prune": 12},
+                                                       s["rounds"], s["capacity"], name=name),
+                    {"targets": "q_proj,v_proj", "r": 4, "alpha": 8, "capacity": None, "realloc_start": 20,
+                     "realloc_every": 10, "rounds": 4},
                     {"code": 1e-3, "fox": 5e-3}),
 }
 FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoPT's prompt matrix U V, of EPT's K and projections,"
@@ -80,13 +81,17 @@ FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoPT's prompt 
              "placement": "houlsby (after attention and MLP) or pfeiffer (after the MLP)",
              "knowledge_rows": "EPT: rows of the longer low-rank prompt K = A B that the short prompt attends to",
              "spaces": "EPT: subspaces the gating network mixes",
-             "capacity": "ALoRA's rank slots a layer (r open at the start, the rest free to grow into)",
-             "realloc_every": "ALoRA: steps between reallocations (score every open rank, move the lowest)",
-             "prune": "ALoRA: ranks closed and granted elsewhere at each reallocation",
+             "capacity": "ALoRA's rank slots a layer, a cap on growth to save memory (None: no cap, r + every rank "
+                         "the rounds can move)",
+             "realloc_start": "ALoRA: steps trained before the first reallocation round",
+             "realloc_every": "ALoRA: steps between rounds (each scores every open rank and moves the lowest of "
+                              "each module type)",
+             "rounds": "ALoRA: reallocation rounds, at most",
              "instruction_tokens": "IAPT: the first tokens of each row, which its generators read and the loss skips "
                                    "(train_fox.py: the prompt's)"}
 FLAGS = {"r": int, "alpha": float, "dropout": float, "targets": str, "num_prompts": int, "projection_hidden": int,
-         "bottleneck_size": int, "placement": str, "capacity": int, "realloc_every": int, "prune": int,
+         "bottleneck_size": int, "placement": str, "capacity": int, "realloc_start": int,
+         "realloc_every": int, "rounds": int,
          "knowledge_rows": int, "spaces": int, "instruction_tokens": int}
 
 
@@ -117,8 +122,9 @@ def choose_method(model, args, task: str, name="default"):
     positive = ("r", "alpha", "num_prompts", "projection_hidden", "bottleneck_size", "capacity", "realloc_every",
                 "knowledge_rows", "spaces", "instruction_tokens")
     check_positive(**{flag: value for flag, value in settings.items() if flag in positive and value is not None})
-    if settings.get("prune", 0) < 0:
-        raise BadInput(f"--prune: expected ranks to move, 0 or more, got {settings['prune']}")
+    if settings.get("rounds", 0) < 0 or settings.get("realloc_start", 0) < 0:
+        raise BadInput(f"--rounds and --realloc-start: expected 0 or more, got {settings['rounds']} and "
+                       f"{settings['realloc_start']}")
     for flag, value in settings.items():
         setattr(args, flag, value)
     if args.lr is None:
@@ -128,12 +134,14 @@ def choose_method(model, args, task: str, name="default"):
 
 
 def between_steps(model, args, step: int, optimizer, scoring_loss) -> str | None:
-    """What the method does after optimizer step `step`, if anything: ALoRA moves ranks every
-    --realloc-every steps, scored by `scoring_loss()` (the loss on a few fixed held-out samples), not after
-    the last step. Returns a line saying what it did, or None."""
-    if args.method != "alora" or step % args.realloc_every or step >= args.max_steps:
+    """What the method does after optimizer step `step`, if anything: ALoRA, after --realloc-start steps, moves
+    ranks every --realloc-every steps, --rounds times at most, scored by `scoring_loss()` (the loss on a few
+    fixed held-out samples), not after the last step. Returns a line saying what it did, or None."""
+    if args.method != "alora" or step >= args.max_steps:
         return None
-    did = reallocate(model, scoring_loss, args.prune, seed=args.seed + step)
+    if not is_round(step, args.realloc_start, args.realloc_every, args.rounds):
+        return None
+    did = reallocate(model, scoring_loss, seed=args.seed + step)
     restart_moments(optimizer, model, [(n, i) for n, i, _ in did["closed"]] + did["opened"])
     ranks = sorted(did["ranks"].values())
     harmful = sum(score < 0 for _, _, score in did["closed"])
