@@ -114,6 +114,25 @@ def test_training_gradients_are_the_per_row_gradients_summed(base, tmp_path, met
     assert minipeft.base_fingerprint(model) == fingerprint
 
 
+@pytest.mark.parametrize("first, second", [("iapt", "lora"), ("prompt", "iapt")])
+def test_the_loss_skips_only_the_tokens_that_each_rows_own_adapter_reads(base, tmp_path, first, second):
+    """IAPT's loss scores none of the instruction its generators read, in its own rows: the other adapters' rows
+    (and the bare base's) keep every token's loss, as each row's loss alone says."""
+    ids, mask, lengths = batch()
+    ids = torch.stack([r.roll(n) for r, n in zip(ids, lengths)])
+    mask = torch.stack([r.roll(n) for r, n in zip(mask, lengths)])
+    labels = ids.masked_fill(mask == 0, -100)
+    model = two_adapters(base, first, second)
+    save_adapter(model, tmp_path)
+    set_adapter(model, ROWS)
+    with torch.no_grad():
+        mixed = model.loss(ids, labels, mask, reduction="sum")
+        expected = sum(alone(base, tmp_path, name).loss(ids[row:row + 1, :n], labels[row:row + 1, :n],
+                                                        reduction="sum")
+                       for row, (name, n) in enumerate(zip(ROWS, lengths)))
+    assert_close(mixed, expected, rtol=0, atol=1e-4)
+
+
 def test_only_the_adapters_in_use_train(base):
     model = two_adapters(base, "lora")
     trainable = lambda: {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad}

@@ -153,6 +153,27 @@ def test_refusals_name_what_is_wrong(base, tmp_path):
         model(torch.randint(3, 256, (2, 5)))
 
 
+def test_a_classifier_whose_adapter_serves_no_row_passes_the_rows_through(base):
+    """Only a batch that mixes the classifier's rows with others' is refused; one that has none of its rows gets the
+    vocabulary logits of the rows' own adapters, as if the classifier were not there."""
+    model = load_model(base)
+    add_lora(model, ["q"], name="default")
+    add_task_head(model, num_labels=2)
+    add_lora(model, ["v"], name="other")
+    perturbed(model)
+    ids = torch.randint(3, 256, (2, 5))
+    with torch.no_grad():
+        minipeft.set_adapter(model, "other")
+        expected = model(ids)  # (2, 5, vocab): the classifier's adapter serves no row
+        for rows in (["other", "other"], ["other", None]):
+            minipeft.set_adapter(model, rows)
+            got = model(ids)
+            assert got.shape[-1] == 256
+            assert_close(got[0], expected[0], rtol=0, atol=1e-5)
+        minipeft.set_adapter(model, None)
+        assert_close(model(ids)[1], got[1], rtol=0, atol=1e-5)  # the bare base's row
+
+
 def test_the_classification_example_learns_code_from_prose(default_weights, tmp_path):
     """examples/classify.py: LoRA and a new head tell the standard library's code from its prose on held-out
     files (a fresh head alone is near chance; measured 0.545 before, 1.000 after 40 steps), and its adapter
