@@ -15,10 +15,9 @@ from torch.testing import assert_close
 
 import minipeft
 from minipeft import BadInput, load_adapter, load_model, save_adapter
-from minipeft.methods.alora import (ALoRALayer, add_alora, alora_layers, importance_scores, is_round, move_ranks,
-                                    reallocate)
+from minipeft.methods.alora import ALoRALayer, add_alora, alora_layers, importance_scores, move_ranks, reallocate
 from minipeft.methods.lora import add_lora, lora_layers
-from minipeft.train.method_choice import restart_moments
+from minipeft.train.method_choice import is_round, restart_moments
 from tests.helpers import write_hf_checkpoint
 
 
@@ -269,6 +268,6 @@ def test_bad_settings_are_refused(pair):
     model, _, _ = pair
     with pytest.raises(BadInput, match="capacity"):
         add_alora(model, ["q"], r=4, capacity=2)
-    with pytest.raises(BadInput, match="^r:"):
+    with pytest.raises(BadInput, match="^r and rounds:"):
         add_alora(model, ["q"], r=0)
     assert minipeft.count_parameters(model)["trainable_params"] == 0

@@ -14,6 +14,7 @@ class KVCache:
         self.keys = [None] * num_layers
         self.values = [None] * num_layers
         self.mask = None  # (B, S) bool: False at padding
+        self.text_seen = None  # (B,) long: the real text tokens cached so far in each row (contract 5)
         self.grow = grow
 
     def fill(self, keys, values, real=None, dtype=torch.float32) -> "KVCache":
@@ -46,6 +47,7 @@ class KVCache:
         kept.keys = [k[index, :, first:] for k in self.keys]
         kept.values = [v[index, :, first:] for v in self.values]
         kept.mask = mask[:, first:]
+        kept.text_seen = self.text_seen[index] if self.text_seen is not None else None
         return kept
 
     @staticmethod
@@ -58,4 +60,6 @@ class KVCache:
         joined.keys = [torch.cat([pad(c.keys[i], c) for c in caches]) for i in range(len(joined.keys))]
         joined.values = [torch.cat([pad(c.values[i], c) for c in caches]) for i in range(len(joined.keys))]
         joined.mask = torch.cat([torch.nn.functional.pad(c.mask, (longest - c.length, 0)) for c in caches])
+        if all(c.text_seen is not None for c in caches):
+            joined.text_seen = torch.cat([c.text_seen for c in caches])
         return joined

@@ -39,6 +39,10 @@ of four slots, and the decoder only calls what it finds there; it never asks whi
    only the tokens its `reads(real text)` (B, T) bool names, and `Llama.loss` scores none of them: a position
    that has read a token would give it away. Packed rows are refused. (Per-layer prompts made from the
    instruction: IAPT.)
+5. `model.text_offsets` may hold a module that, called with each text token's position among its row's real
+   text tokens (B, T) long (from 0, counting on across cached steps; in a packed row, from its document's
+   start), returns (B, T, D) added to the text's embeddings, in every step, new or continuing. The prepended
+   positions of slot 2 are not text and get nothing. (The low-rank update of the input embeddings: DePT, EPT.)
 
 Beyond those slots a method may only add parameters to a module it put there.
 """
@@ -136,6 +140,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.learned_past = None  # contract 3: a module returning per-layer keys and values, or None
         self.layer_prompts = None  # contract 4: a module filling slot 2's positions at every layer, or None
+        self.text_offsets = None  # contract 5: a module adding a vector to each text position's embedding, or None
         self.compute_dtype = None  # set when embed_tokens is stored narrower (quant.WidenedEmbedding)
         self.gradient_checkpointing = False  # set by minipeft.enable_checkpointing
         self.compiled = None  # minipeft.compile_blocks: each block compiled, for passes whose cache does not grow
@@ -149,6 +154,8 @@ class LlamaModel(nn.Module):
         attends only within its document, numbered from the document's start, as if the document were alone."""
         new_sequence = cache is None or cache.length == 0
         x, real = self.embed(input_ids, inputs_embeds, new_sequence, attention_mask)  # (B, T', D), (B, T')
+        text_length = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        x = self.offset_text(x, real[:, x.shape[1] - text_length:], cache, new_sequence, documents)  # contract 5
         if new_sequence and self.learned_past is not None:
             cache = self.fill_learned_past(cache, len(x), x.dtype)  # contract 3
         mask, positions = self.attention_mask(real, cache, documents)  # (B, 1, T', S) or None, (B, T')
@@ -175,6 +182,24 @@ class LlamaModel(nn.Module):
         if attention_mask is not None:  # covers the new tokens
             real[:, x.shape[1] - attention_mask.shape[1]:] = attention_mask.bool()
         return x, real
+
+    def offset_text(self, x, real_text, cache, new_sequence, documents):
+        """x with text_offsets(the text's positions) added to its last T positions, the text (contract 5). A
+        growing cache counts each row's real text tokens, so a continuing step's positions go on from there."""
+        B, T = real_text.shape
+        seen = cache.text_seen if not new_sequence and cache.text_seen is not None else real_text.new_zeros(B).long()
+        positions = (seen[:, None] + real_text.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): padding not counted
+        if cache is not None and cache.grow:
+            cache.text_seen = seen + real_text.long().sum(-1)
+        if self.text_offsets is None:
+            return x
+        if documents is not None:  # each document from 0: its index minus its first token's
+            index = torch.arange(T, device=x.device).expand(B, -1)
+            starts = torch.ones_like(documents, dtype=torch.bool)
+            starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+            positions = index - torch.where(starts, index, 0).cummax(-1).values  # (B, T)
+        offsets = self.text_offsets(positions)  # (B, T, D)
+        return torch.cat([x[:, :x.shape[1] - T], x[:, x.shape[1] - T:] + offsets.to(x.dtype)], dim=1)
 
     def layer_prompts_of(self, new_sequence, real, input_ids, inputs_embeds, documents):
         """What fills the prepended positions before each block (contract 4): fill(i, x) -> x, or None."""

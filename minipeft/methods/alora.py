@@ -7,44 +7,22 @@ Models" (NAACL 2024, arXiv 2403.16187).
        │                                                                (+) ─► y = W x + s B G A x
        └─► dropout ─► A (in ─► R) ─► G = diag(g) ─► B (R ─► out) ─► x s ─┘
 
-    g in {0, 1}^R: a gate on each of the R rank slots (the paper's alpha_i). r of them start open (g_i = 1,
-    "each alpha_i is set to 1 at initialization"), the rest closed: room to grow into.
+The paper, each part with the code that computes it (the paper's alpha_i are the gates g_i):
+  the layer   h = W x + B G A x, G diagonal, a gate a rank, 1 at the start           ALoRALayer.adapt_output
+  Eq. (6)     IS(r) = S(M) - S(M\r) + S(M_r): S a validation score (here minus the loss), M the model,
+              M\r without rank r, M_r with only rank r kept                          importance_scores
+  pruning     a pruned rank's gate set to 0; its budget given to modules not pruned    move_ranks
+  schedule    train first; then a bounded number of rounds, each pruning one rank per
+              module type, with training between them        train/method_choice.py is_round
 
-The paper, and the line that computes each part:
-  the layer       h = W x + B G A x, G diagonal, a gate per rank                      ALoRALayer.adapt_output
-  Eq. (6), AB-LoRA, the importance of rank r, from scores S on a validation batch (S = minus its loss):
-                  IS(r) = S(M) - S(M\r) + S(M_r)                                      importance_scores
-                  M: the model as it is; M\r: rank r closed; M_r: rank r the only one kept
-  pruning         a pruned rank's gate goes to 0 ("setting the corresponding gate to zeros")   ALoRALayer.close
-  allocation      the pruned budget goes to the modules whose ranks were not pruned          reallocate
-  the schedule    train the super-network first; then a bounded number of rounds, each pruning
-                  one rank per module type, with training between rounds                    is_round
-
-So IS(r) counts both what the model loses without r (the first two terms) and what r does on its own (the
-third); a rank whose removal helps (S(M\r) > S(M)) and that is useless alone scores below the others.
-
-What was read, and the choices this file makes where the paper's text could not be read here: the equations
-above come from the paper's abstract, its Figure 1 caption and its Eq. (6) as quoted in this project's
-reference notes (the search tool reaches only the opening of the paper's pages, not its method section); the
-paper's other equation numbers, and its round count and step counts, could not be read, so none is cited.
-- The scale s = alpha / r of the starting r, fixed, so moving a rank never rescales the others.
-- S is minus the loss on the held-out batches the caller gives (the scripts: the fox text; 4 held-out files).
-- "One rank per module type": each round closes, for each wrapped linear's name (q_proj, v_proj, ...), the
-  open rank of lowest IS among all layers' modules of that name.
-- The freed ranks go, one a module in turn, to the modules that lost none this round, most important first,
-  a module's importance the mean IS of its open ranks; a module may lose every rank.
-- Growth has no cap by default: `capacity` slots, r + (every rank the rounds can move), exist from the start,
-  so no module is ever refused a rank; `capacity` set lower is a cap, for memory, and says so by its name.
-- A new rank starts as LoRA starts one (a fresh A row, a zero B column): it changes nothing until trained.
-
-With nothing reallocated (R = r, every gate open), ALoRA is LoRA (tested). Trains R (in + out) numbers per
-wrapped layer, r (in + out) of them in use at the start; a closed slot gets no gradient (G = 0).
-
-On disk: once trained, an ALoRA adapter is a LoRA adapter with a rank per module, so its file is peft's LoRA
-file (formats/alora.py): the open ranks only, rank_pattern r_i, alpha_pattern s r_i. peft loads it.
+Read, and chosen: only the abstract, Figure 1's caption and Eq. 6 (as the project's notes quote it) could be
+read here; no other equation number, round or step count of the paper is cited. Chosen: s = alpha / r of the
+starting r, fixed; a module type is a linear's name (q_proj, ...); the freed ranks go one a module in turn to
+the modules that lost none, by the mean IS of their open ranks; a new rank starts as LoRA's (B column 0);
+growth is not capped unless `capacity` says so. Nothing reallocated, ALoRA is LoRA (tested). On disk: peft's
+LoRA file with a rank per module (formats/alora.py).
 """
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -63,8 +41,7 @@ class ALoRALayer(LoRALayer):
         capacity = capacity or r
         super().__init__(base_layer, capacity, alpha, dropout)  # A: (R, in), B: (out, R)
         self.scaling = alpha / r  # s: the starting rank's, whatever the number open later
-        gate = torch.zeros(capacity, device=self.lora_A.weight.device)
-        gate[:r] = 1.0
+        gate = (torch.arange(capacity, device=self.lora_A.weight.device) < r).float()  # the first r open
         self.register_buffer("lora_gate", gate)  # g: (R,), 1 for an open rank, 0 for a closed one
 
     def adapt_output(self, x, y):
@@ -86,12 +63,9 @@ class ALoRALayer(LoRALayer):
 
     @torch.no_grad()
     def open(self, i: int, generator: torch.Generator):
-        """A fresh rank in slot i: A's row as LoRA starts it, B's column zero."""
-        bound = 1 / math.sqrt(self.lora_A.in_features)  # kaiming_uniform_ with a = sqrt(5), as nn.Linear
-        row = torch.rand(self.lora_A.in_features, generator=generator) * 2 * bound - bound
-        self.lora_A.weight[i] = row.to(self.lora_A.weight)
-        self.lora_B.weight[:, i] = 0.0
-        self.lora_gate[i] = 1.0
+        """A fresh rank in slot i: A's row as LoRA (nn.Linear) starts it, uniform in +-1/sqrt(in); B's column zero."""
+        row = (2 * torch.rand(self.lora_A.in_features, generator=generator) - 1) / self.lora_A.in_features ** 0.5
+        self.lora_A.weight[i], self.lora_B.weight[:, i], self.lora_gate[i] = row.to(self.lora_A.weight), 0.0, 1.0
 
 
 @dataclass
@@ -100,32 +74,23 @@ class ALoRASettings:
     r: int
     alpha: float
     dropout: float
-    capacity: int
     targets: list = field(default_factory=list)
 
 
 def add_alora(model, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0, rounds=5, capacity=None,
               name="default") -> int:
-    """Wrap every linear that `targets` names in an ALoRALayer with r open ranks. Returns how many.
-    Call reallocate() while training to move ranks, at most `rounds` times.
-
-    Args:
-        rounds: how many reallocation rounds the run will hold; with capacity None it sizes the slots.
-        capacity: rank slots a layer. None: no cap, r + rounds x (module types), every rank the rounds can
-            move; fewer caps a module's growth there (to save memory).
-    """
-    if not isinstance(r, int) or r <= 0:
-        raise BadInput(f"r: expected a positive integer rank, got {r!r}")
-    if not isinstance(rounds, int) or rounds < 0:
-        raise BadInput(f"rounds: expected a number of reallocation rounds, 0 or more, got {rounds!r}")
+    """Wrap every linear that `targets` names in an ALoRALayer with r open ranks; reallocate() moves them, in
+    at most `rounds` rounds. `capacity`: rank slots a layer, None for no cap (r + rounds x module types)."""
+    if not isinstance(r, int) or r <= 0 or not isinstance(rounds, int) or rounds < 0:
+        raise BadInput(f"r and rounds: expected an integer rank >= 1 and rounds >= 0, got {r!r} and {rounds!r}")
     if not 0 <= dropout < 1:
         raise BadInput(f"dropout: expected a probability in [0, 1), got {dropout!r}")
     layers, asked = linears_named(model, targets, every_name_must_match=True)
-    types = {layer.rsplit(".", 1)[-1] for layer in layers}
-    capacity = r + rounds * len(types) if capacity is None else capacity
+    types = len({layer.rsplit(".", 1)[-1] for layer in layers})  # q_proj, v_proj, ...: the ranks a round moves
+    capacity = r + rounds * types if capacity is None else capacity
     if not isinstance(capacity, int) or capacity < r:
         raise BadInput(f"capacity: expected an integer of at least r ({r}), got {capacity!r}")
-    attach(model, name, ALoRASettings(r, alpha, dropout, capacity, asked), layers,
+    attach(model, name, ALoRASettings(r, alpha, dropout, asked), layers,
            lambda _, base: ALoRALayer(base, r, alpha, dropout, capacity))
     return len(layers)
 
@@ -139,32 +104,27 @@ def importance_scores(model, heldout_loss, name="default") -> dict[tuple[str, in
     """AB-LoRA, Eq. (6): {(layer, slot): IS(r) = S(M) - S(M\\r) + S(M_r)} over every open rank r, with
     S = -heldout_loss(), the loss (a float) of the model as its gates are now, on the caller's held-out batches."""
     layers = alora_layers(model, name)
-    gates = {layer_name: layer.lora_gate.clone() for layer_name, layer in layers.items()}
-    S_M = -heldout_loss()  # S(M): every open rank
-    scores = {}
-    for layer_name, layer in layers.items():
-        for i in layer.open_ranks():
-            layer.lora_gate[i] = 0.0
-            S_without = -heldout_loss()  # S(M\r): rank r closed, every other open
-            for other in layers.values():
-                other.lora_gate.zero_()
-            layer.lora_gate[i] = 1.0
-            S_alone = -heldout_loss()  # S(M_r): rank r the only one open, in every module
-            for other_name, other in layers.items():
-                other.lora_gate.copy_(gates[other_name])
-            scores[(layer_name, i)] = S_M - S_without + S_alone  # Eq. (6)
+    gates = {n: layer.lora_gate.clone() for n, layer in layers.items()}
+
+    def S(gates_of):  # the score with each layer's gates set to gates_of(layer name)
+        for n, layer in layers.items():
+            layer.lora_gate.copy_(gates_of(n))
+        return -heldout_loss()
+    S_M, scores = S(gates.get), {}  # S(M): every open rank
+    for layer_name, i in [(n, i) for n, layer in layers.items() for i in layer.open_ranks()]:
+        only = torch.zeros_like(gates[layer_name]).index_fill(0, torch.tensor(i), 1.0)  # rank r's gate alone
+        S_without = S(lambda n: gates[n] - only if n == layer_name else gates[n])  # S(M\r): r closed
+        S_alone = S(lambda n: only if n == layer_name else 0 * gates[n])  # S(M_r): r the only one open
+        scores[(layer_name, i)] = S_M - S_without + S_alone  # Eq. (6)
+    S(gates.get)  # every gate as it was
     return scores
 
 
 @torch.no_grad()
 def reallocate(model, heldout_loss, seed: int = 0, name="default") -> dict:
-    """One round of ALoRA: score every open rank (Eq. 6), close the lowest-scoring rank of each module type
-    (q_proj, v_proj, ...), and give as many ranks to the modules that lost none, most important first (the
-    mean score of their open ranks), one a module in turn. Returns what it did:
-    {"closed": [(layer, slot, score)], "opened": [(layer, slot)], "ranks": {layer: open ranks}}."""
-    was_training = model.training
-    model.eval()  # no dropout while scoring
-    scores = importance_scores(model, heldout_loss, name)
+    """One round of ALoRA: score every open rank (Eq. 6), then move_ranks. Returns what it did: {"closed":
+    [(layer, slot, score)], "opened": [(layer, slot)], "ranks": {layer: open ranks}}."""
+    was_training, scores = model.training, importance_scores(model.eval(), heldout_loss, name)  # no dropout
     model.train(was_training)
     closed, opened = move_ranks(alora_layers(model, name), scores, torch.Generator().manual_seed(seed))
     return {"closed": [(n, i, scores[(n, i)]) for n, i in closed], "opened": opened,
@@ -173,18 +133,14 @@ def reallocate(model, heldout_loss, seed: int = 0, name="default") -> dict:
 
 @torch.no_grad()
 def move_ranks(layers: dict, scores: dict, generator: torch.Generator):
-    """Given the scores, the round's move: close, for each module type (the name after the last dot), its
-    open rank of lowest score; open as many slots in the modules that lost none, most important first (the
-    mean score of their open ranks), one a module in turn. Returns (closed [(layer, slot)], opened [...])."""
-    lowest = {}  # module type -> its open rank of lowest score, over every layer
-    for layer_name, i in sorted(scores, key=scores.get):
-        lowest.setdefault(layer_name.rsplit(".", 1)[-1], (layer_name, i))
-    closed = list(lowest.values())
+    """Close each module type's (q_proj, ...) open rank of lowest score; open as many slots in the modules that
+    lost none, by the mean score of their open ranks, one a module in turn. Returns (closed, opened) slots."""
+    by_type = {n.rsplit(".", 1)[-1]: (n, i) for n, i in sorted(scores, key=scores.get, reverse=True)}
+    closed = sorted(by_type.values(), key=scores.get)  # each module type's rank of lowest score (written last)
     for layer_name, i in closed:
         layers[layer_name].close(i)
     mean = {n: sum(s for (m, _), s in scores.items() if m == n) / sum(m == n for m, _ in scores) for n, _ in scores}
-    losing = {layer_name for layer_name, _ in closed}
-    growing = sorted((n for n in mean if n not in losing), key=lambda n: -mean[n])  # most important first
+    growing = sorted((n for n in mean if n not in dict(closed)), key=lambda n: -mean[n])  # most important first
     opened = []
     while len(opened) < len(closed) and any(0 in layers[n].lora_gate for n in growing):  # one a module in turn
         for layer_name in [n for n in growing if 0 in layers[n].lora_gate][:len(closed) - len(opened)]:
@@ -192,9 +148,3 @@ def move_ranks(layers: dict, scores: dict, generator: torch.Generator):
             layers[layer_name].open(slot, generator)
             opened.append((layer_name, slot))
     return closed, opened
-
-
-def is_round(step: int, start: int, every: int, rounds: int) -> bool:
-    """The paper's schedule, in optimizer steps: train `start` steps first, then a round after every `every`
-    steps, `rounds` of them at most (step start, start + every, ..., start + (rounds - 1) every)."""
-    return step >= start and (step - start) % every == 0 and (step - start) // every < rounds

@@ -10,7 +10,8 @@ from typing import Callable
 import torch
 
 from ..errors import BadInput
-from ..methods.alora import add_alora, is_round, reallocate
+from ..llama.quant import decoded_weights
+from ..methods.alora import add_alora, reallocate
 from ..methods.bitfit import BLOCK_LINEARS, add_bitfit
 from ..methods.bottleneck import add_bottleneck_adapters
 from ..methods.ept import add_ept
@@ -141,12 +142,19 @@ def between_steps(model, args, step: int, optimizer, scoring_loss) -> str | None
         return None
     if not is_round(step, args.realloc_start, args.realloc_every, args.rounds):
         return None
-    did = reallocate(model, scoring_loss, seed=args.seed + step)
+    with decoded_weights(model, budget_mb=1024, read_codes=False):  # a round runs 1 + 2 x (open ranks) forwards
+        did = reallocate(model, scoring_loss, seed=args.seed + step)
     restart_moments(optimizer, model, [(n, i) for n, i, _ in did["closed"]] + did["opened"])
     ranks = sorted(did["ranks"].values())
-    harmful = sum(score < 0 for _, _, score in did["closed"])
-    return (f"ALoRA after step {step}: closed {len(did['closed'])} ranks ({harmful} harmful), opened "
+    lowest = min((score for _, _, score in did["closed"]), default=float("nan"))
+    return (f"ALoRA after step {step}: closed {len(did['closed'])} ranks (lowest IS {lowest:.4f}), opened "
             f"{len(did['opened'])}; open ranks a layer now {ranks[0]} to {ranks[-1]}, {sum(ranks)} in all")
+
+
+def is_round(step: int, start: int, every: int, rounds: int) -> bool:
+    """ALoRA's schedule, as its paper gives it, in optimizer steps: train `start` steps first, then a round after
+    every `every` steps, `rounds` of them at most (steps start, start + every, ..., start + (rounds - 1) every)."""
+    return step >= start and (step - start) % every == 0 and (step - start) // every < rounds
 
 
 def restart_moments(optimizer, model, slots):
