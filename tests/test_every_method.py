@@ -24,7 +24,7 @@ METHODS = {
     "prompt": lambda m: minipeft.add_prompt_tuning(m, num_prompts=3),
     "lopt": lambda m: minipeft.add_lopt(m, num_prompts=3, r=2),
     "alora": lambda m: minipeft.add_alora(m, ["q", "v", "down"], r=2, capacity=3),
-    "ept": lambda m: minipeft.add_ept(m, num_prompts=3, knowledge_rows=5, r=2, spaces=2),
+    "ept": lambda m: minipeft.add_ept(m, num_prompts=3, max_length=12, r=2, spaces=2),
     "iapt": lambda m: minipeft.add_iapt(m, num_prompts=2, r=4, instruction_tokens=2),  # prompts of 3+ tokens
     "lora_and_lm_head": lambda m: (minipeft.add_lora(m, ["q", "v"], r=4), minipeft.add_task_head(m)),
 }

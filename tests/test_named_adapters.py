@@ -20,7 +20,7 @@ ADD = {
     "prefix": lambda m, name: minipeft.add_prefix_tuning(m, num_prompts=3 if name == "fox" else 5, name=name),
     "prompt": lambda m, name: minipeft.add_prompt_tuning(m, num_prompts=4 if name == "fox" else 2, name=name),
     "lopt": lambda m, name: minipeft.add_lopt(m, num_prompts=4 if name == "fox" else 3, r=2, name=name),
-    "ept": lambda m, name: minipeft.add_ept(m, num_prompts=4 if name == "fox" else 2, knowledge_rows=5, r=2,
+    "ept": lambda m, name: minipeft.add_ept(m, num_prompts=4 if name == "fox" else 2, max_length=12, r=2,
                                             spaces=2, name=name),
     "alora": lambda m, name: minipeft.add_alora(m, ["q", "v", "up"], r=2, capacity=3, name=name),
     "iapt": lambda m, name: minipeft.add_iapt(m, num_prompts=3 if name == "fox" else 2, r=4,

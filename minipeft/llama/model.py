@@ -42,7 +42,8 @@ of four slots, and the decoder only calls what it finds there; it never asks whi
 5. `model.text_offsets` may hold a module that, called with each text token's position among its row's real
    text tokens (B, T) long (from 0, counting on across cached steps; in a packed row, from its document's
    start), returns (B, T, D) added to the text's embeddings, in every step, new or continuing. The prepended
-   positions of slot 2 are not text and get nothing. (The low-rank update of the input embeddings: DePT, EPT.)
+   positions of slot 2 are not text and get nothing, nor does `inputs_embeds`. (DePT's and EPT's low-rank
+   update of the input embeddings.)
 
 Beyond those slots a method may only add parameters to a module it put there.
 """
@@ -154,8 +155,8 @@ class LlamaModel(nn.Module):
         attends only within its document, numbered from the document's start, as if the document were alone."""
         new_sequence = cache is None or cache.length == 0
         x, real = self.embed(input_ids, inputs_embeds, new_sequence, attention_mask)  # (B, T', D), (B, T')
-        text_length = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
-        x = self.offset_text(x, real[:, x.shape[1] - text_length:], cache, new_sequence, documents)  # contract 5
+        if inputs_embeds is None:  # given embeddings are taken as they are
+            x = self.offset_text(x, real[:, x.shape[1] - input_ids.shape[1]:], cache, new_sequence, documents)  # 5
         if new_sequence and self.learned_past is not None:
             cache = self.fill_learned_past(cache, len(x), x.dtype)  # contract 3
         mask, positions = self.attention_mask(real, cache, documents)  # (B, 1, T', S) or None, (B, T')
@@ -198,7 +199,9 @@ class LlamaModel(nn.Module):
             starts = torch.ones_like(documents, dtype=torch.bool)
             starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
             positions = index - torch.where(starts, index, 0).cummax(-1).values  # (B, T)
-        offsets = self.text_offsets(positions)  # (B, T, D)
+        offsets = self.text_offsets(positions)  # (B, T, D), or 0 where no adapter serves a row
+        if not torch.is_tensor(offsets):
+            return x
         return torch.cat([x[:, :x.shape[1] - T], x[:, x.shape[1] - T:] + offsets.to(x.dtype)], dim=1)
 
     def layer_prompts_of(self, new_sequence, real, input_ids, inputs_embeds, documents):

@@ -33,7 +33,7 @@ from .named_adapters import filled_on_own_rows, on_own_rows, past_on_own_rows, p
 from .placing import (SHORT_NAMES, check_free, check_name, in_slot, innermost, linears_named, pattern_value, place,
                       record_settings)
 
-__all__ = ["Wrapper", "Mergeable", "Prepends", "PastWrapper", "LayerPromptsWrapper",  # a method's module inherits
+__all__ = ["Wrapper", "Mergeable", "Prepends", "PastWrapper", "LayerPromptsWrapper", "TextOffsetsWrapper",  # inherited
            "matmul_input",  # what its own matmuls take
            "attach", "linears_named", "SHORT_NAMES", "innermost", "pattern_value", "disabled"]  # its add_X
 
@@ -149,6 +149,23 @@ class LayerPromptsWrapper(Wrapper):
         """(B, T) bool: the text tokens this adapter reads, in its rows (and those the inner adapter reads)."""
         inner = self.inner.reads(real_text) if self.inner is not None else torch.zeros_like(real_text)
         return inner | (row_mask(self, len(real_text), real_text.device)[:, None] & self.instruction(real_text))
+
+
+class TextOffsetsWrapper(Wrapper):
+    """Slot 5 of the decoder (llama/model.py): called with the text's positions (B, T), it returns what is added to
+    the text's embeddings (B, T, D): offsets(positions), in the rows of its adapter, plus `inner`'s, another
+    adapter's, when several share the base."""
+    wrapped = "inner"
+
+    def stacked_on(self, inner):
+        """These offsets over `inner`, another adapter's (or None), as attach() places them."""
+        self.inner = inner
+        return self
+
+    def forward(self, positions):
+        inner = self.inner(positions) if self.inner is not None else 0
+        serves = row_mask(self, len(positions), positions.device)  # (B,): the rows with this adapter
+        return inner + self.offsets(positions) * serves[:, None, None] if serves.any() else inner
 
 
 def matmul_input(x, weight):

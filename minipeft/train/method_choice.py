@@ -60,9 +60,9 @@ CHOICES = {  # add(model, settings, seed, name): `name` is the adapter's (named_
                      {"num_prompts": 16}, {"code": 1e-2, "fox": 1e-2}),
     "lopt": Choice(lambda m, s, seed, name: add_lopt(m, s["num_prompts"], s["r"], seed=seed, name=name),
                    {"num_prompts": 16, "r": 4}, {"code": 1e-2, "fox": 1e-2}),
-    "ept": Choice(lambda m, s, seed, name: add_ept(m, s["num_prompts"], s["knowledge_rows"], s["r"], s["spaces"],
+    "ept": Choice(lambda m, s, seed, name: add_ept(m, s["num_prompts"], s["max_length"], s["r"], s["spaces"],
                                                    seed=seed, name=name),
-                  {"num_prompts": 8, "knowledge_rows": 16, "r": 4, "spaces": 3}, {"code": 1e-2, "fox": 1e-2}),
+                  {"num_prompts": 8, "max_length": 256, "r": 4, "spaces": 3}, {"code": 1e-2, "fox": 1e-2}),
     "iapt": Choice(lambda m, s, seed, name: add_iapt(m, s["num_prompts"], s["r"], s["instruction_tokens"], seed=seed,
                                                      name=name),
                    {"num_prompts": 4, "r": 16, "instruction_tokens": 16}, {"code": 1e-2, "fox": 1e-2}),
@@ -72,7 +72,7 @@ CHOICES = {  # add(model, settings, seed, name): `name` is the adapter's (named_
                      "realloc_every": 10, "rounds": 4},
                     {"code": 1e-3, "fox": 5e-3}),
 }
-FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoPT's prompt matrix U V, of EPT's K and projections,"
+FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoPT's U V, of EPT's A B and projections,"
                   " IAPT's generators' bottleneck",
              "alpha": "LoRA alpha; the update is scaled by alpha / r",
              "dropout": "LoRA dropout", "targets": "comma-separated linears to wrap",
@@ -80,7 +80,7 @@ FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoPT's prompt 
              "projection_hidden": "prefix tuning's reparameterisation MLP width (None: no MLP)",
              "bottleneck_size": "bottleneck adapters' width m",
              "placement": "houlsby (after attention and MLP) or pfeiffer (after the MLP)",
-             "knowledge_rows": "EPT: rows of the longer low-rank prompt K = A B that the short prompt attends to",
+             "max_length": "EPT: text positions its low-rank update A B covers (DePT's s); later ones get none",
              "spaces": "EPT: subspaces the gating network mixes",
              "capacity": "ALoRA's rank slots a layer, a cap on growth to save memory (None: no cap, r + every rank "
                          "the rounds can move)",
@@ -93,7 +93,7 @@ FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoPT's prompt 
 FLAGS = {"r": int, "alpha": float, "dropout": float, "targets": str, "num_prompts": int, "projection_hidden": int,
          "bottleneck_size": int, "placement": str, "capacity": int, "realloc_start": int,
          "realloc_every": int, "rounds": int,
-         "knowledge_rows": int, "spaces": int, "instruction_tokens": int}
+         "max_length": int, "spaces": int, "instruction_tokens": int}
 
 
 def add_method_arguments(parser, default_method):
@@ -121,7 +121,7 @@ def choose_method(model, args, task: str, name="default"):
     settings = {flag: getattr(args, flag) if getattr(args, flag) is not None else default
                 for flag, default in choice.settings.items()}
     positive = ("r", "alpha", "num_prompts", "projection_hidden", "bottleneck_size", "capacity", "realloc_every",
-                "knowledge_rows", "spaces", "instruction_tokens")
+                "max_length", "spaces", "instruction_tokens")
     check_positive(**{flag: value for flag, value in settings.items() if flag in positive and value is not None})
     if settings.get("rounds", 0) < 0 or settings.get("realloc_start", 0) < 0:
         raise BadInput(f"--rounds and --realloc-start: expected 0 or more, got {settings['rounds']} and "
