@@ -14,22 +14,22 @@ Zhu, Tian, Yin, Ni, Wang and Xie 2024, "IAPT: Instruction-Aware Prompt Tuning fo
 
     sigma_l(z) = (a0 + a1 z + ... + a5 z^5) / (1 + |b1 z + ... + b4 z^4|), each layer's own, started as GELU
 
-Prompt tuning learns fixed vectors for layer 0, prefix tuning fixed keys and values for every layer; IAPT's
-soft tokens are a summary of the instruction, made in every layer from its hidden states. It fills two slots
-of the decoder (llama/model.py): embed_tokens prepends the P positions (contract 2), and model.layer_prompts
-fills them before every block (contract 4); in generation they are made once, then kept in the KV cache.
+Prompt tuning learns fixed vectors, prefix tuning fixed keys and values; IAPT's soft tokens summarise the
+instruction, made in every layer from its hidden states (once in generation, then cached). embed_tokens
+prepends the P positions (contract 2 of llama/model.py), layer_prompts fills them before every block (4).
 
 Read (the abstract and summaries, not the method section: no equation number is cited), and followed: a
 generator before every layer reads the instruction's hidden states there; a bottleneck of a down projection,
 self-attention pooling to a fixed number of soft tokens, an activation and an up projection; each layer learns
-its own activation as a rational function. Not followed: one summary says some generator
-parameters are shared across layers; which could not be read, so every layer has its own generator here.
-Choices where the paper leaves them open or could not be read: the pooling runs on the Down-projected states,
-one learned query a soft token (queries start at 0: mean pooling); the states are RMS-normalised first, so that
-every layer's scale is alike; the instruction is the first n real tokens of a row (`instruction_tokens`), and
-the loss scores none of them, since the soft tokens have read them; the generator has a skip connection, as
-adapters do, and Up starts at 0 (LoRA's B): each soft token starts as the mean of the instruction's states in
-its layer, at the scale of real states (soft tokens of 0 sit where RMSNorm's gradient is 1 / sqrt(eps)). L (2 D r + P r + 10) numbers: 32 x (2 x 4096 x 16 + 4 x 16 + 10) = 4,196,672 on Llama-7B with r = 16.
+its own activation as a rational function. Not followed: one summary says some generator parameters are shared
+across layers; which could not be read, so every layer has its own generator here. Chosen where the paper
+leaves it open or could not be read: the pooling runs on the Down-projected states, one learned query a soft
+token (queries start at 0: mean pooling); the states are RMS-normalised first, so that every layer's scale is
+alike; the instruction is the first n real tokens of a row (`instruction_tokens`), and the loss scores none
+of them, since the soft tokens have read them; the generator has a skip connection, as adapters do, and Up
+starts at 0 (LoRA's B): each soft token starts as the mean of the instruction's states in its layer, at the
+scale of real states (soft tokens of 0 sit where RMSNorm's gradient is 1 / sqrt(eps)). Trains L (2 D r + P r
++ 10) numbers: 32 x (2 x 4096 x 16 + 4 x 16 + 10) = 4,196,672 on Llama-7B with r = 16.
 """
 
 from dataclasses import dataclass
