@@ -96,7 +96,7 @@ def test_no_shared_list_of_methods_outside_the_one_table():
 
 
 METHOD_FILES = ("lora", "dora", "ia3", "bitfit", "bottleneck", "prompt_tuning", "prefix_tuning", "lopt",
-                "task_head", "alora", "ept", "iapt")
+                "task_head", "alora", "ept", "iapt", "plug_and_play")
 
 
 def test_a_method_file_holds_its_method_and_no_routing():
@@ -110,7 +110,7 @@ def test_a_method_file_holds_its_method_and_no_routing():
         siblings = {m.split(".")[2] for m in imported_modules(path) if m.count(".") >= 2 and
                     m.startswith("minipeft.methods.")}
         # the contract, and the method a method builds on: DoRA is LoRA's option, ALoRA a LoRA with gates, LoPT a
-        # low-rank prompt tuning, EPT a prompt tuning that starts as LoPT does
+        # low-rank prompt tuning, Plug and Play prompts prompt tuning's prompts under another objective
         assert siblings <= {"contract", "lora", "dora", "prompt_tuning", "lopt"}, (name, siblings)
         module = sys.modules[f"minipeft.methods.{name}"]
         wrappers = [v for v in vars(module).values() if isinstance(v, type) and hasattr(v, "trainable_names")]

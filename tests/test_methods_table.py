@@ -9,12 +9,13 @@ def formulas(c) -> dict:
     return {
         "prompt tuning, 20 tokens": 20 * d,
         "LoPT, 20 tokens, r = 4": 4 * (20 + d),  # U (20, 4) and V (4, d)
-        "EPT, 10 tokens over 20, r = 4, 3 spaces": 10 * d + 20 * 4 + 4 * d + 3 * (d * 4 + 4 * d) + d * 3,
+        "EPT, 10 tokens, s = 256, r = 4, 3 spaces": 10 * d + 256 * 4 + 4 * d + 3 * (d * 4 + 4 * d) + d * 3,
+        "Plug and Play prompts, 10 tokens": 10 * d,
         "IAPT, 4 tokens, r = 16": L * (d * 16 + 4 * 16 + 10 + 16 * d),  # Down, queries, a and b, Up
         "prefix tuning, 20 tokens": 20 * L * 2 * kv,
         "adapters (Houlsby), dim 64": 2 * L * (2 * d * 64 + d + 64),
         "LoRA, r = 8": L * 8 * ((d + d) + (d + kv)),  # q: d -> d, v: d -> kv
-        "ALoRA, r = 8 of 16 slots": L * 16 * ((d + d) + (d + kv)),  # all 16 slots train; 8 are open at a time
+        "ALoRA, r = 8, 5 rounds": L * (8 + 5 * 2) * ((d + d) + (d + kv)),  # r + rounds x (q, v) slots; 8 open
         "DoRA, r = 8": L * (8 * ((d + d) + (d + kv)) + d + kv),
         "IA3": L * (kv + kv + ff),
         "BitFit": L * (d + kv + kv + d + ff + ff + d) + (2 * L + 1) * d,

@@ -19,6 +19,7 @@ from .iapt import add_iapt
 from .ia3 import add_ia3
 from .lopt import add_lopt
 from .lora import add_lora
+from .plug_and_play import add_plug_and_play
 from .prefix_tuning import add_prefix_tuning
 from .prompt_tuning import add_prompt_tuning
 from .counting import count_parameters
@@ -35,8 +36,11 @@ ROWS = [
      lambda m: add_prompt_tuning(m, 20, init="random")),
     ("LoPT, 20 tokens, r = 4", "20 vectors in front of the input embeddings, as the product of 20 x 4 and 4 x D",
      lambda m: add_lopt(m, 20, 4)),
-    ("EPT, 10 tokens over 20, r = 4, 3 spaces", "10 vectors in front of the input embeddings, fused with a 20-row "
-     "rank-4 prompt, projected into 3 gated rank-4 subspaces", lambda m: add_ept(m, 10, 20, 4, 3)),
+    ("EPT, 10 tokens, s = 256, r = 4, 3 spaces", "10 vectors in front of the input embeddings, fused with a rank-4 "
+     "update of the first 256 text positions' embeddings, projected into 3 gated rank-4 subspaces",
+     lambda m: add_ept(m, 10, 256, 4, 3)),
+    ("Plug and Play prompts, 10 tokens", "10 vectors in front of the input embeddings, trained through a "
+     "discriminator", lambda m: add_plug_and_play(m, 10)),
     ("IAPT, 4 tokens, r = 16", "4 positions in every layer, made from the instruction by a rank-16 generator",
      lambda m: add_iapt(m, 4, 16)),
     ("prefix tuning, 20 tokens", "20 keys and values in every layer",
@@ -44,8 +48,8 @@ ROWS = [
     ("adapters (Houlsby), dim 64", "after attention and after the MLP of every layer, with biases",
      lambda m: add_bottleneck_adapters(m, 64, "houlsby")),
     ("LoRA, r = 8", "q_proj and v_proj of every layer", lambda m: add_lora(m, ["q_proj", "v_proj"], r=8)),
-    ("ALoRA, r = 8 of 16 slots", "q_proj and v_proj of every layer; 8 ranks open a layer on average, moved by AB-LoRA",
-     lambda m: add_alora(m, ["q_proj", "v_proj"], r=8, capacity=16)),
+    ("ALoRA, r = 8, 5 rounds", "q_proj and v_proj of every layer; 8 ranks open a layer on average, moved by AB-LoRA",
+     lambda m: add_alora(m, ["q_proj", "v_proj"], r=8, rounds=5)),
     ("DoRA, r = 8", "q_proj and v_proj of every layer, plus a magnitude per output row",
      lambda m: add_lora(m, ["q_proj", "v_proj"], r=8, use_dora=True)),
     ("IA3", "k_proj and v_proj outputs, down_proj inputs, every layer", lambda m: add_ia3(m)),
