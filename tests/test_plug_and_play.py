@@ -1,8 +1,9 @@
 """Plug and Play prompts, which no library implements: the objective, L = L_style + lambda mean_t KL(p_t || q_t)
-over a continuation written soft (each token the embedding expected under the prompted generator's
-distribution), written out here step by step on transformers' own Llama with a discriminator of the test's
-own; its value on left-padded rows equals each row's alone; its gradient equals autograd through the
-written-out objective and a finite difference; the prompts are prompt tuning's, and so is their file."""
+over the prompted generator's continuation (the greedy tokens, straight-through; or each the embedding expected
+under p_t), written out here step by step on transformers' own Llama with a discriminator of the test's own;
+its value on left-padded rows equals each row's alone; its gradient equals autograd through the written-out
+objective, and, for the expected embeddings (a function whose derivative the gradient is), a finite
+difference; the prompts are prompt tuning's, and so is their file."""
 
 import json
 
@@ -11,7 +12,7 @@ import torch
 from torch.testing import assert_close
 
 from minipeft import BadInput, load_model, save_adapter
-from minipeft.methods.plug_and_play import Steering, add_plug_and_play, plug_and_play_loss, write_soft
+from minipeft.methods.plug_and_play import Steering, add_plug_and_play, plug_and_play_loss, write
 from tests.helpers import write_hf_checkpoint
 
 
@@ -35,7 +36,10 @@ def objective_written_out(reference, P, ids, discriminator, s: Steering):
         logits = reference(inputs_embeds=torch.cat([P[None], text], dim=1)).logits[:, -1] / s.temperature
         p = torch.exp(logits) / torch.exp(logits).sum(-1, keepdim=True)  # p_t
         log_ps.append(p.log())
-        text = torch.cat([text, (p @ W)[:, None]], dim=1)  # e_t = p_t W_E
+        token = torch.zeros_like(p)
+        token[0, p[0].argmax()] = 1.0  # the greedy token
+        chosen = p + (token - p).detach() if s.hard else p  # straight-through: its value, p's gradient
+        text = torch.cat([text, (chosen @ W)[:, None]], dim=1)  # e_t
     scores = discriminator(text, torch.ones(text.shape[:2]))
     style = -(scores[0, s.target] - scores[0].exp().sum().log())  # cross-entropy
     T = ids.shape[1]
@@ -47,11 +51,12 @@ def objective_written_out(reference, P, ids, discriminator, s: Steering):
     return style + s.fluency_weight * kl / s.steps
 
 
-def test_the_objective_equals_the_paper_written_out_row_by_row(pair):
+@pytest.mark.parametrize("hard", [True, False])
+def test_the_objective_equals_the_paper_written_out_row_by_row(pair, hard):
     ours, reference, _ = pair
     P = add_plug_and_play(ours, num_prompts=3).learned_prompts
     discriminator = discriminator_of(ours.config.hidden_size)
-    steering = Steering(target=2, steps=4, temperature=0.7, fluency_weight=0.5)
+    steering = Steering(target=2, steps=4, temperature=0.7, fluency_weight=0.5, hard=hard)
     lengths = [6, 4]
     ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -64,11 +69,12 @@ def test_the_objective_equals_the_paper_written_out_row_by_row(pair):
     assert parts["style"] > 0 and parts["fluency"] > 0
 
 
-def test_the_gradient_equals_autograd_through_the_written_out_objective_and_a_finite_difference(pair):
+@pytest.mark.parametrize("hard", [True, False])
+def test_the_gradient_equals_autograd_through_the_written_out_objective_and_a_finite_difference(pair, hard):
     ours, reference, _ = pair
     P = add_plug_and_play(ours, num_prompts=2).learned_prompts
     discriminator = discriminator_of(ours.config.hidden_size, seed=3)
-    steering = Steering(target=0, steps=3, temperature=1.0, fluency_weight=2.0)
+    steering = Steering(target=0, steps=3, temperature=1.0, fluency_weight=2.0, hard=hard)
     ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(2))
     loss, _ = plug_and_play_loss(ours, P, discriminator, ids, None, steering)
     loss.backward()
@@ -76,6 +82,8 @@ def test_the_gradient_equals_autograd_through_the_written_out_objective_and_a_fi
     objective_written_out(reference, copy, ids, discriminator, steering).backward()
     assert_close(P.grad, copy.grad, rtol=1e-4, atol=1e-6)
     assert P.grad.abs().sum() > 0
+    if hard:
+        return  # the straight-through gradient is not the derivative of the greedy objective, by design
     direction = torch.randn(P.shape, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         step = 1e-3
@@ -94,7 +102,7 @@ def test_the_prompts_are_prompt_tunings_in_the_model_and_in_the_file(pair, tmp_p
     wrapper = add_plug_and_play(ours, num_prompts=4)
     ids = torch.randint(3, 256, (2, 7))
     with torch.no_grad():
-        _, _, log_p = write_soft(ours, wrapper.learned_prompts, ids, None, steps=1, temperature=1.0)
+        _, _, log_p = write(ours, wrapper.learned_prompts, ids, None, steps=1, temperature=1.0)
         assert_close(log_p[:, 0], torch.log_softmax(ours(ids)[:, -1], dim=-1), rtol=0, atol=1e-5)
     save_adapter(ours, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
