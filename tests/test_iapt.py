@@ -81,6 +81,23 @@ def trained_looking(prompts, seed=0):
             p.add_(0.1 * torch.randn(p.shape, generator=generator))
 
 
+def test_a_generator_on_a_case_small_enough_to_check_by_hand():
+    """D = r = 2, Down = I, Up = 2 I, sigma(z) = z (a1 = 1, every other coefficient 0), the instruction's states
+    h = (1, 1) and (3, -3): RMS-normalised, z = (1, 1) and (1, -1). A query q = (0, sqrt(2) ln(3) / 2) scores them
+    +-ln(3) / 2, so w = (3/4, 1/4): p = (1, 0.5), pooled states (1.5, 0), s = (1.5, 0) + 2 (1, 0.5) = (3.5, 1).
+    The zero query pools evenly: p = (1, 0), pooled (2, -1), s = (4, -1)."""
+    from minipeft.methods.iapt import PromptGenerator
+
+    generator = PromptGenerator(2, 2, 2, torch.tensor([0.0, 1, 0, 0, 0, 0]), torch.zeros(4))
+    with torch.no_grad():
+        generator.down.weight.copy_(torch.eye(2))
+        generator.up.weight.copy_(2 * torch.eye(2))
+        generator.queries.copy_(torch.tensor([[0.0, math.sqrt(2) * math.log(3) / 2], [0.0, 0.0]]))
+        H = torch.tensor([[[1.0, 1.0], [3.0, -3.0], [7.0, 7.0]]])  # the third token is not the instruction's
+        soft = generator(H, torch.tensor([[True, True, False]]))
+    assert_close(soft, torch.tensor([[[3.5, 1.0], [4.0, -1.0]]]), rtol=0, atol=1e-5)
+
+
 def test_logits_and_loss_equal_the_equations_written_out(pair):
     ours, reference, _ = pair
     prompts = add_iapt(ours, num_prompts=3, r=4, instruction_tokens=5)
