@@ -2,8 +2,8 @@
 
     llama/      weights ─► config ─► loader (4-bit) ─► model ─► loss, generate        (tokenizers beside)
                                                          ▲
-    methods/    one file a method (prompt/prefix tuning, LoPT, EPT, IAPT, LoRA/DoRA, ALoRA, IA3, BitFit,
-                bottleneck adapters, a task head), each
+    methods/    one file a method (prompt/prefix tuning, LoPT, EPT, IAPT, Plug and Play prompts, LoRA/DoRA,
+                ALoRA, IA3, BitFit, bottleneck adapters, a task head), each
                 putting its modules into the model's slots (llama/model.py); what they all keep: contract.py;
                 several adapters and mixed batches: named_adapters.py; placing, freezing, counting,
                 fingerprints and merging ask the modules in the model
@@ -37,6 +37,7 @@ from .methods.lopt import add_lopt
 from .methods.alora import add_alora, reallocate
 from .methods.ept import add_ept
 from .methods.iapt import add_iapt
+from .methods.plug_and_play import Steering, add_plug_and_play, plug_and_play_loss
 from .methods.task_head import add_task_head, classify
 from .methods.counting import count_parameters
 from .methods.fingerprints import base_fingerprint
@@ -45,6 +46,7 @@ from .methods.merging import disabled, merge, unmerge
 __all__ = ["BadInput", "KVCache", "Llama", "LlamaConfig", "LoRALayer", "MiniPeftError",
            "WordEmbeddingsWithLearnedPrompts", "adapter_names", "add_bitfit", "add_bottleneck_adapters", "add_ia3",
            "add_alora", "add_ept", "add_iapt", "add_lopt", "add_lora", "reallocate", "add_prefix_tuning",
+           "add_plug_and_play", "plug_and_play_loss", "Steering",
            "add_prompt_tuning", "add_task_head", "base_fingerprint", "classify", "build_model", "compile_blocks",
            "count_parameters",
            "disabled",
