@@ -187,7 +187,7 @@ def main(argv=None):
     out = Path(args.out)
     minipeft.save_adapter(model, out)  # each adapter in its own folder: plug_and_play/, prompt_tuning/
     (out / "results.json").write_text(json.dumps({"settings": vars(args), "results": results}, indent=1) + "\n")
-    print(f"wrote {out / 'plug_and_play'} (a prompt-tuning adapter), {out / 'prompt_tuning'} and {out / 'results.json'}")
+    print(f"wrote {out / 'plug_and_play'} (a prompt-tuning adapter), {out / 'prompt_tuning'}, {out / 'results.json'}")
 
 
 if __name__ == "__main__":

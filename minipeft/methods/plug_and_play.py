@@ -23,8 +23,8 @@ the prompts through the generated text; a fluency term that anchors the text to 
 write; a few hundred training examples. Chosen, where the paper's own relaxation could not be read: the
 continuation is the greedy one, and its gradient the straight-through estimate (`hard`; hard=False writes each
 e_t as the expected embedding p_t W_E instead, fully differentiable but unlike any text: in a run here the
-prompts then fooled the discriminator with gibberish, examples/plug_and_play.py); the fluency term is the KL divergence from the bare generator's next-token
-distribution on the same text, the anchor PPLM uses; lambda, tau and L are settings, since the paper's values
+prompts then fooled the discriminator with gibberish, examples/plug_and_play.py); the fluency term is the KL
+divergence from the bare generator's next-token distribution on the same text, the anchor PPLM uses; lambda, tau and L are settings, since the paper's values
 could not be read; the discriminator is any frozen classifier that reads embeddings (examples/plug_and_play.py:
 a LoRA + classification head on a second copy of the same base, trained first).
 
@@ -46,7 +46,7 @@ class Steering:
     """The objective's settings: the style to reach, how long a continuation is written, and the weights."""
     target: int  # the discriminator's class to steer toward
     steps: int = 8  # L, the tokens written soft
-    temperature: float = 0.5  # tau
+    temperature: float = 1.0  # tau: also the softness of the straight-through gradient (a peaked p_t passes little)
     fluency_weight: float = 1.0  # lambda
     hard: bool = True  # the greedy token forward, straight-through backward; False: the expected embedding
 
