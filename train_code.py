@@ -202,7 +202,7 @@ def main():
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             run.record(step_loss, step_tokens, scheduler.get_last_lr()[0], args.max_steps)
-            with autocast():  # ALoRA moves ranks every --realloc-every steps, scored on 4 held-out samples
+            with autocast():  # ALoRA: rounds from --realloc-start, every --realloc-every steps; 4 held-out samples
                 said = between_steps(model, args, run.step, optimizer, lambda: heldout_loss(model, heldout[:4], device))
             if said and world.main:
                 print(said)
