@@ -24,9 +24,10 @@ write; a few hundred training examples. Chosen, where the paper's own relaxation
 continuation is the greedy one, and its gradient the straight-through estimate (`hard`; hard=False writes each
 e_t as the expected embedding p_t W_E instead, fully differentiable but unlike any text: in a run here the
 prompts then fooled the discriminator with gibberish, examples/plug_and_play.py); the fluency term is the KL
-divergence from the bare generator's next-token distribution on the same text, the anchor PPLM uses; lambda, tau and L are settings, since the paper's values
-could not be read; the discriminator is any frozen classifier that reads embeddings (examples/plug_and_play.py:
-a LoRA + classification head on a second copy of the same base, trained first).
+divergence from the bare generator's next-token distribution on the same text, the anchor PPLM uses; lambda,
+tau and L are settings, since the paper's values could not be read; the discriminator is any frozen classifier
+that reads embeddings (examples/plug_and_play.py: LoRA and a classification head on a second copy of the same
+base, trained first).
 
 Trains n D numbers: 10 prompts x 4096 = 40,960 on Llama-7B.
 """
