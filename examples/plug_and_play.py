@@ -125,12 +125,16 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=4, help="text starts a step (default: %(default)s)")
     parser.add_argument("--soft-tokens", type=int, default=8, help="L, tokens written soft a step (default: 8)")
     parser.add_argument("--fluency-weight", type=float, default=1.0, help="lambda (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="tau (default: %(default)s)")
+    parser.add_argument("--relaxation", default="greedy", choices=("greedy", "expected"),
+                        help="the continuation: greedy tokens, straight-through gradient; or each token's expected "
+                             "embedding (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate on the prompts (default: 0.01)")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated to measure (default: 16)")
     parser.add_argument("--out", default="runs/plug_and_play", help="output directory (default: %(default)s)")
     args = parser.parse_args(argv)
     check_positive(steps=args.steps, judge_steps=args.judge_steps, batch=args.batch, soft_tokens=args.soft_tokens,
-                   lr=args.lr, new_tokens=args.new_tokens)
+                   lr=args.lr, new_tokens=args.new_tokens, temperature=args.temperature)
     check_weights(args.weights)
     torch.manual_seed(0)
     target = SENTIMENTS.index(args.target)
@@ -151,7 +155,8 @@ def main(argv=None):
     model, _ = minipeft.load(args.weights)
     baseline = minipeft.add_prompt_tuning(model, num_prompts=10, init="vocab", name="prompt_tuning")
     ppp = add_plug_and_play(model, num_prompts=10, name="plug_and_play")
-    steering = Steering(target=target, steps=args.soft_tokens, fluency_weight=args.fluency_weight)
+    steering = Steering(target=target, steps=args.soft_tokens, temperature=args.temperature,
+                        fluency_weight=args.fluency_weight, hard=args.relaxation == "greedy")
     rng = random.Random(2)
     minipeft.set_adapter(model, "plug_and_play")
     optimizer, began = torch.optim.Adam([ppp.learned_prompts], lr=args.lr), time.time()
