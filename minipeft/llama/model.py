@@ -188,9 +188,12 @@ class LlamaModel(nn.Module):
         """x with text_offsets(the text's positions) added to its last T positions, the text (contract 5). A
         growing cache counts each row's real text tokens, so a continuing step's positions go on from there."""
         B, T = real_text.shape
+        growing = cache is not None and cache.grow
+        if self.text_offsets is None and not growing:  # training without the slot: nothing to count or add
+            return x
         seen = cache.text_seen if not new_sequence and cache.text_seen is not None else real_text.new_zeros(B).long()
         positions = (seen[:, None] + real_text.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): padding not counted
-        if cache is not None and cache.grow:
+        if growing:
             cache.text_seen = seen + real_text.long().sum(-1)
         if self.text_offsets is None:
             return x
