@@ -106,7 +106,10 @@ def base_for(adapters: dict, four_bit) -> dict:
         trained = "; ".join(f"{name} on {describe_base(base)}" for name, base in known.items())
         raise BadInput(f"--adapter: the adapters were trained on different bases ({trained}); choose one "
                        f"with --4bit or --no-4bit, or serve them separately")
-    base = next(iter(known.values()), {"quantize": None, "double_quant": False, "dtype": "float32"})
+    # Without adapters: NF4, in generate as in serve (whose tune panel trains on it), so both answer alike;
+    # adapters whose files do not say (peft's own): full precision.
+    base = next(iter(known.values()), {"quantize": None if adapters else "nf4", "double_quant": False,
+                                       "dtype": "float32"})
     if len({base["dtype"] for base in known.values()}) > 1:
         lower = {name: b["dtype"] for name, b in known.items() if b["dtype"] != "float32"}
         base = {**base, "dtype": "float32"}
@@ -246,7 +249,7 @@ def build_parser():
     gen.add_argument("--weights", default=str(DEFAULT_DIR), help="HF-layout Llama directory (default: %(default)s)")
     gen.add_argument("--4bit", dest="four_bit", action=argparse.BooleanOptionalAction,
                      help="load the base in NF4, or in full precision (--no-4bit). Default: as the adapters were "
-                          "trained (their files say), full precision without adapters")
+                          "trained (their files say); NF4 without adapters, as serve")
     gen.add_argument("--adapter", action="append", help="NAME=PATH of an adapter directory (repeatable)")
     gen.add_argument("--prompt", action="append", help="NAME:TEXT, '-:TEXT' for the bare base (repeatable)")
     gen.add_argument("--prompts-file", help="a file of NAME:TEXT lines, or - for stdin")

@@ -201,7 +201,7 @@ def test_a_missing_prompts_file_is_one_line(tmp_path):
 
 
 def test_chat_wraps_the_prompt_in_the_template_and_stops_at_the_end_of_the_turn(default_weights):
-    model, tokenizer = minipeft.load(default_weights)
+    model, tokenizer = minipeft.load(default_weights, quantize="nf4")  # a bare base: NF4, as serve loads it
     ids = chat_ids(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
     answer = tokenizer.decode(minipeft.generate(model, [ids], 24)[0])
     result = run("generate", "--weights", default_weights, "--chat", "--prompt", "-:What is the capital of France?",

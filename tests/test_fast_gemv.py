@@ -119,3 +119,108 @@ def test_without_a_compiler_generation_keeps_weights_decoded_and_says_so(tmp_pat
         assert isinstance(layer.kept, quant.Decoded)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "gemv_4bit.c could not be built" in lines[0] and "no-such-compiler" in lines[0]
+
+
+def test_the_kernel_checks_every_size_before_a_pointer_is_passed():
+    """x of width 96 against K = 64 once wrote past the output; codes or scales of the wrong size, rows that are
+    not whole blocks, a tensor on another device: each refused in Python, the C code never called."""
+    layer = four_bit(8, 128)
+    state = layer.weight.quant_state
+    codes, absmax = layer.weight.data.view(torch.uint8).view(-1), quant.scales(state)
+    calls = []
+    fake = type("Lib", (), {"gemv_4bit": lambda self, *a: calls.append(a) or 0})()
+    read = fast_gemv.Reader(fake, codes, absmax, state.code, state.shape, torch.float32)
+    for x in (torch.randn(1, 96), torch.randn(1, 192), torch.randn(128)[:0], "x"):
+        with pytest.raises(ValueError, match="expected"):
+            read(x)
+    for wrong in (dict(packed=codes[:-1]), dict(absmax=absmax[:-1]), dict(codebook=state.code[:8]),
+                  dict(packed=codes.view(torch.int8)), dict(shape=(8, 96)), dict(shape=(8, 130)),
+                  dict(dtype=torch.float16)):
+        settings = dict(lib=fake, packed=codes, absmax=absmax, codebook=state.code, shape=state.shape,
+                        dtype=torch.float32) | wrong
+        with pytest.raises(ValueError, match="fast_gemv"):
+            fast_gemv.Reader(**settings)
+    assert calls == []
+    assert read(torch.randn(1, 128)) is not None and len(calls) == 1
+    lib = fast_gemv.library()  # and the C code checks again what it relies on
+    out = torch.empty(1, 8)
+    assert lib.gemv_4bit(1, 8, 96, torch.randn(96).data_ptr(), codes.data_ptr(), absmax.data_ptr(),
+                         state.code.data_ptr(), out.data_ptr(), 8, 0) == -1
+
+
+def test_a_build_is_reused_only_for_the_same_cpu_compiler_and_source(tmp_path, monkeypatch):
+    """The cache key holds the CPU's model and flags (a build for another CPU is never reused), the compiler's
+    version, and works where /proc/cpuinfo has no flags line (Arm: Features)."""
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(fast_gemv, "CPUINFO", info)
+    compiler = tmp_path / "cc"
+    key = lambda: fast_gemv.cache_key([str(compiler), *fast_gemv.FLAGS])
+    compiler.write_text("#!/bin/sh\necho 'cc 12.2.0'\n")
+    compiler.chmod(0o755)
+    keys = {}
+    for name, text in [("x86", "model name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n"),
+                       ("x86 other flags", "model name\t: AMD EPYC\nflags\t\t: fpu avx2 fma avx512f\n"),
+                       ("x86 other model", "model name\t: Intel Xeon\nflags\t\t: fpu avx2 fma\n"),
+                       ("arm", "Features\t: fp asimd\nCPU part\t: 0xd0c\n"),
+                       ("arm other", "Features\t: fp asimd sve\nCPU part\t: 0xd0c\n")]:
+        info.write_text(text)
+        keys[name] = key()
+    assert len(set(keys.values())) == len(keys), keys
+    info.write_text("model name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n")
+    assert key() == keys["x86"]  # the same machine: the same build
+    compiler.write_text("#!/bin/sh\necho 'cc 13.1.0'\n")
+    assert key() != keys["x86"]
+
+
+def test_the_cache_directory_is_private_and_never_a_symlink(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    made = fast_gemv.cache_dir()
+    assert made.stat().st_mode & 0o777 == 0o700
+    made.chmod(0o777)
+    with pytest.raises(OSError, match="others may write"):
+        fast_gemv.cache_dir()
+    made.rmdir()
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    made.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError, match="symlink"):
+        fast_gemv.cache_dir()
+
+
+ASAN_CHECK = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from minipeft.llama import fast_gemv
+from tests.test_fast_gemv import four_bit, reader
+from tests.test_4bit_decoding import reference_weight
+lib = fast_gemv.load({library!r})
+for dtype in (torch.float32, torch.bfloat16):
+    for rows in (1, 4, 5, 16):
+        layer = four_bit(40, 192, dtype=dtype)
+        x = torch.randn(rows, 192).to(dtype)
+        out = reader(lib, layer)(x).float()
+        expected = x.float() @ reference_weight(layer).to(dtype).float().T
+        assert torch.allclose(out, expected, atol=0.05 if dtype == torch.bfloat16 else 1e-4), (dtype, rows)
+print("clean")
+"""
+
+
+def test_the_kernel_runs_clean_under_address_sanitizer(tmp_path, monkeypatch):
+    """Built once with -fsanitize=address (where the compiler has it) and run on every row count it takes:
+    any read or write outside the tensors it was given ends the run with the sanitizer's report."""
+    import shutil
+    import subprocess
+    import sys
+
+    library_of = lambda name: subprocess.run(["cc", f"-print-file-name={name}"], capture_output=True,
+                                             text=True).stdout.strip()
+    runtime = library_of("libasan.so")
+    if not shutil.which("cc") or not Path(runtime).is_file():
+        pytest.skip("this compiler has no AddressSanitizer")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    library = fast_gemv.build(["-fsanitize=address", "-fno-omit-frame-pointer", "-mno-avx512f"])
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {"LD_PRELOAD": f"{runtime} {library_of('libstdc++.so.6')}",  # torch throws C++ exceptions as it loads
+           "ASAN_OPTIONS": "detect_leaks=0", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", ASAN_CHECK.format(root=root, library=str(library))], env=env,
+                            capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode == 0 and result.stdout.strip() == "clean", result.stderr[-3000:]

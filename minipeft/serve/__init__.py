@@ -6,7 +6,12 @@ compare and tune them.
     curl             ─┘   threads    shapes  └─► tuning.py: a training job, one step between decoding steps
 
     minipeft serve --adapter fox=runs/fox/adapter --adapter code=runs/code/adapter
-    curl localhost:8000/v1/completions -d '{"model": "fox", "prompt": "A quick brown fox", "max_tokens": 24}'
+    curl localhost:8000/v1/completions -H 'Content-Type: application/json' \
+         -d '{"model": "fox", "prompt": "A quick brown fox", "max_tokens": 24}'
+
+On 127.0.0.1 (the default) it answers this machine's programs, and refuses pages of other sites. Beyond it
+(--host 0.0.0.0) it needs --api-key, and --allow-admin for loading, training and deleting (access.py).
+Every request is bounded (limits.py: each bound a flag below).
 """
 
 import argparse
@@ -17,9 +22,11 @@ from pathlib import Path
 from .. import formats
 from ..errors import BadInput
 from ..llama.default_model import DEFAULT_DIR
+from .access import KEY_VARIABLE, Access
 from .api import Api
 from .engine import Engine
 from .http import make_server
+from .limits import Limits
 
 
 def add_serve_command(commands):
@@ -36,9 +43,16 @@ def add_serve_command(commands):
     serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s; 0 picks a free one)")
     serve.add_argument("--max-batch", type=int, default=16, help="streams decoded together (default: %(default)s)")
     serve.add_argument("--max-waiting", type=int, default=64,
-                       help="requests queued beyond the batch; more get 503 (default: %(default)s)")
+                       help="rows queued beyond the batch, 1 or more; more get 503 (default: %(default)s)")
     serve.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     serve.add_argument("--quiet", action="store_true", help="no line per request on stderr")
+    serve.add_argument("--api-key", help=f"every request but the page's files needs 'Authorization: Bearer KEY' "
+                                         f"(the page asks for it); default: ${KEY_VARIABLE}, else none on loopback")
+    serve.add_argument("--allow-admin", action="store_true", help="beyond loopback: let key holders load adapters "
+                                                                  "from --adapter-dir, train and delete")
+    serve.add_argument("--adapter-dir", help="the directory POST /api/adapters may load from (paths relative to "
+                                             "it); without it, no adapter is loaded from a path while serving")
+    Limits.add_arguments(serve)
 
 
 def start(args):
@@ -47,18 +61,20 @@ def start(args):
     from ..cli import base_for, load_base, parse_adapters
 
     adapters = parse_adapters(args.adapter)
-    if args.max_batch < 1 or args.max_waiting < 0:
-        raise BadInput("--max-batch must be 1 or more and --max-waiting 0 or more")
-    base = base_for(adapters, args.four_bit if args.four_bit is not None or adapters else True)
-    model, tokenizer = load_base(args.weights, base, args.device)
+    if args.max_batch < 1 or args.max_waiting < 1:
+        raise BadInput("--max-batch and --max-waiting must be 1 or more")
+    limits = Limits.from_args(args)
+    access = Access(args.host, args.api_key, args.allow_admin, args.adapter_dir)
+    model, tokenizer = load_base(args.weights, base := base_for(adapters, args.four_bit), args.device)
     model.eval()
-    engine = Engine(model, tokenizer, args.max_batch, args.max_waiting, bf16=base["dtype"] == "bfloat16")
+    engine = Engine(model, tokenizer, args.max_batch, args.max_waiting, bf16=base["dtype"] == "bfloat16",
+                    max_prefill_tokens=limits.max_prefill_tokens)
     for name, path in adapters.items():
         config = formats.load_adapter(model, path, name=name)
-        engine.adapters[name] = {"method": config["peft_type"], "source": str(path)}
-    api = Api(engine, Path(args.weights).name, args.weights)
+        engine.adapters[name] = {"method": config["peft_type"], "source": path.name}  # no absolute path shown
+    api = Api(engine, Path(args.weights).name, access, limits)
     try:
-        server = make_server(api, args.host, args.port, quiet=args.quiet)
+        server = make_server(api, args.host, args.port, access, limits, quiet=args.quiet)
     except OSError as e:
         raise BadInput(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from None
     return server, engine

@@ -25,10 +25,11 @@ import traceback
 
 import torch
 
-from ..llama.generate import choose_next, left_padded
+from ..llama.generate import left_padded
 from ..llama.kv_cache import KVCache
 from ..llama.quant import decoded_weights
 from ..methods.named_adapters import set_adapter
+from .sampling import logprob_entry, next_token
 
 
 class Full(Exception):
@@ -36,9 +37,11 @@ class Full(Exception):
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch=16, max_waiting=64, bf16=False, weight_cache_mb=1024):
+    def __init__(self, model, tokenizer, max_batch=16, max_waiting=64, bf16=False, weight_cache_mb=1024,
+                 max_prefill_tokens=8192):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_waiting, self.bf16 = max_batch, max_waiting, bf16
+        self.max_prefill_tokens = max_prefill_tokens
         self.weight_cache_mb = weight_cache_mb
         self.device = model.model.norm.weight.device
         self.waiting = collections.deque()
@@ -49,6 +52,7 @@ class Engine:
         self.wake = threading.Condition()
         self.stopped = False
         self.tokens_made, self.busy_seconds, self.widest = 0, 0.0, 0  # widest: the most rows in one batch yet
+        self.finished, self.failures = 0, 0  # streams ended; forwards that failed (for /metrics)
 
     # --- what other threads call -------------------------------------------------------------------------
     def submit(self, streams):
@@ -97,8 +101,9 @@ class Engine:
                         made = self.step()
                         self.tokens_made += made
                         self.busy_seconds += time.perf_counter() - started
-                except Exception as e:  # a bug: the streams in flight hear of it, and serving goes on
+                except Exception as e:  # a shared forward failed: its streams hear of it, and serving goes on
                     traceback.print_exc(file=sys.stderr)
+                    self.failures += 1
                     for stream in self.running:
                         stream.fail(f"internal error while decoding: {type(e).__name__}")
                     self.running, self.cache, self.logits = [], None, None
@@ -119,44 +124,75 @@ class Engine:
             return self.model(ids, attention_mask, cache, last_only=True)[:, -1].float()
 
     def admit(self):
-        """Prefill the waiting streams that fit, in one batch, and join them to the running ones."""
+        """Prefill the waiting streams that fit, in one batch, and join them to the running ones. Each stream's
+        own setup failing fails it alone; the prefill failing fails the new streams alone: the running go on."""
         with self.wake:
-            room = self.max_batch - len(self.running)
-            new = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+            room, new, longest = self.max_batch - len(self.running), [], 0
+            while self.waiting and len(new) < room:  # as many as --max-prefill-tokens holds, one at least
+                longest = max(longest, len(self.waiting[0].prompt))
+                if new and longest * (len(new) + 1) > self.max_prefill_tokens:
+                    break
+                new.append(self.waiting.popleft())
+        ready = []
         for stream in new:
-            if stream.adapter is not None and stream.adapter not in self.adapters:  # removed while it waited
-                stream.fail(f"adapter {stream.adapter!r} was removed before this request began")
-        new = [s for s in new if not s.gone and (s.adapter is None or s.adapter in self.adapters)]
-        if not new:
+            try:
+                if stream.gone:
+                    continue
+                if stream.adapter is not None and stream.adapter not in self.adapters:  # removed while it waited
+                    raise LookupError(f"adapter {stream.adapter!r} was removed before this request began")
+                if stream.seed is not None:  # as generate seeds its draws
+                    stream.generator = torch.Generator(self.device).manual_seed(stream.seed)
+                ready.append(stream)
+            except Exception as e:
+                stream.fail(str(e) if isinstance(e, LookupError) else f"this request could not start: {e}")
+        if not ready:
             return
-        for stream in new:  # as generate seeds its draws
-            if stream.seed is not None:
-                stream.generator = torch.Generator(self.device).manual_seed(stream.seed)
-        ids, mask = left_padded([s.prompt for s in new], self.device)
-        set_adapter(self.model, [s.adapter for s in new])
-        cache = KVCache(self.model.config.num_hidden_layers)
-        logits = self.forward(ids, mask, cache)
-        self.cache = KVCache.join([self.cache, cache]) if self.running else cache
-        self.logits = torch.cat([self.logits, logits]) if self.running else logits
-        self.running += new
+        try:
+            ids, mask = left_padded([s.prompt for s in ready], self.device)
+            set_adapter(self.model, [s.adapter for s in ready])
+            cache = KVCache(self.model.config.num_hidden_layers)
+            logits = self.forward(ids, mask, cache)
+            joined = KVCache.join([self.cache, cache]) if self.running else cache
+            logits = torch.cat([self.logits, logits]) if self.running else logits
+        except Exception as e:  # out of memory, say: these requests hear of it, the running ones go on
+            traceback.print_exc(file=sys.stderr)
+            self.failures += 1
+            for stream in ready:
+                stream.fail(f"this request's prefill failed: {type(e).__name__}")
+            return
+        self.cache, self.logits = joined, logits
+        self.running += ready
         self.widest = max(self.widest, len(self.running))
 
     def step(self) -> int:
         """Each running stream takes its next token; those that end leave; the rest go one forward on."""
-        next_ids = self.logits.argmax(-1)  # (B,): greedy, unless a row samples
+        next_ids = self.logits.argmax(-1)  # (B,): greedy on the model's logits, unless a row asks otherwise
+        tokens = next_ids.tolist()
+        decode, ended = self.tokenizer.decode, []
         for row, stream in enumerate(self.running):
-            if stream.temperature > 0:
-                next_ids[row] = choose_next(self.logits[row:row + 1], stream.temperature, stream.top_p,
-                                            stream.generator)[0]
-        decode = self.tokenizer.decode
-        keep = [row for row, (stream, token) in enumerate(zip(self.running, next_ids.tolist()))
-                if not stream.gone and stream.take(token, decode) is None]
+            if stream.gone:
+                ended.append(row)
+                continue
+            try:
+                sampling, logits = stream.sampling, self.logits[row]
+                if not sampling.plain():
+                    tokens[row] = next_token(logits, sampling, stream.prompt, stream.tokens, stream.stop_ids,
+                                             stream.generator)
+                entry = None if sampling.logprobs is None else logprob_entry(logits, tokens[row], sampling.logprobs)
+                if stream.take(tokens[row], decode, entry) is not None:
+                    ended.append(row)
+            except Exception as e:  # this row's own settings or text: it alone ends
+                traceback.print_exc(file=sys.stderr)
+                stream.fail(f"internal error in this stream: {type(e).__name__}")
+                ended.append(row)
         made = len(self.running)
-        if len(keep) < len(self.running):
+        if ended:
+            self.finished += len(ended)
+            keep = [row for row in range(len(self.running)) if row not in set(ended)]
             self.running = [self.running[row] for row in keep]
             self.cache = self.cache.keep(keep) if keep else None
-            next_ids = next_ids[keep]
+            tokens = [tokens[row] for row in keep]
         if self.running:
             set_adapter(self.model, [s.adapter for s in self.running])
-            self.logits = self.forward(next_ids[:, None], cache=self.cache)
+            self.logits = self.forward(torch.tensor(tokens, device=self.device)[:, None], cache=self.cache)
         return made

@@ -32,6 +32,7 @@ static float round_to_bf16(float value)  /* to nearest, ties to even, as torch r
 static float *reordered(const void *x, int64_t M, int64_t K, int bf16)
 {
     float *xs = malloc(sizeof(float) * M * K);
+    if (xs == NULL) return NULL;
     for (int64_t i = 0; i < M * K; i++) {
         int64_t block = i / BLOCK, j = i % BLOCK;
         bits32 value = { .u = bf16 ? (uint32_t)((const uint16_t *)x)[i] << 16 : 0 };
@@ -140,12 +141,15 @@ static inline __attribute__((always_inline)) void dot(int R, const uint8_t *code
 }
 
 /* x: (M, K) row-major; out: (M, N), rows out_stride apart; both fp32, or both bf16 when bf16 (which also
- * rounds each weight to bf16, as the weight decoded in bf16 is). */
-void gemv_4bit(int64_t M, int64_t N, int64_t K, const void *x, const uint8_t *packed, const float *absmax,
-               const float *codebook, void *out, int64_t out_stride, int64_t bf16)
+ * rounds each weight to bf16, as the weight decoded in bf16 is). The caller (fast_gemv.Reader) has checked
+ * every size; this checks again what it relies on. Returns 0, or -1 (bad sizes) or -2 (out of memory). */
+int gemv_4bit(int64_t M, int64_t N, int64_t K, const void *x, const uint8_t *packed, const float *absmax,
+              const float *codebook, void *out, int64_t out_stride, int64_t bf16)
 {
+    if (M < 1 || N < 1 || K < BLOCK || K % BLOCK != 0 || out_stride < N) return -1;
     const int64_t blocks = K / BLOCK;
     float *xs = reordered(x, M, K, (int)bf16);
+    if (xs == NULL) return -2;
     #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *codes = packed + n * (K / 2);
@@ -168,4 +172,5 @@ void gemv_4bit(int64_t M, int64_t N, int64_t K, const void *x, const uint8_t *pa
         }
     }
     free(xs);
+    return 0;
 }

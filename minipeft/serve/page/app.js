@@ -10,9 +10,22 @@ const TASK_NOTES = {  // what each task trains, and the prompt that shows it
 let defaultMethods = {};
 let models = [];
 
+// A server started with --api-key answers 401 without it: the page asks once, keeps it for this tab, and
+// sends it as OpenAI's clients do (Authorization: Bearer KEY).
+async function request(path, options = {}) {
+  for (let asked = false; ; asked = true) {
+    const key = sessionStorage.getItem("minipeft-api-key");
+    const headers = {"Content-Type": "application/json", ...(key ? {Authorization: `Bearer ${key}`} : {})};
+    const response = await fetch(path, {...options, headers});
+    if (response.status !== 401 || asked) return response;
+    const given = window.prompt("This server needs its API key (minipeft serve --api-key):");
+    if (given === null) return response;
+    sessionStorage.setItem("minipeft-api-key", given.trim());
+  }
+}
+
 async function call(method, path, body) {
-  const response = await fetch(path, {method, headers: {"Content-Type": "application/json"},
-                                      body: body === undefined ? undefined : JSON.stringify(body)});
+  const response = await request(path, {method, body: body === undefined ? undefined : JSON.stringify(body)});
   const data = await response.json();
   if (!response.ok) throw new Error(data.error ? data.error.message : response.statusText);
   return data;
@@ -39,7 +52,11 @@ async function refreshModels(select) {
       method.className = "method";
       method.textContent = model.method.toLowerCase();
       const download = document.createElement("a");
-      download.href = `/api/adapters/${encodeURIComponent(model.id)}/download`;
+      download.href = "#";  // fetched with the key, then saved
+      download.onclick = (event) => {
+        event.preventDefault();
+        saveDownload(model.id).catch((e) => alert(e.message));
+      };
       download.textContent = "download";
       download.title = "adapter_config.json and adapter_model.safetensors, as peft writes them";
       const remove = document.createElement("span");
@@ -51,6 +68,16 @@ async function refreshModels(select) {
     }
     list.append(item);
   });
+}
+
+async function saveDownload(name) {
+  const response = await request(`/api/adapters/${encodeURIComponent(name)}/download`);
+  if (!response.ok) throw new Error((await response.json()).error.message);
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await response.blob());
+  link.download = `${name}.zip`;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60000);
 }
 
 // --- asking: one streamed answer a chosen model, side by side --------------------------------------------
@@ -78,9 +105,8 @@ async function streamAnswer(model, answers) {
   else body.prompt = $("prompt").value;
   const started = performance.now();
   try {
-    const response = await fetch(chat ? "/v1/chat/completions" : "/v1/completions",
-                                 {method: "POST", headers: {"Content-Type": "application/json"},
-                                  body: JSON.stringify(body)});
+    const response = await request(chat ? "/v1/chat/completions" : "/v1/completions",
+                                   {method: "POST", body: JSON.stringify(body)});
     if (!response.ok) throw new Error((await response.json()).error.message);
     for await (const event of serverSentEvents(response)) {
       if (event.error) throw new Error(event.error.message);
