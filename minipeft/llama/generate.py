@@ -16,23 +16,28 @@ from .quant import decoded_weights
 
 
 def choose_next(logits, temperature: float, top_p: float, generator, top_k: int = 0, min_p: float = 0.0):
-    """logits (B, vocab) -> token ids (B,). The cuts in transformers' order: temperature, top-k, top-p, min-p."""
+    """logits (B, vocab) -> token ids (B,): greedy at temperature 0, else a draw from `kept`."""
     if temperature <= 0:
         return logits.argmax(-1)
+    sorted_probs, order = kept(logits, temperature, top_p, top_k, min_p)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1), renormalised by multinomial
+    return order.gather(-1, choice).squeeze(-1)
+
+
+def kept(logits, temperature: float, top_p: float, top_k: int = 0, min_p: float = 0.0):
+    """The cuts in transformers' order (temperature, top-k, top-p, min-p): (probabilities in ascending order,
+    0 where cut, not renormalised; the token ids they belong to)."""
     scores = logits.float() / temperature
     if top_k > 0:  # the k highest scores (ties with the k-th kept, as transformers keeps them)
         scores = scores.masked_fill(scores < scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[..., -1:],
                                     float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1)  # ascending: the unlikely tail first
+    sorted_probs, order = torch.softmax(scores, dim=-1).sort(dim=-1)  # ascending: the unlikely tail first
     # Drop the tail while it adds up to at most 1 - top_p; what is left is the nucleus (as transformers cuts it).
-    outside_nucleus = sorted_probs.cumsum(-1) <= 1 - top_p
+    cut = sorted_probs.cumsum(-1) <= 1 - top_p
     if min_p > 0:  # and what is less likely than min_p times the likeliest (a ratio: renormalising keeps it)
-        outside_nucleus |= sorted_probs < min_p * sorted_probs[..., -1:]
-    outside_nucleus[..., -1] = False  # the most likely token always stays
-    sorted_probs = sorted_probs.masked_fill(outside_nucleus, 0.0)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1), renormalised by multinomial
-    return order.gather(-1, choice).squeeze(-1)
+        cut |= sorted_probs < min_p * sorted_probs[..., -1:]
+    cut[..., -1] = False  # the most likely token always stays
+    return sorted_probs.masked_fill(cut, 0.0), order
 
 
 @torch.no_grad()

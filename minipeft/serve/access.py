@@ -1,4 +1,4 @@
-"""Who may ask `minipeft serve` what. Every request but the page's own files passes `check` before it is read.
+"""Who may ask `minipeft serve` what. Every request passes `check_site`, and all but the page's own files `check`, before its body is read.
 
     Host    ─► on loopback, a loopback name only (a page whose DNS name rebinds to 127.0.0.1 is refused)
     Origin  ─► absent (curl, the openai client) or the Host itself (the page): a cross-site request is refused
@@ -51,14 +51,17 @@ class Access:
         if self.adapter_dir and not self.adapter_dir.is_dir():
             raise BadInput(f"--adapter-dir {adapter_dir}: not a directory")
 
-    def check(self, method: str, route: str, headers) -> None:
-        """Raise Refused unless this request may go on to `route` (an Api method's name, or None: unknown)."""
+    def check_site(self, headers) -> None:
+        """Raise Refused unless the request comes from a page of this server's own, or from no page at all."""
         host = headers.get("Host") or ""
         if self.loopback and (urlsplit("//" + host).hostname or "") not in LOOPBACK_NAMES:
             raise Refused(403, f"Host {host[:64]!r}: this server answers only to localhost", "bad_host")
         origin = headers.get("Origin")
         if origin is not None and urlsplit(origin).netloc != host:
             raise Refused(403, f"Origin {origin[:64]!r}: cross-site requests are refused", "bad_origin")
+
+    def check(self, method: str, route: str, headers) -> None:
+        """Raise Refused unless this caller may call `route` (an Api method's name)."""
         if self.key is not None:
             given = headers.get("Authorization") or ""
             if not hmac.compare_digest(given.encode(), f"Bearer {self.key}".encode()):

@@ -99,6 +99,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle_request(self, method: str):
         path, name, started = self.path.split("?")[0], "other", time.perf_counter()
         try:
+            self.access.check_site(self.headers)
             if method == "GET" and path in STATIC:
                 self.drain()
                 file_name, kind = STATIC[path]
@@ -228,15 +229,18 @@ class Handler(BaseHTTPRequestHandler):
         self.send(status, json.dumps(body).encode(), "application/json")
 
     def send(self, status: int, content: bytes, kind: str, headers=None):
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(content)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(content)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(content)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(content)
+        except (ConnectionError, TimeoutError):  # the client has gone: nothing to tell it
+            self.close_connection = True
 
 
 class Server(HTTPServer):
