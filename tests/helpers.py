@@ -32,6 +32,17 @@ def write_hf_checkpoint(path, *, kv_heads=2, tied=False, sharded=False, seed=0, 
     return model
 
 
+def tiny_with_tokenizer(path, default_weights, **overrides):
+    """A random Llama of the default tokenizer's vocabulary, with its tokenizer files: text prompts work, and
+    it loads in a moment."""
+    import shutil
+
+    write_hf_checkpoint(path, **{"vocab_size": 49152, "max_position_embeddings": 256, "eos_token_id": 2, **overrides})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(default_weights) / name, Path(path) / name)
+    return Path(path)
+
+
 def train_steps(model, optimizer, ids, steps):
     """A plain training loop on one batch; returns the losses."""
     losses = []

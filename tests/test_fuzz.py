@@ -101,3 +101,79 @@ def test_fuzz_tokenizer_files(tokenizer_files, part, model_key, value, raw, conf
         ids = loads_or_refuses(tokenizer.encode, "Hello, world 2024!\n  <|eot_id|> ok")
         if ids is not None:
             loads_or_refuses(tokenizer.decode, ids)
+
+
+@pytest.fixture(scope="module")
+def tiny_adapters(default_weights, tmp_path_factory):
+    """A tiny base with the default tokenizer, and a LoRA and a prompt-tuning adapter saved for it."""
+    import minipeft
+    from tests.helpers import tiny_with_tokenizer, trained_looking
+
+    folder = tmp_path_factory.mktemp("adapter_fuzz")
+    weights = tiny_with_tokenizer(folder / "base", default_weights)
+    model, _ = minipeft.load(weights, quantize="nf4")
+    trained_looking(model, lambda m: minipeft.add_lora(m, ["q_proj", "v_proj"], r=4, name="lora"), 0)
+    trained_looking(model, lambda m: minipeft.add_prompt_tuning(m, num_prompts=4, name="prompt"), 1)
+    minipeft.save_adapter(model, folder / "saved")
+    return weights, folder
+
+
+def bad_adapter_files(saved):
+    """{(file, how): its bad content} for one adapter directory."""
+    import pickle
+
+    from safetensors.torch import load_file
+    from safetensors.torch import save as save_bytes
+
+    config = (saved / "adapter_config.json").read_bytes()
+    weights = (saved / "adapter_model.safetensors").read_bytes()
+    tensors = load_file(saved / "adapter_model.safetensors")
+    typed = json.loads(config)
+    typed.update({key: "8" if isinstance(value, int) and not isinstance(value, bool) else 8
+                  for key, value in typed.items() if key not in ("peft_type", "task_type")})
+    planted = pickle.dumps({"a": 1}) + bytes(range(256))
+    return {("adapter_config.json", "empty"): b"", ("adapter_config.json", "truncated"): config[:len(config) // 2],
+            ("adapter_config.json", "binary"): planted, ("adapter_config.json", "wrong-typed"): json.dumps(typed).encode(),
+            ("adapter_config.json", "a list"): b"[1, 2]",
+            ("adapter_model.safetensors", "empty"): b"", ("adapter_model.safetensors", "binary"): planted,
+            ("adapter_model.safetensors", "truncated"): weights[:len(weights) // 2],
+            ("adapter_model.safetensors", "wrong-typed"): save_bytes({k: v.long() for k, v in tensors.items()}),
+            ("adapter_model.safetensors", "wrong shapes"): save_bytes({k: v[..., :1].contiguous()
+                                                                       for k, v in tensors.items()})}
+
+
+def test_every_file_of_an_adapter_replaced_by_bad_content_gives_one_line(tiny_adapters, tmp_path, capsys):
+    """adapter_config.json and adapter_model.safetensors of a LoRA and a prompt-tuning adapter, each in turn empty,
+    truncated, binary, of the wrong types or shapes: load_adapter raises one BadInput line naming the file, and
+    generate, merge and serve --adapter end with that line and exit code 2."""
+    import shutil
+
+    import minipeft
+    from minipeft.cli import build_parser, main
+    from minipeft.serve import start
+
+    weights, folder = tiny_adapters
+    model, _ = minipeft.load(weights, quantize="nf4")
+    for method in ("lora", "prompt"):
+        for (name, how), content in bad_adapter_files(folder / "saved" / method).items():
+            adapter = tmp_path / f"{method}-{name}-{how}"
+            shutil.copytree(folder / "saved" / method, adapter)
+            (adapter / name).write_bytes(content)
+            with pytest.raises(BadInput) as error:
+                minipeft.load_adapter(model, adapter, name=f"{method}-{how}-{name}")
+            assert name in str(error.value) and "\n" not in str(error.value), (method, name, how)
+            for argv in (["generate", "--weights", str(weights), "--adapter", f"a={adapter}", "--prompt", "a:Hi",
+                          "--max-new-tokens", "1"],
+                         ["merge", "--weights", str(weights), "--adapter", str(adapter), "--out", str(tmp_path / "m")],
+                         ["serve", "--weights", str(weights), "--adapter", f"a={adapter}", "--port", "0"]):
+                with pytest.raises(SystemExit) as exit_code:
+                    if argv[0] == "serve":  # start() alone: a good adapter would then serve until Ctrl-C
+                        from minipeft.errors import run_cli
+                        run_cli(lambda: start(build_parser().parse_args(argv)) and pytest.fail("it served"))
+                    else:
+                        main(argv)
+                lines = capsys.readouterr().err.strip().splitlines()
+                errors = [line for line in lines if line.startswith("error:")]
+                assert exit_code.value.code == 2 and len(errors) == 1 and name in errors[0], (argv[0], name, how,
+                                                                                             lines)
+                assert not any("Traceback" in line for line in lines)

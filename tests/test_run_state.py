@@ -1,5 +1,6 @@
 """Training checkpoints hold no pickle, and --resume refuses what it cannot honour, by name."""
 
+import json
 import pickle
 import re
 import sys
@@ -11,7 +12,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from minipeft import BadInput
 from minipeft.train.run_state import CHECKPOINT_FILE, changed_settings, read_checkpoint
-from tests.helpers import ROOT, train_code
+from tests.helpers import FAST, ROOT, train_code
 
 sys.path.insert(0, str(ROOT))
 import train_code as train_code_script  # noqa: E402
@@ -126,3 +127,37 @@ def test_no_pickle_on_files_from_outside():
     offending = [f"{path}:{number}" for path in sources
                  for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert offending == []
+
+
+def run_files(finished_run):
+    good = {name: (finished_run / name).read_bytes() for name in (CHECKPOINT_FILE, "metrics.jsonl")}
+    state, _ = read_checkpoint(finished_run / CHECKPOINT_FILE)
+    wrong_state = save_safetensors_bytes({"x": torch.zeros(1)}, metadata={
+        "format": "minipeft-run-state-1", "state": json.dumps({**state, "step": "2"})})
+    planted = pickle.dumps(WritesAFile("/nonexistent/planted"))
+    return {(CHECKPOINT_FILE, "empty"): b"", (CHECKPOINT_FILE, "truncated"): good[CHECKPOINT_FILE][:5000],
+            (CHECKPOINT_FILE, "binary"): planted + bytes(range(256)), (CHECKPOINT_FILE, "wrong-typed"): wrong_state,
+            ("metrics.jsonl", "empty"): b"", ("metrics.jsonl", "truncated"): good["metrics.jsonl"][:40],
+            ("metrics.jsonl", "binary"): planted, ("metrics.jsonl", "wrong-typed"): b'[1, 2]\n{"step": "1"}\n'}
+
+
+def test_every_file_of_a_run_replaced_by_bad_content_gives_one_line(finished_run, tmp_path, code_data, monkeypatch,
+                                                                    capsys):
+    """checkpoint.safetensors and metrics.jsonl, each in turn empty, truncated, binary (a pickle) or of the
+    wrong types: --resume ends with one line naming the file and exit code 2, before the base loads. (report.json,
+    samples.md and loss.png are written, never read.)"""
+    from minipeft.errors import run_cli
+
+    for (name, how), content in run_files(finished_run).items():
+        out = tmp_path / f"{name}-{how}"
+        out.mkdir()
+        for kept in (CHECKPOINT_FILE, "metrics.jsonl"):
+            (out / kept).write_bytes((finished_run / kept).read_bytes())
+        (out / name).write_bytes(content)
+        monkeypatch.setattr(sys, "argv", ["train_code.py", "--data", str(code_data), "--out", str(out),
+                                          "--max-steps", "2", "--resume", *FAST])
+        monkeypatch.setattr(train_code_script.minipeft, "load", lambda *a, **k: pytest.fail("the base loaded"))
+        with pytest.raises(SystemExit) as exit_code:
+            run_cli(train_code_script.main)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_code.value.code == 2 and len(lines) == 1 and name in lines[0], (name, how, lines)

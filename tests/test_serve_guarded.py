@@ -4,7 +4,6 @@ on, an engine no request can break, the endpoints and sampling settings operator
 
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -23,7 +22,7 @@ from minipeft.serve import start
 from minipeft.serve import http as serve_http
 from minipeft.serve import streams as serve_streams
 from minipeft.serve.streams import Stream
-from tests.helpers import trained_looking, write_hf_checkpoint
+from tests.helpers import tiny_with_tokenizer, trained_looking
 
 KEY = "sk-test-0123456789"
 
@@ -32,10 +31,7 @@ KEY = "sk-test-0123456789"
 def tiny(default_weights, tmp_path_factory):
     """A random Llama of the default tokenizer's vocabulary, and a LoRA adapter for it in an adapter dir."""
     folder = tmp_path_factory.mktemp("tiny")
-    weights = folder / "tiny-llama"
-    write_hf_checkpoint(weights, vocab_size=49152, max_position_embeddings=256, eos_token_id=2)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_weights / name, weights / name)
+    weights = tiny_with_tokenizer(folder / "tiny-llama", default_weights)
     model, _ = minipeft.load(weights, quantize="nf4")
     trained_looking(model, lambda m: minipeft.add_lora(m, ["q_proj", "v_proj"], r=4, name="lora"), 0)
     minipeft.save_adapter(model, folder / "adapters")

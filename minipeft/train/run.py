@@ -21,17 +21,26 @@ from ..errors import BadInput
 from ..files import write_atomically
 from .distributed import collective_failure, total
 from .reporting import prepare_output_dir
-from .run_state import CHECKPOINT_FILE, check_resume_settings, load_checkpoint, save_checkpoint
+from .run_state import CHECKPOINT_FILE, check_resume_settings, load_checkpoint, read_checkpoint, save_checkpoint
 
 
-def read_metrics(path):
-    """metrics.jsonl as records; a last line cut short by a kill is skipped."""
+def read_metrics(path) -> list:
+    """metrics.jsonl as records: each line a JSON object with its step. A last line cut short by a kill is
+    skipped; anything else that is not a record (binary, another type, a line in the middle) is refused."""
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines() if path.is_file() else []
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: not a metrics file of minipeft ({str(e)[:100]}); move it away to resume") from None
     records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            pass
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):
+            records.append(record)
+        elif not (record is None and number == len(lines) and line.startswith("{")):  # not a cut last line
+            raise BadInput(f"{path}: line {number} is not a record with a step; move the file away to resume")
     return records
 
 
@@ -41,8 +50,13 @@ def check_resume(out, world, resume: bool, settings: dict, may_grow=()):
     out = prepare_output_dir(out, need_bytes=64 * 2**20) if world.main else Path(out)
     if resume and not (out / CHECKPOINT_FILE).is_file():
         raise BadInput(f"--resume: no checkpoint at {out / CHECKPOINT_FILE}; run without --resume to start")
-    if resume:  # refused here, once, before any process waits on another
-        check_resume_settings(out / CHECKPOINT_FILE, settings, may_grow=may_grow, say=world.main)
+    if resume:  # refused here, once, before any process waits on another, and before the base loads
+        state = read_checkpoint(out / CHECKPOINT_FILE)[0]
+        check_resume_settings(out / CHECKPOINT_FILE, settings, state, may_grow=may_grow, say=world.main)
+        logged = {record["step"] for record in read_metrics(out / "metrics.jsonl")}
+        if not logged >= set(range(1, state["step"] + 1)):
+            raise BadInput(f"{out / 'metrics.jsonl'}: it lacks steps the checkpoint has done (it is at step "
+                           f"{state['step']}); restore the file, or start a new run without --resume")
     return out
 
 

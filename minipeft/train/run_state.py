@@ -63,7 +63,24 @@ def read_checkpoint(path) -> tuple[dict, dict]:
         raise BadInput(f"{path}: not a readable training checkpoint ({str(e)[:200]})") from None
     if metadata.get("format") != "minipeft-run-state-1" or not isinstance(state, dict):
         raise BadInput(f"{path}: not a minipeft training checkpoint (no run state in its metadata)")
+    for key, kind in STATE_TYPES.items():  # what a resume reads, each of the type it is read as
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or key in COUNTS and value < 0:
+            raise BadInput(f"{path}: its run state's {key!r} is {str(value)[:40]!r}, not a "
+                           f"{getattr(kind, '__name__', 'number')}{' >= 0' if key in COUNTS else ''}")
+    data, groups, number = state["data"], state["optimizer_param_groups"], (int, float)
+    if not all(isinstance(data.get(k), int) and data[k] >= 0 for k in ("epoch", "cursor")):
+        raise BadInput(f"{path}: its run state's 'data' should hold an epoch and a cursor, whole numbers")
+    if not isinstance(state["scheduler"].get("last_epoch"), int) or not all(
+            isinstance(g, dict) and all(isinstance(g.get(k), number) for k in ("lr", "eps", "weight_decay"))
+            and isinstance(g.get("betas"), list) and all(isinstance(b, number) for b in g["betas"]) for g in groups):
+        raise BadInput(f"{path}: its run state's scheduler or optimizer settings are not of the types saved")
     return state, tensors
+
+
+STATE_TYPES = {"step": int, "tokens_seen": int, "seconds": (int, float), "settings": dict, "data": dict,
+               "trainable_names": list, "optimizer_param_groups": list, "scheduler": dict, "python_rng": list}
+COUNTS = ("step", "tokens_seen", "seconds")
 
 
 def changed_settings(saved: dict, settings: dict) -> list[str]:
@@ -115,10 +132,14 @@ def load_checkpoint(path, model, optimizer, scheduler, batches, device, settings
                        f"(other method, --r or --targets?)")
     try:
         with torch.no_grad():
-            for name, parameter in trainable.items():
-                parameter.copy_(tensors[f"trainable/{name}"])
-            for name, kept in adapter_state(model).items():  # what a method changed without training it
-                kept.copy_(tensors[f"kept/{name}"])
+            held = [(f"trainable/{name}", p) for name, p in trainable.items()] + [  # and what a method changed
+                (f"kept/{name}", t) for name, t in adapter_state(model).items()]  # without training it (ALoRA)
+            for key, parameter in held:
+                saved = tensors[key]
+                if saved.dtype != parameter.dtype or saved.shape != parameter.shape:
+                    raise BadInput(f"{path}: {key} is {saved.dtype} {tuple(saved.shape)}, this run's is "
+                                   f"{parameter.dtype} {tuple(parameter.shape)}")
+                parameter.copy_(saved)
         moments = {}
         for key, value in tensors.items():
             if key.startswith("optimizer/"):
