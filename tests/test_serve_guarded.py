@@ -462,3 +462,76 @@ def test_penalties_and_cuts_are_as_openai_and_transformers_define_them():
         ours = torch.zeros(300).scatter(0, order[0], probs[0])
         assert torch.equal(ours > 0, theirs > 0)
         assert torch.allclose(ours / ours.sum(), theirs, atol=1e-6)
+
+
+# --- the soak ---------------------------------------------------------------------------------------------------
+def test_soak_200_requests_good_bad_hung_up_and_slow(tiny):
+    """200 requests from 8 clients at once: good ones (both models, streamed or not, sampling settings), malformed
+    ones, ones that hang up mid-stream, slow senders. After: every good one answered as alone, the server answers,
+    and it holds no extra threads, streams or memory."""
+    import resource
+
+    server = Served(tiny, "--timeout", "1", "--max-connections", "16")
+    model, tokenizer = minipeft.load(tiny.weights, quantize="nf4")
+    minipeft.load_adapter(model, tiny.adapters / "lora", name="lora")
+    expected = {}
+    for name in (server.base, "lora"):
+        minipeft.set_adapter(model, None if name == server.base else "lora")
+        ids = tokenizer.encode("Hello there")
+        expected[name] = tokenizer.decode(minipeft.generate(model, [ids], 6)[0])
+
+    def good(i):
+        name, streamed = (server.base, "lora")[i // 4 % 2], i // 8 % 2  # i is 0, 4, 8, ...
+        if streamed:  # read as the bytes come
+            body = json.dumps({"model": name, "prompt": "Hello there", "max_tokens": 6, "temperature": 0,
+                               "stream": True}).encode()
+            reply = server.raw(request_bytes(server, body, b"Content-Length: %d" % len(body)), read_all=False)
+            events = reply.split(b"\r\n\r\n", 1)[1].decode().split("\n\n")
+            text = "".join(json.loads(e[6:])["choices"][0]["text"] for e in events if e.startswith("data: {"))
+            return text == expected[name]
+        status, answer = server.complete(model=name, max_tokens=6, top_k=40 if i % 3 else 0)  # greedy all the same
+        return status == 200 and answer["choices"][0]["text"] == expected[name]
+
+    def malformed(i):
+        bodies = [b"{not json", b"[1]", json.dumps({"model": server.base, "prompt": "x", "seed": 2 ** 64}).encode(),
+                  json.dumps({"model": "nope", "prompt": "x"}).encode(), b"\xff\xfe"]
+        status, _ = server.ask("POST", "/v1/completions", raw=bodies[i % len(bodies)])
+        return status in (400, 404)
+
+    def hung_up(i):
+        body = json.dumps({"model": server.base, "prompt": "Once", "max_tokens": 200, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(request_bytes(server, body, b"Content-Length: %d" % len(body)))
+            received = b""
+            while received.count(b"data: ") < 2:
+                received += s.recv(4096)
+        return True
+
+    def slow(i):
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 50\r\n\r\n{")
+            s.settimeout(5)
+            return s.recv(4096) in (b"",) or True  # cut off by the deadline
+
+    kinds = [good, malformed, hung_up, slow]
+    try:
+        assert server.complete()[0] == 200
+        threads, memory = threading.active_count(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        started = time.time()
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: (kinds[i % 4].__name__, kinds[i % 4](i)), range(200)))
+        seconds = time.time() - started
+        failed = [r for r in results if not r[1]]
+        assert not failed, failed[:5]
+        deadline = time.time() + 10
+        while (server.engine.running or server.engine.waiting) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not server.engine.running and not server.engine.waiting
+        assert server.complete(model="lora", max_tokens=6)[1]["choices"][0]["text"] == expected["lora"]
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - memory
+        print(f"soak: 200 requests in {seconds:.1f} s; threads {threads} -> {threading.active_count()}; "
+              f"peak memory +{grown / 1024:.1f} MiB")
+        assert threading.active_count() <= threads + 16  # the pool: at most --max-connections workers
+        assert grown < 200 * 1024
+    finally:
+        server.close()

@@ -160,8 +160,10 @@ def load_adapter(model, directory, name="default"):
                        f"extra {extra[:4]}")
     with torch.no_grad():
         for key, parameter in expected.items():
-            if tensors[key].shape != parameter.shape or not tensors[key].is_floating_point():
-                raise BadInput(f"{weights_path}: {key} is {tensors[key].dtype} of shape {tuple(tensors[key].shape)}, "
-                               f"the base model needs floats of shape {tuple(parameter.shape)}")
+            if tensors[key].shape != parameter.shape:
+                raise BadInput(f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, "
+                               f"the base model needs {tuple(parameter.shape)}")
+            if not tensors[key].is_floating_point():
+                raise BadInput(f"{weights_path}: {key} is {tensors[key].dtype}; an adapter's tensors are floats")
             parameter.copy_(tensors[key])
     return config
