@@ -133,7 +133,8 @@ def bad_adapter_files(saved):
                   for key, value in typed.items() if key not in ("peft_type", "task_type")})
     planted = pickle.dumps({"a": 1}) + bytes(range(256))
     return {("adapter_config.json", "empty"): b"", ("adapter_config.json", "truncated"): config[:len(config) // 2],
-            ("adapter_config.json", "binary"): planted, ("adapter_config.json", "wrong-typed"): json.dumps(typed).encode(),
+            ("adapter_config.json", "binary"): planted,
+            ("adapter_config.json", "wrong-typed"): json.dumps(typed).encode(),
             ("adapter_config.json", "a list"): b"[1, 2]",
             ("adapter_model.safetensors", "empty"): b"", ("adapter_model.safetensors", "binary"): planted,
             ("adapter_model.safetensors", "truncated"): weights[:len(weights) // 2],

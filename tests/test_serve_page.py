@@ -98,3 +98,38 @@ def test_the_page_asks_trains_the_fox_and_compares(server, browser, default_weig
     assert shown["fox"].strip().startswith("did not jump over the lazy dog")
     assert not shown[base].strip().startswith("did not jump")
     browser.save_screenshot(str(shots / "serve-fox.png"))
+
+
+def test_the_page_asks_for_the_api_key_once_and_sends_it(browser, default_weights, tmp_path):
+    """On a server started with --api-key, the page's first call is refused (401); the page asks for the key,
+    and every call after, streamed answers included, carries it."""
+    from selenium.webdriver.support import expected_conditions
+
+    from tests.helpers import tiny_with_tokenizer
+
+    weights = tiny_with_tokenizer(tmp_path / "tiny", default_weights)
+    server, engine = start(build_parser().parse_args(["serve", "--weights", str(weights), "--port", "0", "--quiet",
+                                                      "--api-key", "sk-page-test-1234"]))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    decoding = threading.Thread(target=engine.run, daemon=True)
+    decoding.start()
+    try:
+        browser.get(f"http://127.0.0.1:{server.server_address[1]}/")
+        WebDriverWait(browser, 30).until(expected_conditions.alert_is_present())
+        alert = browser.switch_to.alert
+        assert "API key" in alert.text
+        alert.send_keys("sk-page-test-1234")
+        alert.accept()
+        WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#models input"))
+        browser.find_element(By.ID, "prompt").clear()
+        browser.find_element(By.ID, "prompt").send_keys("Hello")
+        Select(browser.find_element(By.ID, "mode")).select_by_value("text")
+        browser.find_element(By.ID, "max-tokens").clear()
+        browser.find_element(By.ID, "max-tokens").send_keys("4")
+        answer = ask_and_wait(browser, 1)[weights.name]
+        assert answer and "API key" not in answer and "error" not in browser.find_element(
+            By.CSS_SELECTOR, "#answers .answer").get_attribute("class")
+    finally:
+        server.shutdown()
+        engine.stop()
+        decoding.join(timeout=60)

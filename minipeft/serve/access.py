@@ -1,4 +1,5 @@
-"""Who may ask `minipeft serve` what. Every request passes `check_site`, and all but the page's own files `check`, before its body is read.
+"""Who may ask `minipeft serve` what. Every request passes `check_site`, and all but the page's own files
+`check`, before its body is read.
 
     Host    ─► on loopback, a loopback name only (a page whose DNS name rebinds to 127.0.0.1 is refused)
     Origin  ─► absent (curl, the openai client) or the Host itself (the page): a cross-site request is refused
