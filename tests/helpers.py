@@ -43,6 +43,21 @@ def tiny_with_tokenizer(path, default_weights, **overrides):
     return Path(path)
 
 
+def tiny_with_adapters(folder, default_weights, methods=("lora",)):
+    """tiny_with_tokenizer in folder/tiny-llama, and trained-looking adapters for it saved in folder/adapters
+    (a LoRA on q and v, r=4; prompt tuning, 4 prompts), one a method named."""
+    import minipeft
+
+    adds = {"lora": lambda m: minipeft.add_lora(m, ["q_proj", "v_proj"], r=4, name="lora"),
+            "prompt": lambda m: minipeft.add_prompt_tuning(m, num_prompts=4, name="prompt")}
+    weights = tiny_with_tokenizer(Path(folder) / "tiny-llama", default_weights)
+    model, _ = minipeft.load(weights, quantize="nf4")
+    for seed, method in enumerate(methods):
+        trained_looking(model, adds[method], seed)
+    minipeft.save_adapter(model, Path(folder) / "adapters")
+    return weights, Path(folder) / "adapters"
+
+
 def train_steps(model, optimizer, ids, steps):
     """A plain training loop on one batch; returns the losses."""
     losses = []

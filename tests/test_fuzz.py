@@ -106,16 +106,9 @@ def test_fuzz_tokenizer_files(tokenizer_files, part, model_key, value, raw, conf
 @pytest.fixture(scope="module")
 def tiny_adapters(default_weights, tmp_path_factory):
     """A tiny base with the default tokenizer, and a LoRA and a prompt-tuning adapter saved for it."""
-    import minipeft
-    from tests.helpers import tiny_with_tokenizer, trained_looking
+    from tests.helpers import tiny_with_adapters
 
-    folder = tmp_path_factory.mktemp("adapter_fuzz")
-    weights = tiny_with_tokenizer(folder / "base", default_weights)
-    model, _ = minipeft.load(weights, quantize="nf4")
-    trained_looking(model, lambda m: minipeft.add_lora(m, ["q_proj", "v_proj"], r=4, name="lora"), 0)
-    trained_looking(model, lambda m: minipeft.add_prompt_tuning(m, num_prompts=4, name="prompt"), 1)
-    minipeft.save_adapter(model, folder / "saved")
-    return weights, folder
+    return tiny_with_adapters(tmp_path_factory.mktemp("adapter_fuzz"), default_weights, ("lora", "prompt"))
 
 
 def bad_adapter_files(saved):
@@ -153,12 +146,12 @@ def test_every_file_of_an_adapter_replaced_by_bad_content_gives_one_line(tiny_ad
     from minipeft.cli import build_parser, main
     from minipeft.serve import start
 
-    weights, folder = tiny_adapters
+    weights, saved = tiny_adapters
     model, _ = minipeft.load(weights, quantize="nf4")
     for method in ("lora", "prompt"):
-        for (name, how), content in bad_adapter_files(folder / "saved" / method).items():
+        for (name, how), content in bad_adapter_files(saved / method).items():
             adapter = tmp_path / f"{method}-{name}-{how}"
-            shutil.copytree(folder / "saved" / method, adapter)
+            shutil.copytree(saved / method, adapter)
             (adapter / name).write_bytes(content)
             with pytest.raises(BadInput) as error:
                 minipeft.load_adapter(model, adapter, name=f"{method}-{how}-{name}")

@@ -22,7 +22,7 @@ from minipeft.serve import start
 from minipeft.serve import http as serve_http
 from minipeft.serve import streams as serve_streams
 from minipeft.serve.streams import Stream
-from tests.helpers import tiny_with_tokenizer, trained_looking
+from tests.helpers import tiny_with_adapters
 
 KEY = "sk-test-0123456789"
 
@@ -31,11 +31,8 @@ KEY = "sk-test-0123456789"
 def tiny(default_weights, tmp_path_factory):
     """A random Llama of the default tokenizer's vocabulary, and a LoRA adapter for it in an adapter dir."""
     folder = tmp_path_factory.mktemp("tiny")
-    weights = tiny_with_tokenizer(folder / "tiny-llama", default_weights)
-    model, _ = minipeft.load(weights, quantize="nf4")
-    trained_looking(model, lambda m: minipeft.add_lora(m, ["q_proj", "v_proj"], r=4, name="lora"), 0)
-    minipeft.save_adapter(model, folder / "adapters")
-    return SimpleNamespace(weights=weights, adapters=folder / "adapters", folder=folder)
+    weights, adapters = tiny_with_adapters(folder, default_weights)
+    return SimpleNamespace(weights=weights, adapters=adapters, folder=folder)
 
 
 class Served:

@@ -7,7 +7,7 @@ compare and tune them.
 
     minipeft serve --adapter fox=runs/fox/adapter --adapter code=runs/code/adapter
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \
-         -d '{"model": "fox", "prompt": "A quick brown fox", "max_tokens": 24}'
+         -d '{"model": "fox", "prompt": "A quick brown fox", "max_tokens": 24, "temperature": 0}'
 
 On 127.0.0.1 (the default) it answers this machine's programs, and refuses pages of other sites. Beyond it
 (--host 0.0.0.0) it needs --api-key, and --allow-admin for loading, training and deleting (access.py).

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from ..errors import BadInput
 from .access import Access, Refused
-from .api import Api, ApiError, Download, Reply
+from .api import Api
+from .shapes import ApiError, Download, Reply
 from .limits import Limits
 
 PAGE = Path(__file__).parent / "page"
@@ -78,6 +79,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         self.server.reading(self, True)  # the reaper closes this connection if the request is not in on time
         self.body_read = self.body_tried = False
+        self.status = 0  # the status sent, for /metrics
         try:
             super().handle_one_request()
         finally:
@@ -121,7 +123,7 @@ class Handler(BaseHTTPRequestHandler):
             traceback.print_exc(file=sys.stderr)
             self.send_json(500, ApiError(500, f"internal error: {type(e).__name__}", "server_error").body())
         finally:
-            self.api.observe(name, getattr(self, "status", 0), time.perf_counter() - started)
+            self.api.observe(name, self.status, time.perf_counter() - started)
 
     def send_response(self, code, message=None):
         self.status = code
