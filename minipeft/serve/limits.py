@@ -29,7 +29,8 @@ class Limits:
     max_prefill_tokens: int = 8192
 
     HELP = {"max_body": "bytes in a request's body", "max_connections": "open connections; more are refused "
-            "with a 503", "timeout": "seconds a connection may stay silent", "max_prompts": "rows one request "
+            "with a 503", "timeout": "seconds a request may take to arrive, however slowly "
+            "it trickles; and a connection may stay idle or unread", "max_prompts": "rows one request "
             "may ask for (prompts x n)", "max_prompt_tokens": "tokens in one prompt", "max_stop_chars":
             "characters in one stop string", "max_tune_examples": "examples in one /api/tune",
             "max_tune_chars": "characters of one example's prompt or completion", "max_prefill_tokens":

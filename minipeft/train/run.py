@@ -53,10 +53,10 @@ def check_resume(out, world, resume: bool, settings: dict, may_grow=()):
     if resume:  # refused here, once, before any process waits on another, and before the base loads
         state = read_checkpoint(out / CHECKPOINT_FILE)[0]
         check_resume_settings(out / CHECKPOINT_FILE, settings, state, may_grow=may_grow, say=world.main)
-        logged = {record["step"] for record in read_metrics(out / "metrics.jsonl")}
-        if not logged >= set(range(1, state["step"] + 1)):
+        logged, step = {record["step"] for record in read_metrics(out / "metrics.jsonl")}, state.get("step", 0)
+        if not logged >= set(range(1, step + 1)):
             raise BadInput(f"{out / 'metrics.jsonl'}: it lacks steps the checkpoint has done (it is at step "
-                           f"{state['step']}); restore the file, or start a new run without --resume")
+                           f"{step}); restore the file, or start a new run without --resume")
     return out
 
 

@@ -65,6 +65,8 @@ def read_checkpoint(path) -> tuple[dict, dict]:
         raise BadInput(f"{path}: not a minipeft training checkpoint (no run state in its metadata)")
     for key, kind in STATE_TYPES.items():  # what a resume reads, each of the type it is read as
         value = state.get(key)
+        if key in EXTRA and key not in state:  # what a script added (Run does), absent from a bare checkpoint
+            continue
         if not isinstance(value, kind) or isinstance(value, bool) or key in COUNTS and value < 0:
             raise BadInput(f"{path}: its run state's {key!r} is {str(value)[:40]!r}, not a "
                            f"{getattr(kind, '__name__', 'number')}{' >= 0' if key in COUNTS else ''}")
@@ -81,6 +83,7 @@ def read_checkpoint(path) -> tuple[dict, dict]:
 STATE_TYPES = {"step": int, "tokens_seen": int, "seconds": (int, float), "settings": dict, "data": dict,
                "trainable_names": list, "optimizer_param_groups": list, "scheduler": dict, "python_rng": list}
 COUNTS = ("step", "tokens_seen", "seconds")
+EXTRA = ("step", "tokens_seen", "seconds", "settings")
 
 
 def changed_settings(saved: dict, settings: dict) -> list[str]:
