@@ -12,14 +12,19 @@ let models = [];
 
 // A server started with --api-key answers 401 without it: the page asks once, keeps it for this tab, and
 // sends it as OpenAI's clients do (Authorization: Bearer KEY).
+let keyDeclined = false;  // the user cancelled the question: the page does not ask again until reloaded
+
 async function request(path, options = {}) {
   for (let asked = false; ; asked = true) {
     const key = sessionStorage.getItem("minipeft-api-key");
     const headers = {"Content-Type": "application/json", ...(key ? {Authorization: `Bearer ${key}`} : {})};
     const response = await fetch(path, {...options, headers});
-    if (response.status !== 401 || asked) return response;
+    if (response.status !== 401 || asked || keyDeclined) return response;
     const given = window.prompt("This server needs its API key (minipeft serve --api-key):");
-    if (given === null) return response;
+    if (given === null) {
+      keyDeclined = true;
+      return response;
+    }
     sessionStorage.setItem("minipeft-api-key", given.trim());
   }
 }
