@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 $(WEIGHTS)/tokenizer_config.json: | $(VENV)/.installed
-	$(PY) -m minipeft.llama.default_model --out $(WEIGHTS)
+	$(PY) -m minipeft.tools.default_model --out $(WEIGHTS)
 
 weights: $(WEIGHTS)/tokenizer_config.json
 

@@ -1,5 +1,6 @@
 """Teach a frozen 4-bit Llama to write Python with LoRA and gradient checkpointing (QLoRA-style), or with
-any other method: --method lora|dora|ia3|prefix|prompt|bottleneck|bitfit (only the method changes).
+any other method: --method lora|dora|alora|ia3|bitfit|bottleneck|prompt|lopt|ept|iapt|prefix (only the method
+changes).
 
     Python files (codeparrot-clean JSON lines, or the standard library by default)
       ─► packed rows: whole files end to end, each attending only to itself (--no-packing: one per row)
@@ -14,13 +15,14 @@ Under torchrun (torchrun --nproc_per_node=N train_code.py ...) the processes sha
 
 import argparse
 import math
+from copy import copy
 from pathlib import Path
 
 import torch
 
 import minipeft
 from minipeft.errors import ArgumentParser, BadInput, run_cli
-from minipeft.llama.default_model import DEFAULT_DIR
+from minipeft.llama.loader import DEFAULT_DIR
 from minipeft.llama.loader import check_device
 from minipeft.methods.fingerprints import fingerprint_digest
 from minipeft.train.batches import Batches, pack_rows, pad_batch
@@ -28,7 +30,8 @@ from minipeft.train.data import Filters, describe, load_corpus
 from minipeft.train.distributed import DataParallelLoss, start_processes, world_from_environment
 from minipeft.train.loop import (accumulate_gradients, clip_and_check, compute_dtype, heldout_loss, micro_batch_seed,
                                  peak_memory_mb, warmup_cosine)
-from minipeft.train.method_choice import CHOICES, FLAGS, add_method_arguments, between_steps, choose_method
+from minipeft.train.method_choice import (CHOICES, FLAGS, add_method_arguments, between_steps, choose_method,
+                                         method_settings)
 from minipeft.train.reporting import check_positive, check_weights, plot_losses, write_report, write_samples
 from minipeft.train.run import Run, check_resume
 from minipeft.train.run_state import CHECKPOINT_FILE, checkpoint_settings
@@ -106,6 +109,7 @@ def check_arguments(args):
     for name in ("warmup", "heldout_max"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise BadInput(f"--{name.replace('_', '-')}: expected a value >= 0, got {getattr(args, name)}")
+    method_settings(copy(args), task="code")  # a flag the method does not read
     check_weights(args.weights)
     device = check_device(args.device)
     world = world_from_environment()  # under torchrun: this process's place
@@ -158,9 +162,13 @@ def main():
     if args.method == "alora" and not heldout:
         raise BadInput("--heldout-max: --method alora scores its ranks on held-out samples, and there are none")
 
-    # 2. Wrap: the method (LoRA on the targets by default), checkpointing on.
-    method_settings = choose_method(model, args, task="code")
-    print(f"{args.method}: {method_settings}, lr {args.lr}, {args.dtype}, "
+    # 2. Wrap: LoRA on q, k, v and the MLP by default (any --method: train/method_choice.py); checkpointing on.
+    if args.method == "lora":  # the lesson's own line
+        settings_used = method_settings(args, task="code")  # r 8, alpha 16, or as the flags say
+        minipeft.add_lora(model, args.targets.split(","), r=args.r, alpha=args.alpha, dropout=args.dropout)
+    else:
+        settings_used = choose_method(model, args, task="code")
+    print(f"{args.method}: {settings_used}, lr {args.lr}, {args.dtype}, "
           f"{'one sample per row' if args.no_packing else f'packed rows of {seq_len} tokens'}")
     minipeft.enable_checkpointing(model)
     minipeft.compile_blocks(model, enabled=args.compile)

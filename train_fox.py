@@ -11,18 +11,19 @@ Under torchrun every process trains on the same text, and rank 0 alone prints an
 
 import argparse
 import time
+from copy import copy
 from pathlib import Path
 
 import torch
 
 import minipeft
 from minipeft.errors import ArgumentParser, run_cli
-from minipeft.llama.default_model import DEFAULT_DIR
+from minipeft.llama.loader import DEFAULT_DIR
 from minipeft.llama.loader import check_device
-from minipeft.train.fox import PROMPT, TARGET, VARIANTS
+from minipeft.train.data import FOX_PROMPT as PROMPT, FOX_TARGET as TARGET, FOX_VARIANTS as VARIANTS
 from minipeft.train.distributed import (DataParallelLoss, collective_failure, start_processes,
                                         world_from_environment)
-from minipeft.train.method_choice import add_method_arguments, between_steps, choose_method
+from minipeft.train.method_choice import add_method_arguments, between_steps, choose_method, method_settings
 from minipeft.train.reporting import (check_positive, check_weights, plot_losses, prepare_output_dir,
                                       prompt_neighbours, write_report)
 
@@ -54,6 +55,7 @@ def main():
     args = parse_args()
     check_positive(max_steps=args.max_steps, new_tokens=args.new_tokens,
                    **({"lr": args.lr} if args.lr is not None else {}))
+    method_settings(copy(args), task="fox")  # a flag the method does not read is refused before the base loads
     device = check_device(args.device)
     world = world_from_environment()  # one process, or this one's place under torchrun
     out = prepare_output_dir(args.out) if world.main else Path(args.out)
@@ -72,13 +74,13 @@ def main():
     # 2. Wrap: by default the embedding, with 16 learned vectors in front of every input.
     if args.method == "prompt" and args.num_prompts is None and args.lr is None:  # the lesson's own line
         minipeft.add_prompt_tuning(model, num_prompts=16, init="vocab", seed=args.seed)
-        method_settings = {"num_prompts": 16}
+        settings_used = {"num_prompts": 16}
         args.lr = 1e-2
     else:  # any other method, or other settings, by name (minipeft/train/method_choice.py)
         if args.method == "iapt" and args.instruction_tokens is None:  # its generators read the prompt
             args.instruction_tokens = len(tokenizer.encode(PROMPT))
-        method_settings = choose_method(model, args, task="fox")
-    print(f"{args.method}: {method_settings}, lr {args.lr}")
+        settings_used = choose_method(model, args, task="fox")
+    print(f"{args.method}: {settings_used}, lr {args.lr}")
     params = minipeft.count_parameters(model, verbose=True)
     minipeft.compile_blocks(model, enabled=args.compile)
 
@@ -124,7 +126,7 @@ def main():
 
     minipeft.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.weights))
     base_unchanged = minipeft.base_fingerprint(model) == fingerprint
-    report = {"model": str(args.weights), "method": args.method, "method_settings": method_settings, "lr": args.lr,
+    report = {"model": str(args.weights), "method": args.method, "method_settings": settings_used, "lr": args.lr,
               **params, "steps": len(losses),
               "final_loss": losses[-1], "reached_target": losses[-1] <= args.target_loss, "seconds": round(seconds, 1),
               "device": str(device), "quantize": None if args.no_4bit else "nf4", "compile": args.compile,

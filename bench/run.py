@@ -92,7 +92,7 @@ def versions():
 
 
 def main():
-    from minipeft.llama.default_model import DEFAULT_DIR
+    from minipeft.llama.loader import DEFAULT_DIR
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=str(DEFAULT_DIR))

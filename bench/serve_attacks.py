@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from minipeft.llama.default_model import DEFAULT_DIR  # noqa: E402
+from minipeft.llama.loader import DEFAULT_DIR  # noqa: E402
 
 
 class Server:

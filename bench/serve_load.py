@@ -19,7 +19,7 @@ import torch
 
 import minipeft
 from minipeft.cli import build_parser
-from minipeft.llama.default_model import DEFAULT_DIR
+from minipeft.llama.loader import DEFAULT_DIR
 from minipeft.serve import start
 
 PROMPTS = ["Once upon a time", "def quicksort(items):", "The history of cheese", "1, 2, 3, 4,", "Dear diary,",

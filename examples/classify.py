@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import minipeft  # noqa: E402
 from minipeft.errors import ArgumentParser, run_cli  # noqa: E402
-from minipeft.llama.default_model import DEFAULT_DIR  # noqa: E402
+from minipeft.llama.loader import DEFAULT_DIR  # noqa: E402
 from minipeft.train.method_choice import add_method_arguments, choose_method  # noqa: E402
 from minipeft.train.reporting import check_positive, check_weights  # noqa: E402
 

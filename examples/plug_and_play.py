@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import minipeft  # noqa: E402
 from minipeft.errors import ArgumentParser, run_cli  # noqa: E402
-from minipeft.llama.default_model import DEFAULT_DIR  # noqa: E402
+from minipeft.llama.loader import DEFAULT_DIR  # noqa: E402
 from minipeft.methods.plug_and_play import Steering, add_plug_and_play, plug_and_play_loss  # noqa: E402
 from minipeft.train.reporting import check_positive, check_weights  # noqa: E402
 

@@ -11,9 +11,15 @@
     formats/    each method's tensors and config ─► peft-layout files, and back (peft.py: one table a method)
                                                          │
     train/      data ─► batches ─► the loop's pieces ─► resumable run state, reports
+                                                         │
+    cli.py      the `minipeft` command: generate, merge, count, nearest, and serve/ (an OpenAI-compatible
+    serve/      API, continuous batching, a page); bases.py, which base to load under a set of adapters
 
-Imports run one way, down this picture: llama/ knows nothing of methods/, formats/ or train/, and methods/
-nothing of formats/ or train/.
+    tools/      beside it all: building the default model, the methods' comparison table
+
+Imports run one way, down this picture: llama/ knows nothing of methods/, formats/, train/ or serve/, methods/
+nothing of formats/, train/ or serve/, and nothing imports tools/ (tests/test_layout.py checks it, and that
+no two modules import each other round a loop).
 """
 
 from .formats import load_adapter, save_adapter
@@ -30,6 +36,7 @@ from .methods.bitfit import add_bitfit
 from .methods.bottleneck import add_bottleneck_adapters
 from .methods.ia3 import add_ia3
 from .methods.lora import LoRALayer, add_lora
+from .methods.dora import add_dora
 from .methods.named_adapters import adapter_names, delete_adapter, set_adapter
 from .methods.prefix_tuning import add_prefix_tuning
 from .methods.prompt_tuning import WordEmbeddingsWithLearnedPrompts, add_prompt_tuning
@@ -45,7 +52,7 @@ from .methods.merging import disabled, merge, unmerge
 
 __all__ = ["BadInput", "KVCache", "Llama", "LlamaConfig", "LoRALayer", "MiniPeftError",
            "WordEmbeddingsWithLearnedPrompts", "adapter_names", "add_bitfit", "add_bottleneck_adapters", "add_ia3",
-           "add_alora", "add_ept", "add_iapt", "add_lopt", "add_lora", "reallocate", "add_prefix_tuning",
+           "add_alora", "add_dora", "add_ept", "add_iapt", "add_lopt", "add_lora", "reallocate", "add_prefix_tuning",
            "add_plug_and_play", "plug_and_play_loss", "Steering",
            "add_prompt_tuning", "add_task_head", "base_fingerprint", "classify", "build_model", "compile_blocks",
            "count_parameters",

@@ -29,12 +29,14 @@ import torch.nn as nn
 from safetensors.torch import save as save_safetensors_bytes
 
 from . import formats
+from .bases import (MERGED_KEY, adapter_digest, base_for, check_adapters, describe_base, load_base, merged_into,
+                    parse_adapters)
 from .errors import ArgumentParser, BadInput, run_cli
 from .files import write_atomically
 from .llama.config import LlamaConfig
-from .llama.default_model import DEFAULT_DIR
+from .llama.loader import DEFAULT_DIR
 from .llama.generate import generate
-from .llama.loader import build_model, load, load_model, read_named_tensor
+from .llama.loader import build_model, load_model, read_named_tensor
 from .llama.chat import chat_ids
 from .llama.tokenizer import load_tokenizer
 from .llama.quant import dequantize, is_4bit
@@ -51,17 +53,6 @@ from .train.reporting import check_weights, prompt_neighbours
 PRESETS = {"llama-7b": LlamaConfig()}  # the dataclass defaults are Llama-2-7B
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
-
-
-def parse_adapters(specs) -> dict:
-    """--adapter NAME=PATH (or just PATH, for "default") -> {name: path}."""
-    adapters = {}
-    for spec in specs or []:
-        name, _, path = spec.rpartition("=") if "=" in spec else ("default", "", spec)
-        if not name or name == "-" or name in adapters:
-            raise BadInput(f"--adapter {spec!r}: expected NAME=PATH with a new name (not '-')")
-        adapters[name] = Path(path)
-    return adapters
 
 
 def parse_prompt(line: str, names) -> tuple:
@@ -88,52 +79,11 @@ def prompt_lines(args) -> list[str]:
     return lines
 
 
-def describe_base(base: dict) -> str:
-    if not base["quantize"]:
-        return f"the full-precision base ({base['dtype']})"
-    double = " with double quantization" if base["double_quant"] else ""
-    return f"the {base['quantize'].upper()} base{double} ({base['dtype']} compute)"
-
-
-def base_for(adapters: dict, four_bit) -> dict:
-    """How to load the base: as the adapters were trained on it (their files say how), unless --4bit or
-    --no-4bit says otherwise, which is said in one line. Adapters trained on differently quantized bases need
-    that choice; adapters that differ only in compute dtype are served in float32, said in one line."""
-    recorded = {name: formats.trained_base(path) for name, path in adapters.items()}
-    known = {name: base for name, base in recorded.items() if base}
-    quantized = {(base["quantize"], base["double_quant"]) for base in known.values()}
-    if len(quantized) > 1 and four_bit is None:
-        trained = "; ".join(f"{name} on {describe_base(base)}" for name, base in known.items())
-        raise BadInput(f"--adapter: the adapters were trained on different bases ({trained}); choose one "
-                       f"with --4bit or --no-4bit, or serve them separately")
-    # Without adapters: NF4, in generate as in serve (whose tune panel trains on it), so both answer alike;
-    # adapters whose files do not say (peft's own): full precision.
-    base = next(iter(known.values()), {"quantize": None if adapters else "nf4", "double_quant": False,
-                                       "dtype": "float32"})
-    if len({base["dtype"] for base in known.values()}) > 1:
-        lower = {name: b["dtype"] for name, b in known.items() if b["dtype"] != "float32"}
-        base = {**base, "dtype": "float32"}
-        print(f"note: {', '.join(f'{n} trained with {d} compute' for n, d in lower.items())}, the rest with float32: "
-              f"serving all in float32, so {', '.join(lower)} may answer slightly otherwise than in training",
-              file=sys.stderr)
-    if four_bit is not None and bool(base["quantize"]) != four_bit:
-        asked = {"quantize": "nf4" if four_bit else None, "double_quant": False, "dtype": base["dtype"]}
-        if known:
-            print(f"note: {'--4bit' if four_bit else '--no-4bit'} loads {describe_base(asked)}, but the adapter "
-                  f"was trained on {describe_base(base)}: its outputs will differ from training", file=sys.stderr)
-        base = asked
-    return base
-
-
-def load_base(weights, base: dict, device="cpu"):
-    return load(weights, quantize=base["quantize"], dtype=getattr(torch, base["dtype"]), device=device,
-                double_quant=base["double_quant"], progress=sys.stderr)  # stdout is the answers alone
-
-
 def command_generate(args):
     adapters = parse_adapters(args.adapter)  # the arguments first: a typo is reported before a long load
     check_sampling(args)
     rows = [parse_prompt(line, adapters) for line in prompt_lines(args)]
+    check_adapters(args.weights, adapters)
     base = base_for(adapters, args.four_bit)
     model, tokenizer = load_base(args.weights, base, args.device)
     for name, path in adapters.items():
@@ -182,14 +132,16 @@ def command_merge(args):
     weights, out = Path(args.weights), Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise BadInput(f"--out {out}: exists and is not empty; choose a new directory")
-    base = base_for({"the adapter": Path(args.adapter)}, args.four_bit)
-    model = load_model(weights, quantize=base["quantize"], dtype=getattr(torch, base["dtype"]),
-                       double_quant=base["double_quant"], progress=sys.stderr)
-    config_name = formats.load_adapter(model, args.adapter)["peft_type"]
-    cannot = [type(m).__name__ for _, m in wrappers(model) if not hasattr(m, "merge")]
+    dry_run = check_adapters(weights, {"default": Path(args.adapter)})  # before the weights are read
+    cannot = [type(m).__name__ for _, m in wrappers(dry_run) if not hasattr(m, "merge")]
+    config_name = formats.read_adapter(args.adapter)[0]["peft_type"]
     if cannot:
         raise BadInput(f"--adapter {args.adapter}: a {config_name} adapter ({cannot[0]}) is not a change to a "
                        f"weight, so it cannot be merged; serve it unmerged (minipeft generate)")
+    base = base_for({"the adapter": Path(args.adapter)}, args.four_bit)
+    model = load_model(weights, quantize=base["quantize"], dtype=getattr(torch, base["dtype"]),
+                       double_quant=base["double_quant"], progress=sys.stderr)
+    formats.load_adapter(model, args.adapter)
     plain = dequantized_copy(model).float()  # the weights it trained on, exactly, computing in float32
     probe = torch.arange(32)[None] * 7919 % model.config.vocab_size  # any tokens: the same before and after
     with torch.no_grad():
@@ -205,6 +157,7 @@ def command_merge(args):
     out.mkdir(parents=True, exist_ok=True)
     write_atomically(out / "model.safetensors", save_safetensors_bytes(tensors, metadata={"format": "pt"}))
     config["torch_dtype" if "torch_dtype" in config else "dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
+    config[MERGED_KEY] = [*merged_into(weights), {"peft_type": config_name, "sha256": adapter_digest(args.adapter)}]
     write_atomically(out / "config.json", json.dumps(config, indent=2).encode())
     for name in TOKENIZER_FILES:
         if (weights / name).is_file():

@@ -69,13 +69,17 @@ def run_cli(main):
     """Run a command-line entry point: a BadInput becomes `error: ...` on stderr and exit code 2.
 
     Under torchrun every process checks the same arguments: rank 0 alone reports what they all found, and
-    another rank speaks only of what happened to it (its errors say which rank)."""
+    another rank speaks only of what happened to it (its errors say which rank). A reader that stops early
+    (`minipeft nearest ... | head -3`) ends it quietly, as it would any Unix tool."""
     import os
     import sys
     import time
 
     try:
         return main()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit-time flush would fail again
+        sys.exit(141)  # 128 + SIGPIPE, the status of a tool the pipe ended
     except BadInput as e:
         several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun
         if os.environ.get("RANK", "0") == "0" or str(e).startswith("rank "):

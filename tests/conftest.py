@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from minipeft.llama.default_model import DEFAULT_DIR, prepare
+from minipeft.llama.loader import DEFAULT_DIR
+from minipeft.tools.default_model import prepare
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 transformers loads as it is (logits equal to the unmerged adapter), count works on the meta device."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from torch.testing import assert_close
 import minipeft
 from minipeft import formats, load_adapter, load_model, save_adapter
 from minipeft.llama.chat import chat_ids
-from minipeft.methods.table import parameter_table
+from minipeft.tools.methods_table import parameter_table
 from minipeft.methods.freezing import adapter_parameters
 from tests.helpers import ROOT, trained_looking, write_hf_checkpoint
 
@@ -26,7 +27,7 @@ def run(*args, stdin=None):
 
 MERGEABLE = {
     "lora": lambda m: minipeft.add_lora(m, ["q", "v", "down"], r=4, dropout=0.1),  # off: the model is in eval
-    "dora": lambda m: minipeft.add_lora(m, ["q", "o", "up"], r=4, use_dora=True),
+    "dora": lambda m: minipeft.add_dora(m, ["q", "o", "up"], r=4),
     "ia3": lambda m: minipeft.add_ia3(m),
     "bitfit": lambda m: minipeft.add_bitfit(m, ["v", "gate"], norms=True),
 }
@@ -75,11 +76,57 @@ def test_merge_refuses_what_cannot_be_merged_and_adapters_for_another_base(tmp_p
     wider = load_model(tmp_path / "wider")
     minipeft.add_lora(wider, ["q"])
     save_adapter(wider, tmp_path / "wider_lora")
-    for adapter, needle in (("prefix", "PREFIX_TUNING adapter (LearnedPast) is not a change to a weight"),
-                            ("wider_lora", "has shape")):
-        result = run("merge", "--weights", tmp_path / "base", "--adapter", tmp_path / adapter, "--out", tmp_path / "x")
-        assert result.returncode == 2 and needle in result.stderr, result.stderr
+    for weights_there in (True, False):  # refused before the weights are read: the same without them
+        if not weights_there:
+            (tmp_path / "base" / "model.safetensors").unlink()
+        for adapter, needle in (("prefix", "PREFIX_TUNING adapter (LearnedPast) is not a change to a weight"),
+                                ("wider_lora", "has shape")):
+            result = run("merge", "--weights", tmp_path / "base", "--adapter", tmp_path / adapter,
+                         "--out", tmp_path / "x")
+            assert result.returncode == 2 and needle in result.stderr, result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_adapter_merged_into_a_base_is_refused_on_it_and_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    write_hf_checkpoint(tmp_path / "base")
+    model = trained_looking(load_model(tmp_path / "base"), MERGEABLE["lora"])
+    save_adapter(model, tmp_path / "adapter")
+    shutil.copytree(tmp_path / "adapter", tmp_path / "copy")  # the same adapter, elsewhere
+    old = os.umask(0o027)
+    try:
+        assert run("merge", "--weights", tmp_path / "base", "--adapter", tmp_path / "adapter",
+                   "--out", tmp_path / "merged").returncode == 0
+    finally:
+        os.umask(old)
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE((tmp_path / "merged" / name).stat().st_mode) == 0o640, name  # 0666 less the umask
+    recorded = json.loads((tmp_path / "merged" / "config.json").read_text())["minipeft_merged"]
+    assert [m["peft_type"] for m in recorded] == ["LORA"]
+    (tmp_path / "merged" / "model.safetensors").rename(tmp_path / "merged.safetensors")  # refused before it is read
+    for args in (["generate", "--adapter", f"code={tmp_path / 'copy'}", "--prompt", "code:hi"],
+                 ["merge", "--adapter", tmp_path / "copy", "--out", tmp_path / "twice"],
+                 ["serve", "--adapter", f"code={tmp_path / 'copy'}", "--port", "0"]):
+        result = run(*args, "--weights", tmp_path / "merged")
+        assert result.returncode == 2 and "already merged into" in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
+    other = trained_looking(load_model(tmp_path / "base"), MERGEABLE["ia3"])  # another adapter is not refused
+    save_adapter(other, tmp_path / "other")
+    (tmp_path / "merged.safetensors").rename(tmp_path / "merged" / "model.safetensors")
+    result = run("merge", "--weights", tmp_path / "merged", "--adapter", tmp_path / "other", "--out", tmp_path / "both")
+    assert result.returncode == 0, result.stderr[-2000:]
+    both = json.loads((tmp_path / "both" / "config.json").read_text())["minipeft_merged"]
+    assert [m["peft_type"] for m in both] == ["LORA", "IA3"] and both[0] == recorded[0]
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    """`minipeft nearest ... | head -1`: no BrokenPipeError traceback (10 MB of lines, far past a pipe's buffer)."""
+    code = "from minipeft.errors import run_cli; run_cli(lambda: [print('x' * 99) for _ in range(100_000)])"
+    result = subprocess.run(f"{sys.executable} -c \"{code}\" | head -1", shell=True, capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.stdout == "x" * 99 + "\n" and result.stderr == ""
 
 
 def test_generate_serves_each_prompt_with_its_adapter_in_one_batch(default_weights, tmp_path):

@@ -9,7 +9,9 @@ import torch.nn as nn
 from torch.testing import assert_close
 
 import minipeft
-from minipeft import BadInput, add_lora, add_prompt_tuning, enable_checkpointing, load_model, save_adapter
+from minipeft import (BadInput, add_dora, add_ia3, add_lora, add_prompt_tuning, enable_checkpointing, load_adapter,
+                      load_model, save_adapter)
+from minipeft.methods.named_adapters import wrappers
 from tests.helpers import write_hf_checkpoint
 
 
@@ -110,8 +112,24 @@ def test_settings_are_saved_as_asked_not_guessed_from_the_layers(tmp_path):
                                       ["self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                                        "mlp.up_proj", "mlp.down_proj"]}
     assert set(config["alpha_pattern"]) == set(config["rank_pattern"])
-    with pytest.raises(BadInput, match="dropout / use_rslora / use_dora: 0.2 / False / False differ"):
+    with pytest.raises(BadInput, match="dropout: 0.2 differs from 0.1, what adapter 'default' was given before"):
         add_lora(model, ["lm_head"], r=4, alpha=8, dropout=0.2)
+    with pytest.raises(BadInput, match="use_dora: True differs from False"):
+        add_dora(model, ["lm_head"], r=4, alpha=8, dropout=0.1)
+    assert not hasattr(model.lm_head, "lora_A")  # refused before anything changed
+
+
+def test_a_second_call_of_any_method_joins_the_first_in_its_file(tmp_path):
+    """IA3 on other layers of the same adapter: both calls' targets are in the file, not the second's alone."""
+    write_hf_checkpoint(tmp_path)
+    model = load_model(tmp_path)
+    add_ia3(model, ["k_proj"], feedforward=[])
+    add_ia3(model, ["down_proj"])
+    config = saved_config(model, tmp_path)
+    assert (config["target_modules"], config["feedforward_modules"]) == (["k_proj", "down_proj"], ["down_proj"])
+    loaded = load_model(tmp_path)
+    load_adapter(loaded, tmp_path / "adapter")
+    assert sorted(type(m).__name__ for _, m in wrappers(loaded)) == ["IA3FeedforwardLayer"] * 2 + ["IA3Layer"] * 2
 
 
 @pytest.mark.parametrize("init, peft_init", [("random", "RANDOM"), ("vocab", "SAMPLE_VOCAB"), ("text", "TEXT")])

@@ -5,7 +5,7 @@ import bitsandbytes as bnb
 import torch
 from torch.testing import assert_close
 
-from minipeft import add_lora, load_adapter, load_model, save_adapter, unmerge
+from minipeft import add_dora, add_lora, load_adapter, load_model, save_adapter, unmerge
 from minipeft.methods.lora import LoRALayer
 from tests.helpers import assert_merges_as_peft_merges, write_hf_checkpoint
 
@@ -52,7 +52,7 @@ def test_our_file_loads_in_peft_and_merges_as_peft_merges(tmp_path):
 
     reference = write_hf_checkpoint(tmp_path / "base")
     ours = load_model(tmp_path / "base")
-    add_lora(ours, TARGETS, r=4, alpha=8, use_dora=True)
+    add_dora(ours, TARGETS, r=4, alpha=8)
     randomize_lora_and_magnitude(ours.named_parameters())
     save_adapter(ours, tmp_path / "adapter")
     theirs = PeftModel.from_pretrained(reference, tmp_path / "adapter")
@@ -68,7 +68,7 @@ def test_our_file_loads_in_peft_and_merges_as_peft_merges(tmp_path):
 def test_qdora_magnitude_starts_at_the_dequantized_row_norms(tmp_path):
     write_hf_checkpoint(tmp_path)
     model = load_model(tmp_path, quantize="nf4")
-    add_lora(model, ["q_proj"], r=4, use_dora=True)
+    add_dora(model, ["q_proj"], r=4)
     layer = model.model.layers[0].self_attn.q_proj
     weight = bnb.functional.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state)
     assert_close(layer.lora_magnitude_vector.weight, torch.linalg.norm(weight.float(), dim=1), rtol=0, atol=1e-6)

@@ -16,7 +16,7 @@ import minipeft
 from minipeft import BadInput, add_ept, add_prompt_tuning, load_adapter, load_model, save_adapter
 from minipeft.methods.counting import count_parameters
 from minipeft.methods.ept import LowRankTextUpdate
-from minipeft.methods.table import SHAPES
+from minipeft.tools.methods_table import SHAPES
 from minipeft.llama.loader import build_model
 from tests.helpers import write_hf_checkpoint
 

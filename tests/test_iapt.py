@@ -17,7 +17,7 @@ from minipeft import BadInput, add_iapt, load_adapter, load_model, save_adapter
 from minipeft.llama.loader import build_model
 from minipeft.methods.counting import count_parameters
 from minipeft.methods.iapt import gelu_as_rational
-from minipeft.methods.table import SHAPES
+from minipeft.tools.methods_table import SHAPES
 from minipeft.train.loop import scored_tokens
 from tests.helpers import write_hf_checkpoint
 

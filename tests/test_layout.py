@@ -10,15 +10,17 @@ from minipeft import formats
 PACKAGE = Path(minipeft.__file__).parent
 # Each folder, and the minipeft modules it must never import: the pipeline runs llama -> methods -> formats -> train.
 # serve/ sits on top of them all, and none of them imports it.
-FORBIDDEN = {"llama": ("minipeft.methods", "minipeft.train", "minipeft.formats", "minipeft.serve"),
-             "methods": ("minipeft.train", "minipeft.formats", "minipeft.serve"),
-             "formats": ("minipeft.train", "minipeft.serve"),
-             "train": ("minipeft.serve",)}
+# tools/ stands beside them all, and nothing in them imports it.
+FORBIDDEN = {"llama": ("minipeft.methods", "minipeft.train", "minipeft.formats", "minipeft.serve", "minipeft.tools"),
+             "methods": ("minipeft.train", "minipeft.formats", "minipeft.serve", "minipeft.tools"),
+             "formats": ("minipeft.train", "minipeft.serve", "minipeft.tools"),
+             "train": ("minipeft.serve", "minipeft.tools"),
+             "serve": ("minipeft.tools", "minipeft.cli")}
 
 
-def imported_modules(path: Path) -> set[str]:
+def imported_modules(path: Path, root: Path = None) -> set[str]:
     """Absolute names of every module a file imports, relative imports resolved against its package."""
-    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    package = ".".join(path.relative_to((root or PACKAGE).parent).with_suffix("").parts[:-1])
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -56,6 +58,47 @@ def test_the_import_check_sees_a_back_arrow(tmp_path, monkeypatch):
                                     "llama/model.py imports minipeft.methods.lora",
                                     "llama/model.py imports minipeft.train.loop",
                                     "llama/model.py imports minipeft.train.loop.warmup_cosine"]
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """{module: the package's modules it imports}, at any depth (an import inside a function counts). A module's
+    own parent packages are left out: Python imports them first whatever the module says."""
+    modules = {".".join(path.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__"): path
+               for path in package.rglob("*.py")}
+    return {name: {m for m in imported_modules(path, package) if m in modules and m != name
+                   and not name.startswith(f"{m}.")} for name, path in modules.items()}
+
+
+def import_loops(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import one another, round a loop (strongly connected, more than one)."""
+    reaches = {name: set() for name in graph}
+    for name in graph:
+        todo = list(graph[name])
+        while todo:
+            other = todo.pop()
+            if other not in reaches[name]:
+                reaches[name].add(other)
+                todo += graph[other]
+    groups = {tuple(sorted({name} | {o for o in reaches[name] if name in reaches[o]})) for name in graph
+              if name in reaches[name]}
+    return sorted(list(group) for group in groups)
+
+
+def test_no_import_loops():
+    assert import_loops(import_graph(PACKAGE)) == []
+
+
+def test_the_loop_check_sees_a_loop(tmp_path):
+    """Planted: a function-level import back from serve/ into the command line module, as serve once had."""
+    fake = tmp_path / "minipeft"
+    (fake / "serve").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "cli.py").write_text("from .serve import start\nfrom . import errors\n")
+    (fake / "errors.py").write_text("")
+    (fake / "serve" / "__init__.py").write_text("from .engine import Engine\n\ndef start():\n"
+                                                "    from ..cli import base_for\n")
+    (fake / "serve" / "engine.py").write_text("from .. import errors\n")
+    assert import_loops(import_graph(fake)) == [["minipeft.cli", "minipeft.serve"]]
 
 
 def test_each_method_file_holds_its_method_and_its_format_is_one_entry():

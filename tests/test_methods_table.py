@@ -1,7 +1,7 @@
 """The PEFT lecture notes' table by arithmetic: count_parameters on the meta device equals each method's formula,
 written out here from the papers, for the seed's 24-layer shape and for Llama-7B."""
 
-from minipeft.methods.table import SHAPES, parameter_table
+from minipeft.tools.methods_table import SHAPES, parameter_table
 
 
 def formulas(c) -> dict:

@@ -13,7 +13,7 @@ from tests.helpers import write_hf_checkpoint
 
 ADD = {
     "lora": lambda m, name: minipeft.add_lora(m, ["q", "v", "down"], r=4, name=name),
-    "dora": lambda m, name: minipeft.add_lora(m, ["q", "k", "up"], r=4, use_dora=True, name=name),
+    "dora": lambda m, name: minipeft.add_dora(m, ["q", "k", "up"], r=4, name=name),
     "ia3": lambda m, name: minipeft.add_ia3(m, name=name),
     "bitfit": lambda m, name: minipeft.add_bitfit(m, norms=True, name=name),
     "bottleneck": lambda m, name: minipeft.add_bottleneck_adapters(m, bottleneck_size=8, name=name),

@@ -302,7 +302,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(defau
 
 
 def test_default_model_preparation_is_idempotent_and_redoes_a_half_conversion(tmp_path):
-    from minipeft.llama.default_model import prepare
+    from minipeft.tools.default_model import prepare
 
     target = tmp_path / "smollm2"
     partial = tmp_path / "smollm2.partial"

@@ -74,10 +74,23 @@ def test_every_method_trains_in_the_same_loop(default_weights, code_data, tmp_pa
 
 
 def test_a_flag_the_method_does_not_read_is_refused_by_name(default_weights, code_data, tmp_path):
-    result = train_code("--data", str(code_data), "--out", str(tmp_path), "--method", "prefix", "--r", "4")
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: --r: --method prefix does not use it; it reads --num-prompts")
-    assert len(result.stderr.strip().splitlines()) == 1
+    """Before the base loads: here there is no base at all, and the flag is what is reported."""
+    for method, flag, reads in [("prefix", "--r", "--num-prompts"), ("lora", "--num-prompts", "--targets")]:
+        result = train_code("--data", str(code_data), "--out", str(tmp_path), "--weights", str(tmp_path / "none"),
+                            "--method", method, flag, "4")
+        assert result.returncode == 2
+        assert result.stderr.startswith(f"error: {flag}: --method {method} does not use it; it reads {reads}")
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_scripts_docstrings_name_every_method():
+    import train_code
+    import train_fox
+    from minipeft.train.method_choice import CHOICES
+
+    for script in (train_code, train_fox):
+        listed = script.__doc__.split("--method ", 1)[1].split()[0].rstrip(").").split("|")
+        assert sorted(listed) == sorted(CHOICES), script.__name__
 
 
 def test_each_method_gets_its_own_learning_rate_and_settings_unless_given():

@@ -44,7 +44,11 @@ def test_short_fox_run_writes_report_and_lowers_loss(default_weights, tmp_path):
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
     for args, needle in [(["--num-prompts", "0"], "--num-prompts"), (["--lr", "-1"], "--lr"),
-                         (["--max-steps", "0"], "--max-steps"), (["--weights", str(tmp_path / "nope")], "config.json")]:
+                         (["--max-steps", "0"], "--max-steps"), (["--weights", str(tmp_path / "nope")], "config.json"),
+                         # a flag the method does not read, refused before the (here missing) base would load:
+                         (["--r", "4", "--weights", str(tmp_path / "nope")], "--r: --method prompt does not use it"),
+                         (["--method", "lora", "--num-prompts", "8", "--weights", str(tmp_path / "nope")],
+                          "--num-prompts: --method lora does not use it")]:
         result = run_fox("--out", str(tmp_path / "out"), *args)
         assert result.returncode == 2
         assert needle in result.stderr and "Traceback" not in result.stderr

@@ -3,11 +3,12 @@
     adapter_config.json          {"peft_type": "LORA", ...} or {"peft_type": "PROMPT_TUNING", ...}
     adapter_model.safetensors    the method's tensors, named as peft names them
 
-Each method's keys and tensor names are one entry in peft.py (bottleneck adapters and LoPT, which peft
-lacks, in bottleneck.py and lopt.py); this module finds the entry by `peft_type`, checks that the tensors fit
-the base, and
-writes atomically, so an adapter trained here loads in peft (and the serving stacks that read peft's
-files), and one trained with peft loads here.
+Each method's keys and tensor names are one entry: in peft.py for the methods peft has (LoRA and DoRA,
+prompt tuning, prefix tuning, IA3, BitFit); in a file of its own for those it lacks (bottleneck.py, lopt.py,
+ept.py, iapt.py); alora.py writes a trained ALoRA as peft's LoRA, and task_head.py a trained head beside any
+method (peft's modules_to_save). This module finds the entry by `peft_type`, checks that the tensors fit the
+base, and writes atomically, so an adapter trained here loads in peft (and the serving stacks that read
+peft's files), and one trained with peft loads here.
 
 Several named adapters are saved as peft saves them: "default" in the directory itself, every other
 one in a subdirectory named after it (`runs/both/`, `runs/both/code/`).

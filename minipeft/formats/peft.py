@@ -17,12 +17,12 @@ from typing import Callable
 
 from ..errors import BadInput, refuse_unhonoured, require, require_mapping
 from ..methods.bitfit import BitFitSettings, LinearWithLearnedBias, NormWithLearnedGain, add_bitfit
-from ..methods.dora import DoRALayer
+from ..methods.dora import DoRALayer, add_dora
 from ..methods.ia3 import IA3Layer, IA3Settings, add_ia3
 from ..methods.lora import LoRALayer, LoRASettings, add_lora
 from ..methods.prefix_tuning import LearnedPast, PrefixTuningSettings, add_prefix_tuning
 from ..methods.prompt_tuning import PromptTuningSettings, WordEmbeddingsWithLearnedPrompts, add_prompt_tuning
-from ..methods.placing import adapters_named, linear_names, target_matches
+from ..methods.placing import adapters_named, linear_names, pattern_value, target_matches
 
 PREFIX = "base_model.model."  # in front of every layer name in peft's tensor names
 COMMON = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -80,14 +80,28 @@ LORA_KEYS = Keys(
                   "use_bdlora": None, "arrow_config": None, "kasa_config": None})
 
 
+def lora_patterns(settings: LoRASettings, layers: dict) -> tuple[dict, dict]:
+    """rank_pattern and alpha_pattern for the file: the first add_lora's, and each layer's own r and alpha by its
+    full name where those patterns do not give it (a later add_lora's)."""
+    ranks, alphas = dict(settings.rank_pattern), dict(settings.alpha_pattern)
+    for slot, layer in layers.items():
+        if pattern_value(ranks, slot, settings.r) != layer.r:
+            ranks = {slot: layer.r, **ranks}
+        if pattern_value(alphas, slot, settings.alpha) != layer.alpha:
+            alphas = {slot: layer.alpha, **alphas}
+    return ranks, alphas
+
+
 def write_lora(model, settings: LoRASettings, name):
+    layers = adapters_named(model, name, LoRALayer)
+    rank_pattern, alpha_pattern = lora_patterns(settings, layers)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.r, "lora_alpha": settings.alpha,
               "target_modules": settings.targets, "lora_dropout": settings.dropout, "bias": "none",
               "fan_in_fan_out": False, "modules_to_save": None, "init_lora_weights": True,
-              "rank_pattern": dict(settings.rank_pattern), "alpha_pattern": dict(settings.alpha_pattern),
+              "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
               "use_rslora": settings.use_rslora, "use_dora": settings.use_dora}
     tensors = {}
-    for slot, layer in adapters_named(model, name, LoRALayer).items():
+    for slot, layer in layers.items():
         tensors[f"{PREFIX}{slot}.lora_A.weight"] = layer.lora_A.weight
         tensors[f"{PREFIX}{slot}.lora_B.weight"] = layer.lora_B.weight
         if isinstance(layer, DoRALayer):
@@ -109,7 +123,8 @@ def read_lora(model, config, source, name):
     named_by_list = isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
     if not (named_by_list or isinstance(targets, str)):
         raise BadInput(f"{source}: target_modules should be a regex or a list of module names, got {targets!r}")
-    reported_against(source, add_lora, model, targets, r, alpha, dropout, ranks, alphas, use_rslora, use_dora, name,
+    reported_against(source, add_dora if use_dora else add_lora, model, targets, r, alpha, dropout, ranks, alphas,
+                     use_rslora, name,
                      what=f"target_modules {targets!r} are not all modules of this model (" + "{e})")
     return write_lora(model, settings_of(model, name, LoRASettings), name)[1]
 

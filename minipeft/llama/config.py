@@ -16,7 +16,8 @@ from ..errors import BadInput
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 # Keys read below, besides the dataclass fields.
-READ_ELSEWHERE = ("architectures", "model_type", "rope_parameters", "rope_scaling")
+READ_ELSEWHERE = ("architectures", "model_type", "rope_parameters", "rope_scaling",
+                  "minipeft_merged")  # the last: which adapters `minipeft merge` folded in (bases.py)
 # Keys that change nothing in the forward or backward pass: bookkeeping, initialisation, output options.
 NOT_MATH = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache", "return_dict",
             "output_hidden_states", "output_attentions", "id2label", "label2id", "problem_type", "pad_token_id",

@@ -31,6 +31,9 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed, not learned; older checkpoints store it
 WIDENED = ("model.embed_tokens.weight", "lm_head.weight")  # kept 16-bit beside a 4-bit base (quant.py)
 
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "weights" / "smollm2-135m-instruct"  # the embedded default model
+PREPARE_COMMAND = "python -m minipeft.tools.default_model"  # builds it there (make weights)
+
 
 def set_malloc_mmap_threshold(size: int):
     """Allocations above `size` get their own mmap from glibc, handed back to the OS when freed.

@@ -1,4 +1,13 @@
-"""Next-token cross-entropy through a frozen lm_head, without ever holding a (tokens, vocab) tensor.
+"""Next-token cross-entropy: which positions are scored, and the loss through a frozen lm_head without ever
+holding a (tokens, vocab) tensor.
+
+Which positions: every labelled token (label != -100) at a real position, predicted by the position before it;
+in a packed row (`documents`) nothing is predicted across a document boundary; a document's first token is
+predicted from the last position prepended in front of the text (learned prompts), or not at all, as it would
+be alone; a token that a layer prompt reads (contract 4 of model.py) is not scored. scored_positions says it
+once, for the loss and for counting the loss's terms (scored_count) alike.
+
+The loss:
 
     hidden (N, D) ─► for each chunk of rows:  logits = h W^T                      (chunk, V)
                                               e = exp(logits - max)              in place of the logits
@@ -20,6 +29,8 @@ quant.py): it is then widened a block of rows at a time, which is exact, so no w
 """
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 NUMBERS_AT_A_TIME = 1 << 22  # a narrower weight is widened about this many numbers at a time (16 MB in fp32)
 
@@ -94,3 +105,60 @@ def linear_cross_entropy(hidden, weight, targets, chunk_size=256):
     """Sum over rows of cross_entropy(hidden @ weight.T, targets), for a frozen weight."""
     assert not weight.requires_grad, "linear_cross_entropy computes no gradient for the weight"
     return LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+
+
+def unread(model, labels, real_text):
+    """`labels` with -100 on the text tokens that layer prompts read (contract 4): their loss would be a leak."""
+    prompts = model.model.layer_prompts
+    return labels if prompts is None else labels.masked_fill(prompts.reads(real_text), -100)
+
+
+def scored_positions(labels, real, documents=None):
+    """For labels (B, T) behind P = real.shape[1] - T prepended positions, real (B, P + T) bool and documents
+    (B, T) or None: targets (B, P + T - 1), the token each position predicts; scored (B, P + T - 1) bool; and
+    predictor (B, P + T - 1), the position whose hidden state predicts it (None: the one before it)."""
+    prepended = real.shape[1] - labels.shape[1]
+    targets = F.pad(labels, (prepended, 0), value=-100)[:, 1:]  # position t predicts token t + 1; prepended: none
+    scored = (targets != -100) & real[:, :-1]  # only a real position predicts
+    if documents is None:
+        return targets, scored, None
+    documents = F.pad(documents, (prepended, 0), value=-1)
+    starts = documents[:, 1:] != documents[:, :-1]  # (B, P + T - 1): token t + 1 begins a document
+    if prepended == 0:
+        return targets, scored & ~starts, None
+    predictor = torch.arange(starts.shape[1], device=starts.device).expand_as(starts)
+    predictor = predictor.masked_fill(starts, prepended - 1)  # a document's first token: from the last prepended
+    return targets, (targets != -100) & real.gather(1, predictor), predictor
+
+
+def next_token_loss(model, input_ids=None, labels=None, attention_mask=None, inputs_embeds=None, reduction="mean",
+                    documents=None):
+    """Llama.loss: the mean (or sum) cross-entropy over the scored positions; logits only at those, and through a
+    frozen lm_head only a chunk at a time."""
+    hidden, real = model.model(input_ids, attention_mask, None, inputs_embeds, with_mask=True,
+                               documents=documents)  # (B, P + T, D), (B, P + T)
+    labels = unread(model, labels, real[:, real.shape[1] - labels.shape[1]:])
+    targets, scored, predictor = scored_positions(labels, real, documents)
+    hidden = hidden[:, :-1]
+    if predictor is not None:
+        hidden = hidden.gather(1, predictor[..., None].expand(-1, -1, hidden.shape[-1]))
+    hidden, targets = hidden[scored], targets[scored]  # (N, D), (N,)
+    if isinstance(model.lm_head, nn.Linear) and not model.lm_head.weight.requires_grad:
+        total = linear_cross_entropy(hidden, model.lm_head.weight, targets)
+    else:  # lm_head has its own adapter: the plain way
+        total = F.cross_entropy(model.lm_head(hidden).float(), targets, reduction="sum")
+    return total if reduction == "sum" else total / max(len(targets), 1)
+
+
+@torch.no_grad()
+def scored_count(model, labels, attention_mask=None, documents=None) -> int:
+    """How many terms next_token_loss sums, without running the decoder: only the embedding is asked what it
+    puts in front of an empty text (learned prompts: P positions, and in which rows they are real)."""
+    real_text = attention_mask.bool() if attention_mask is not None else torch.ones_like(labels, dtype=torch.bool)
+    front = model.model.embed_tokens(labels[:, :0])  # (B, P, D), or that and which of the P are real (B, P)
+    front, front_real = front if isinstance(front, tuple) else (front, None)
+    if front_real is None:
+        front_real = torch.ones(front.shape[:2], dtype=torch.bool, device=labels.device)
+    targets, scored, _ = scored_positions(unread(model, labels, real_text), torch.cat([front_real, real_text], 1),
+                                          documents)
+    return int(scored.sum())

@@ -56,7 +56,7 @@ from ..errors import BadInput
 from .config import LlamaConfig
 from .gradient_checkpointing import checkpoint
 from .kv_cache import KVCache
-from .loss import linear_cross_entropy
+from .loss import next_token_loss
 from .masks import causal_padding_mask, document_mask
 from .rotary import apply_rotary, inverse_frequencies, rotary_cos_sin
 
@@ -282,59 +282,10 @@ class Llama(nn.Module):
         # the last position as (B, D): torch multiplies a (B, 1, D) view of it, strided, by copying lm_head's weight
         return self.lm_head(hidden[:, -1])[:, None] if last_only else self.lm_head(hidden)
 
-    def unread(self, labels, real_text):
-        """`labels` with -100 on the text tokens that layer prompts read (contract 4): their loss would be a leak."""
-        prompts = self.model.layer_prompts
-        return labels if prompts is None else labels.masked_fill(prompts.reads(real_text), -100)
-
-    @torch.no_grad()
-    def scored(self, labels, attention_mask=None, documents=None) -> int:
-        """How many positions loss() covers, without running the model: each labelled token, but a row's
-        first token (and in a packed row each document's) only where positions are prepended in front of it
-        (contract 2: the last of them predicts it), and none that a layer prompt reads."""
-        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(labels, dtype=torch.bool)
-        labelled = self.unread(labels, real) != -100  # (B, T)
-        starts = torch.zeros_like(labelled)
-        starts[:, 0] = True
-        if documents is not None:
-            starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
-        front = self.model.embed_tokens(labels.new_zeros(len(labels), 1))  # (B, P + 1, D), and which P are real
-        front, front_real = front if isinstance(front, tuple) else (front, None)
-        prepends = (front_real.any(1) if front_real is not None else torch.full((len(labels),), front.shape[1] > 1,
-                                                                                device=labels.device))
-        return int((labelled & (~starts | prepends[:, None])).sum())
-
     def loss(self, input_ids=None, labels=None, attention_mask=None, inputs_embeds=None, reduction="mean",
              documents=None):
         """Next-token cross-entropy over positions whose label is not -100: their mean, or their sum
-        (`reduction="sum"`, for accumulating micro-batches in which every token weighs the same).
-        In a packed row (`documents`) nothing is predicted across a document boundary: a document's first
-        token is predicted from the last prepended position (learned prompts), or not at all, as it would
-        be alone. So a packed row's sum is the sum of its documents' losses run one by one.
-
-        Logits are built only at labelled positions, and through a frozen lm_head only a chunk at a time
-        (loss.py): a (B, T, vocab) tensor with a 32k-49k vocabulary is never formed."""
-        hidden, real = self.model(input_ids, attention_mask, None, inputs_embeds, with_mask=True,
-                                  documents=documents)  # (B, T', D)
-        prepended = hidden.shape[1] - labels.shape[1]
-        labels = self.unread(labels, real[:, prepended:])  # tokens a layer prompt has read: unscored
-        labels = F.pad(labels, (prepended, 0), value=-100)  # prepended: unscored
-        targets = labels[:, 1:]  # position t predicts token t + 1
-        scored = (targets != -100) & real[:, :-1]  # (B, T'-1): only a real position predicts
-        hidden = hidden[:, :-1]
-        if documents is not None:
-            documents = F.pad(documents, (prepended, 0), value=-1)
-            starts = documents[:, 1:] != documents[:, :-1]  # (B, T'-1): token t + 1 begins a document
-            if prepended == 0:
-                scored &= ~starts
-            else:  # each document's first token is predicted from the last prepended position
-                predictor = torch.arange(hidden.shape[1], device=hidden.device).expand_as(starts)
-                predictor = predictor.masked_fill(starts, prepended - 1)
-                hidden = hidden.gather(1, predictor[..., None].expand(-1, -1, hidden.shape[-1]))
-                scored = (targets != -100) & real.gather(1, predictor)
-        hidden, targets = hidden[scored], targets[scored]  # (N, D), (N,)
-        if isinstance(self.lm_head, nn.Linear) and not self.lm_head.weight.requires_grad:
-            total = linear_cross_entropy(hidden, self.lm_head.weight, targets)
-        else:  # lm_head has its own adapter: the plain way
-            total = F.cross_entropy(self.lm_head(hidden).float(), targets, reduction="sum")
-        return total if reduction == "sum" else total / max(len(targets), 1)
+        (`reduction="sum"`, for accumulating micro-batches in which every token weighs the same). Which
+        positions are scored, in packed rows and behind learned prompts, and how the logits are never all
+        built: loss.py."""
+        return next_token_loss(self, input_ids, labels, attention_mask, inputs_embeds, reduction, documents)

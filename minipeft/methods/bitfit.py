@@ -75,6 +75,12 @@ class NormWithLearnedGain(Wrapper, Mergeable):
         super().__init__()
         self.base_norm = base_norm
         self.weight = nn.Parameter(innermost(base_norm).weight.detach().clone().float())  # (D,): the base's gain
+        self.register_buffer("frozen_gain", None, persistent=False)  # the base's, kept by merge() for unmerge()
+
+    def forward(self, x):
+        if self.enabled and self.rows is None and not self.merged:  # every row is this adapter's: the frozen
+            return self.adapt_output(x, None)                      # norm's output would not be used
+        return super().forward(x)
 
     def adapt_output(self, x, y):
         return functional_call(innermost(self), {"weight": self.weight}, (x,))  # rms_norm(x) * g, g trained

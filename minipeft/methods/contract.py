@@ -7,11 +7,16 @@ for a method that changes a weight, how it folds into that weight.
         def adapt_output(self, x, y): return y + s B A x        the method, as a formula
         def fold(self, sign): W <- W + sign s B A               merge (+1) and unmerge (-1)
 
-A Wrapper sits where the module it wraps was. Its forward runs the wrapped module on the whole batch, once,
-then the method's formula: adapt_input(x), what the wrapped module sees instead of x (IA3 on down_proj:
-l ⊙ x), and adapt_output(x, y), what comes out instead of its output y (LoRA: y + s B A x). In a mixed
-batch the formula runs only over the rows of this wrapper's adapter (named_adapters.py); a method never sees
-rows or other adapters. Every wrapper also has
+A Wrapper sits where the module it wraps was. Its forward is the method's formula around the wrapped module:
+
+    adapt_output(x, inner(adapt_input(x)))
+
+adapt_input(x) is what the wrapped module sees instead of x (IA3 on down_proj: l ⊙ x), adapt_output(x, y)
+what comes out instead of its output y (LoRA: y + s B A x); each passes its input through unless the method
+says otherwise. In a mixed batch the wrapped module runs once over the whole batch and the formula only over
+the rows of this wrapper's adapter (named_adapters.py): adapt_input and adapt_output never see rows or other
+adapters. (A classification head, which changes what every row's output is, refuses a mixed batch:
+task_head.py.) Every wrapper also has
     enabled        False passes the bare base through (minipeft.disabled)
     adapter_name   the named adapter it belongs to ("default")
     rows           which rows of the batch it serves: None for all (set by named_adapters.route)
@@ -29,13 +34,13 @@ import torch.nn as nn
 from ..errors import BadInput
 from .freezing import freeze_base
 from .merging import disabled
-from .named_adapters import filled_on_own_rows, on_own_rows, past_on_own_rows, prepended_on_own_rows, row_mask
-from .placing import (SHORT_NAMES, check_free, check_name, in_slot, innermost, linears_named, pattern_value, place,
-                      record_settings)
+from .named_adapters import filled_on_own_rows, in_mixed_batch, past_on_own_rows, prepended_on_own_rows, row_mask
+from .placing import (PER_LAYER, SHORT_NAMES, check_free, check_name, in_slot, innermost, joined_settings,
+                      linears_named, pattern_value, place, record_settings)
 
 __all__ = ["Wrapper", "Mergeable", "Prepends", "PastWrapper", "LayerPromptsWrapper", "TextOffsetsWrapper",  # inherited
            "matmul_input",  # what its own matmuls take
-           "attach", "linears_named", "SHORT_NAMES", "innermost", "pattern_value", "disabled"]  # its add_X
+           "attach", "linears_named", "SHORT_NAMES", "innermost", "pattern_value", "disabled", "PER_LAYER"]  # its add_X
 
 
 class Wrapper(nn.Module):
@@ -66,15 +71,14 @@ class Wrapper(nn.Module):
 
     def forward(self, x):
         inner = getattr(self, self.wrapped)
-        if self.merged:
+        if self.merged:  # the wrapped module already computes the formula
             self.refuse_training_while_merged()
             return inner(x)
-        if type(self).adapt_input is not Wrapper.adapt_input:
-            x = on_own_rows(self, x, x, lambda x, _: self.adapt_input(x))
-        y = inner(x)
-        if type(self).adapt_output is not Wrapper.adapt_output:
-            y = on_own_rows(self, x, y, self.adapt_output)
-        return y
+        if not self.enabled or self.rows == ():  # the bare base, or a batch with no row of this adapter
+            return inner(x)
+        if self.rows is None:  # every row is this adapter's: the method's formula
+            return self.adapt_output(x, inner(self.adapt_input(x)))
+        return in_mixed_batch(self, x, inner)  # some rows are this adapter's (named_adapters.py)
 
     def refuse_training_while_merged(self):
         trains = [name for name in self.trainable_names if self.get_parameter(name).requires_grad]
@@ -185,6 +189,7 @@ def attach(model, name: str, settings, slots, make_wrapper) -> dict:
     made = {slot: make_wrapper(slot, in_slot(model, slot)) for slot in slots}
     for slot, wrapper in made.items():
         check_free(model, slot, name, wrapper)
+    settings = joined_settings(model, name, settings)  # with an earlier call's on this adapter, if any
     for slot, wrapper in made.items():
         place(model, slot, wrapper, name)
     record_settings(model, name, settings)

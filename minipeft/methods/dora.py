@@ -22,49 +22,58 @@ more tensor, base_model.model.<layer name>.lora_magnitude_vector (out,).
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..llama.quant import dequantize, is_4bit
-from .lora import LoRALayer
-from .contract import innermost
-
-
-def full_precision_weight(base_layer) -> torch.Tensor:
-    """W (out, in) as the layer computes with it: dequantized from a 4-bit base."""
-    return dequantize(base_layer) if is_4bit(base_layer) else base_layer.weight
+from .contract import innermost, matmul_input
+from .lora import LoRALayer, add_lora
 
 
 class MagnitudeVector(nn.Module):
     """m: one learned length per output row, (out,). B = 0 at the start, so m = ||W||_row: an untouched
     adapter changes nothing."""
 
-    def __init__(self, linear: nn.Module):
+    def __init__(self, norms: torch.Tensor):
         super().__init__()
-        with torch.no_grad():
-            self.weight = nn.Parameter(torch.linalg.norm(full_precision_weight(linear).float(), dim=1))
+        self.weight = nn.Parameter(norms.clone())
 
 
 class DoRALayer(LoRALayer):
     trainable_names = (*LoRALayer.trainable_names, "lora_magnitude_vector.weight")
+    use_dora = True
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora=False):
         super().__init__(base_layer, r, alpha, dropout, use_rslora)
-        self.lora_magnitude_vector = MagnitudeVector(innermost(base_layer))  # m: (out,)
+        linear = innermost(base_layer)  # the frozen linear, under any other adapters on it
+        with torch.no_grad():
+            W = dequantize(linear).float() if is_4bit(linear) else linear.weight.float()  # (out, in): this once
+            self.register_buffer("weight_norms_squared", (W * W).sum(1), persistent=False)  # ||W||^2 by rows: (out,)
+        self.lora_magnitude_vector = MagnitudeVector(self.weight_norms_squared.sqrt())  # m: (out,)
+        self.register_buffer("norms_at_merge", None, persistent=False)  # n, kept by merge() for unmerge()
 
     def adapt_output(self, x, y):
         """y = (m / n) ⊙ (W x + s B A x) + bias, from the wrapped layer's output y = W x + bias. With dropout, in
         training, W x is recomputed from the dropped-out x, as peft does."""
-        x = self.dropout(x.to(self.lora_A.weight.dtype))
+        x = self.dropout(matmul_input(x, self.lora_A.weight))
         linear = innermost(self.base_layer)  # the frozen linear, under any other adapters on it
-        weight = full_precision_weight(linear).to(x.dtype)  # W: (out, in)
-        delta = (self.lora_B.weight @ self.lora_A.weight).detach().to(x.dtype)  # B A: (out, in), no gradient
-        n = torch.linalg.norm(weight + self.scaling * delta, dim=1).detach()  # ||W + s B A||_row: (out,)
-        scale = (self.lora_magnitude_vector.weight / n).to(x.dtype)  # m / n: (out,)
-        base = y if linear.bias is None else y - linear.bias  # W x
+        bias = 0 if linear.bias is None else linear.bias
+        Wx = y - bias  # W x: (..., out)
         if self.training and isinstance(self.dropout, nn.Dropout):  # W x from the dropped-out x too
-            base = F.linear(x, weight)
+            Wx = linear(x) - bias
+        scale = self.lora_magnitude_vector.weight / self.row_norms()  # m / n: (out,)
         update = self.lora_B(self.lora_A(x))  # B A x: (..., out)
-        return y + ((scale - 1) * base + scale * self.scaling * update).to(y.dtype)
+        return y + ((scale - 1) * Wx + scale * self.scaling * update).to(y.dtype)
+
+    @torch.no_grad()  # the paper's section 4.3: n changes with B A but passes it no gradient
+    def row_norms(self) -> torch.Tensor:
+        """n = ||W + s B A||_row (out,), without W: n^2 = ||W||^2 + 2 s rowsum(B ⊙ W A^T) + s^2 ||B A||^2 by
+        rows, where W A^T is the frozen linear applied to A's r rows, so a 4-bit W is not dequantized."""
+        linear = innermost(self.base_layer)
+        A, B, s = self.lora_A.weight, self.lora_B.weight, self.scaling  # (r, in), (out, r)
+        with torch.autocast(A.device.type, enabled=False):
+            WAt = (linear(A) - (0 if linear.bias is None else linear.bias)).T.float()  # (out, r)
+        BA = B @ A  # (out, in)
+        squared = self.weight_norms_squared + 2 * s * (B * WAt).sum(1) + s * s * (BA * BA).sum(1)  # (out,)
+        return squared.clamp_min(0).sqrt()
 
     def folded(self, weight, sign: int) -> torch.Tensor:
         """W' = (m / n) ⊙ (W + s B A), keeping n; and back: W = W' n / m - s B A."""
@@ -73,3 +82,9 @@ class DoRALayer(LoRALayer):
             self.norms_at_merge = torch.linalg.norm(weight + delta, dim=1)  # n: (out,)
             return (m / self.norms_at_merge)[:, None] * (weight + delta)
         return weight * (self.norms_at_merge / m)[:, None] - delta
+
+
+def add_dora(model, targets=("q_proj", "k_proj", "v_proj"), r=8, alpha=16, dropout=0.0, rank_pattern=None,
+             alpha_pattern=None, use_rslora=False, name="default") -> int:
+    """add_lora's arguments (lora.py), with DoRALayers: peft's LoRA with use_dora. Returns how many."""
+    return add_lora(model, targets, r, alpha, dropout, rank_pattern, alpha_pattern, use_rslora, name, layer=DoRALayer)

@@ -20,6 +20,7 @@ def base_name(name: str, wrapped_paths: dict) -> str:
 def base_fingerprint(model) -> dict[str, str]:
     """sha256 of every base tensor (4-bit ones as stored, with their scales): to prove they never change."""
     adapter = {id(t) for t in [*adapter_parameters(model).values(), *adapter_state(model).values()]}
+    adapter |= {id(t) for _, m in wrappers(model) for t in m.buffers(recurse=False)}  # a wrapper's own (DoRA's norms)
     slots = slot_names(model)
     wrapped_paths = {f"{name}.{m.wrapped}.": f"{slots[name]}." for name, m in wrappers(model)
                      if getattr(m, "wrapped", None)}

@@ -138,11 +138,11 @@ def add_iapt(model, num_prompts=4, r=16, instruction_tokens=16, seed=0, name="de
     if any(isinstance(m, Prepends) and m.adapter_name == name for m in embedding.modules()):
         raise BadInput(f"add_iapt: adapter {name!r} already puts positions in front of the text; give IAPT its "
                        f"own adapter name (name=...)")
-    torch.manual_seed(seed)  # nn.Linear draws Down's start from the global generator
-    a, b = gelu_as_rational()
-    D = model.config.hidden_size
-    layers = range(model.config.num_hidden_layers)
-    generators = nn.ModuleList(PromptGenerator(D, r, num_prompts, a, b) for _ in layers).to(embedding.weight.device)
+    a, b, D, L = *gelu_as_rational(), model.config.hidden_size, model.config.num_hidden_layers
+    with torch.random.fork_rng(devices=[]):  # nn.Linear draws Down's start from the global generator, put back after
+        torch.manual_seed(seed)
+        generators = nn.ModuleList(PromptGenerator(D, r, num_prompts, a, b) for _ in range(L))
+    generators = generators.to(embedding.weight.device)
     made = attach(model, name, IAPTSettings(num_prompts, r, instruction_tokens),
                   ["model.embed_tokens", "model.layer_prompts"],
                   lambda slot, inner: InstructionPositions(inner, num_prompts) if slot == "model.embed_tokens"

@@ -9,7 +9,7 @@ Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models".
 A starts kaiming-uniform and B at zero, so an untouched adapter changes nothing. Only A and B train:
 r x (in + out) numbers per wrapped layer, 65,536 for a 4096x4096 projection at r=8 (0.4% of it);
 6,291,456 for r=8 on q, k and v of Llama-7B's 32 layers. On a 4-bit base this is QLoRA (Dettmers et
-al. 2023). merge() folds B A into W for inference. `use_dora` adds DoRA's magnitude vector (dora.py).
+al. 2023). merge() folds B A into W for inference. DoRA adds a magnitude vector (dora.py).
 
 On disk (peft's layout): adapter_config.json {"peft_type": "LORA", "r", "lora_alpha", "target_modules",
 "lora_dropout", "rank_pattern", "alpha_pattern", "use_dora", ...} and per wrapped layer
@@ -26,11 +26,12 @@ import torch.nn as nn
 
 from ..errors import BadInput
 from ..llama.quant import dequantize, is_4bit, requantize_
-from .contract import Mergeable, Wrapper, attach, innermost, linears_named, matmul_input, pattern_value
+from .contract import PER_LAYER, Mergeable, Wrapper, attach, innermost, linears_named, matmul_input, pattern_value
 
 
 class LoRALayer(Wrapper, Mergeable):
     trainable_names = ("lora_A.weight", "lora_B.weight")
+    use_dora = False  # DoRA's layer (dora.py) learns each row's magnitude too
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora=False):
         super().__init__()
@@ -72,18 +73,18 @@ class LoRALayer(Wrapper, Mergeable):
 @dataclass
 class LoRASettings:
     """What add_lora was asked for: what its adapter file is written from (formats/peft.py)."""
-    r: int
-    alpha: float
-    dropout: float
-    targets: list | str = field(default_factory=list)  # names or name suffixes, or one full-match regex
-    rank_pattern: dict = field(default_factory=dict)  # layer name or suffix pattern -> r, where it differs from r
-    alpha_pattern: dict = field(default_factory=dict)  # likewise for alpha
+    r: int = field(metadata=PER_LAYER)  # PER_LAYER: a later add_lora may give its layers others
+    alpha: float = field(metadata=PER_LAYER)
+    dropout: float = 0.0
+    targets: list = field(default_factory=list)  # the names asked for (a regex: the names it matched)
+    rank_pattern: dict = field(default_factory=dict, metadata=PER_LAYER)  # layer name or suffix pattern -> r
+    alpha_pattern: dict = field(default_factory=dict, metadata=PER_LAYER)  # likewise for alpha
     use_rslora: bool = False
     use_dora: bool = False
 
 
 def add_lora(model, targets=("q_proj", "k_proj", "v_proj"), r=8, alpha=16, dropout=0.0,
-             rank_pattern=None, alpha_pattern=None, use_rslora=False, use_dora=False, name="default") -> int:
+             rank_pattern=None, alpha_pattern=None, use_rslora=False, name="default", *, layer=LoRALayer) -> int:
     """Wrap every linear that `targets` names in a LoRALayer. Returns how many.
 
     Args:
@@ -91,8 +92,8 @@ def add_lora(model, targets=("q_proj", "k_proj", "v_proj"), r=8, alpha=16, dropo
             names must match, as in peft.
         rank_pattern, alpha_pattern: {name or suffix pattern: r / alpha} for layers that differ.
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
-        use_dora: DoRA, a learned length for every output row (dora.py's DoRALayer).
         name: the adapter these layers belong to (several can share a base: minipeft.set_adapter).
+        layer: the wrapper; DoRA's (dora.add_dora) learns a magnitude too.
     Call it again with other targets to give them their own r and alpha (one dropout for all, as in
     peft's file).
     """
@@ -100,29 +101,13 @@ def add_lora(model, targets=("q_proj", "k_proj", "v_proj"), r=8, alpha=16, dropo
         raise BadInput(f"r: expected a positive integer rank, got {r!r}")
     if not 0 <= dropout < 1:
         raise BadInput(f"dropout: expected a probability in [0, 1), got {dropout!r}")
-    layers, asked = linears_named(model, targets, every_name_must_match=True)
-    ranks = {layer: pattern_value(rank_pattern or {}, layer, r) for layer in layers}
-    alphas = {layer: pattern_value(alpha_pattern or {}, layer, alpha) for layer in layers}
-    settings = getattr(model, "adapter_settings", {}).get(name, {}).get(LoRASettings)  # an earlier call's
-    settings = settings or LoRASettings(r, alpha, dropout, [], dict(rank_pattern or {}), dict(alpha_pattern or {}),
-                                        use_rslora, use_dora)
-    if (dropout, use_rslora, use_dora) != (settings.dropout, settings.use_rslora, settings.use_dora):
-        raise BadInput(f"dropout / use_rslora / use_dora: {dropout} / {use_rslora} / {use_dora} differ from this "
-                       f"model's other LoRA layers ({settings.dropout} / {settings.use_rslora} / "
-                       f"{settings.use_dora}); the adapter file holds one")
-    kind = dora.DoRALayer if use_dora else LoRALayer
-    attach(model, name, settings, layers,
-           lambda layer, base: kind(base, ranks[layer], alphas[layer], dropout, use_rslora))
-    for layer in layers:  # what the file will say: a later call's own r and alpha, as patterns
-        if pattern_value(settings.rank_pattern, layer, settings.r) != ranks[layer]:
-            settings.rank_pattern = {layer: ranks[layer], **settings.rank_pattern}
-        if pattern_value(settings.alpha_pattern, layer, settings.alpha) != alphas[layer]:
-            settings.alpha_pattern = {layer: alphas[layer], **settings.alpha_pattern}
-    settings.targets = sorted(set(settings.targets) | set(asked))
-    return len(layers)
-
-
-from . import dora  # noqa: E402  DoRA is a LoRA option, and its layer a LoRALayer: dora.py imports this file
+    slots, asked = linears_named(model, targets, every_name_must_match=True)
+    settings = LoRASettings(r, alpha, dropout, asked, dict(rank_pattern or {}), dict(alpha_pattern or {}),
+                            use_rslora, layer.use_dora)
+    attach(model, name, settings, slots, lambda slot, base: layer(base, pattern_value(settings.rank_pattern, slot, r),
+                                                                  pattern_value(settings.alpha_pattern, slot, alpha),
+                                                                  dropout, use_rslora))
+    return len(slots)
 
 
 def lora_layers(model) -> dict[str, LoRALayer]:

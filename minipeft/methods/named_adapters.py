@@ -4,7 +4,7 @@
     batch rows:  0 "fox"   1 "code"   2 None (the bare base)   3 "code"
 
     y = W x                          the frozen base, once, over the whole batch (the innermost module)
-    y[rows of fox]  += fox's update  each adapter only over its own rows (on_own_rows)
+    y[rows of fox]  += fox's update  each adapter only over its own rows (in_mixed_batch)
     y[rows of code] += code's update
 
 Adapters are stacked on a slot, each single-adapter as its method file writes it; since a row has one
@@ -51,9 +51,17 @@ def row_index(module, batch_size: int, device):
     return torch.tensor(module.rows, dtype=torch.long, device=device)
 
 
+def in_mixed_batch(module, x, inner):
+    """A wrapper's output when some rows of the batch are its adapter's: the wrapped module `inner` runs once, over
+    the whole batch; adapt_input and adapt_output only over the rows this adapter serves, and the other rows
+    get what `inner` gives them. x: (B, ..., in)."""
+    rows = row_index(module, x.shape[0], x.device)
+    y = inner(x.index_copy(0, rows, module.adapt_input(x[rows]).to(x.dtype)))  # (B, ..., out)
+    return y.index_copy(0, rows, module.adapt_output(x[rows], y[rows]).to(y.dtype))
+
+
 def on_own_rows(module, x, y, adapt):
-    """A wrapper's output: adapt(x, y) in the rows its adapter serves, the output y of what it wraps in the
-    others. Only the served rows are computed. x: (B, ..., in), y: (B, ..., out)."""
+    """adapt(x, y) in the rows a wrapper serves, y in the others: only the served rows are computed."""
     if not module.enabled:
         return y
     rows = row_index(module, x.shape[0], x.device)

@@ -7,6 +7,7 @@ Each method records what it was asked for (a small settings dataclass) in
 """
 
 import re
+from dataclasses import fields, replace
 
 import torch.nn as nn
 
@@ -109,6 +110,27 @@ def place(model, slot: str, wrapper, adapter_name: str):
 def check_name(name):
     if not isinstance(name, str) or not name:
         raise BadInput(f"name: expected a non-empty adapter name, got {name!r}")
+
+
+PER_LAYER = {"per_layer": True}  # a settings field that the wrappers hold, each its own: field(metadata=PER_LAYER)
+
+
+def joined_settings(model, name: str, settings):
+    """What an adapter file will say after another call of one method on one adapter (LoRA on other layers):
+    the targets of both; the first call's PER_LAYER settings (the wrappers hold their own); any other setting
+    must be the same in both, as the file holds one. The first call's settings as they are."""
+    earlier = getattr(model, "adapter_settings", {}).get(name, {}).get(type(settings))
+    if earlier is None:
+        return settings
+    joined = {}
+    for field in fields(settings):
+        new, old = getattr(settings, field.name), getattr(earlier, field.name)
+        if isinstance(new, list):
+            joined[field.name] = old + [item for item in new if item not in old]
+        elif not field.metadata.get("per_layer") and new != old:
+            raise BadInput(f"{field.name}: {new!r} differs from {old!r}, what adapter {name!r} was given before; "
+                           f"its adapter file holds one (give the new layers another name=)")
+    return replace(earlier, **joined)
 
 
 def record_settings(model, name: str, settings):

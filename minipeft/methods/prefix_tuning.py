@@ -33,7 +33,7 @@ from .contract import PastWrapper, attach, disabled
 
 class LearnedPast(PastWrapper):
     """P learned keys and values for every layer: called with the batch size, returns them per layer."""
-    trainable_names, wrapped = ("embedding.weight",), "inner"  # with a projection: the MLP's tensors too
+    wrapped = "inner"
 
     def __init__(self, num_prompts, num_layers, kv_heads, head_dim, projection_hidden=None):
         super().__init__()
@@ -49,7 +49,7 @@ class LearnedPast(PastWrapper):
                                            nn.Linear(projection_hidden, flat))
         else:
             self.embedding = nn.Embedding(num_prompts, flat)
-        self.trainable_names = tuple(name for name, _ in self.named_parameters())
+        self.trainable_names = tuple(name for name, _ in self.named_parameters())  # embedding (and the MLP)
         self.inner = None  # another adapter's learned past, when several share the base
 
     def prompt_embeddings(self) -> torch.Tensor:
@@ -106,9 +106,10 @@ def add_prefix_tuning(model, num_prompts=20, projection_hidden=None, init=None, 
                        f"got {init!r}")
     config = model.config
     device = model.model.norm.weight.device
-    torch.manual_seed(seed)  # nn.Embedding and nn.Linear draw their starting values from the global generator
-    past = LearnedPast(num_prompts, config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
-                       projection_hidden).to(device)
+    with torch.random.fork_rng(devices=[]):  # nn.Embedding and nn.Linear draw from the global generator: seeded
+        torch.manual_seed(seed)               # here, and put back as it was after
+        past = LearnedPast(num_prompts, config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
+                           projection_hidden).to(device)
     with torch.no_grad():
         last = past.transform[-1] if projection_hidden else past.embedding
         if init == "zero":

@@ -20,8 +20,9 @@ import threading
 from pathlib import Path
 
 from .. import formats
+from ..bases import base_for, check_adapters, load_base, parse_adapters
 from ..errors import BadInput
-from ..llama.default_model import DEFAULT_DIR
+from ..llama.loader import DEFAULT_DIR
 from .access import KEY_VARIABLE, Access
 from .api import Api
 from .engine import Engine
@@ -58,9 +59,8 @@ def add_serve_command(commands):
 def start(args):
     """Load the base and adapters; make the engine and the HTTP server (not yet running). Returns (server, engine):
     run `server.serve_forever` on a thread of its own, and `engine.run` on the main thread (engine.py says why)."""
-    from ..cli import base_for, load_base, parse_adapters
-
     adapters = parse_adapters(args.adapter)
+    check_adapters(args.weights, adapters)  # before the long load
     if args.max_batch < 1 or args.max_waiting < 1:
         raise BadInput("--max-batch and --max-waiting must be 1 or more")
     limits = Limits.from_args(args)

@@ -22,8 +22,7 @@ from ..methods.fingerprints import base_fingerprint
 from ..methods.freezing import adapter_parameters
 from ..methods.named_adapters import delete_adapter, set_adapter
 from ..train.batches import pad_batch
-from ..train.data import Filters, load_corpus
-from ..train.fox import TARGET
+from ..train.data import FOX_TARGET, Filters, load_corpus
 from ..train.loop import accumulate_gradients, clip_and_check
 from ..train.method_choice import CHOICES, FLAGS, between_steps, choose_method
 
@@ -73,7 +72,7 @@ class TuneJob:
         if self.task == "examples":
             self.rows = [example_ids(tokenizer, e["prompt"], e["completion"]) for e in self.examples]
         elif self.task == "fox":
-            ids = tokenizer.encode(TARGET)
+            ids = tokenizer.encode(FOX_TARGET)
             self.rows = [(ids, ids)]
         else:  # code: the interpreter's standard library, as train_code.py reads it by default
             texts = [text for _, text in load_corpus(filters=Filters(max_chars=2048)).train]

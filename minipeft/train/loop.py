@@ -12,6 +12,7 @@ import resource
 import torch
 
 from ..errors import BadInput
+from ..llama.loss import scored_count
 from ..progress import Progress
 from .batches import pad_batch
 from .distributed import World, total
@@ -27,10 +28,10 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 def scored_tokens(labels, documents=None, model=None, mask=None) -> int:
     """How many positions a batch's loss covers: each predicts the next token, where it is labelled, and
-    in a packed row only within a document. With a `model`, as its loss counts (Llama.scored): a method's
+    in a packed row only within a document. With a `model`, as its loss counts (llama/loss.py): a method's
     prepended positions predict the first token, and a token its method reads is not scored."""
     if model is not None:
-        return model.scored(labels, mask, documents)
+        return scored_count(model, labels, mask, documents)
     scored = labels[:, 1:] != -100
     if documents is not None:
         scored &= documents[:, 1:] == documents[:, :-1]

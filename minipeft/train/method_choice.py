@@ -14,6 +14,7 @@ from ..llama.quant import decoded_weights
 from ..methods.alora import add_alora, reallocate
 from ..methods.bitfit import BLOCK_LINEARS, add_bitfit
 from ..methods.bottleneck import add_bottleneck_adapters
+from ..methods.dora import add_dora
 from ..methods.ept import add_ept
 from ..methods.ia3 import add_ia3
 from ..methods.iapt import add_iapt
@@ -33,9 +34,8 @@ class Choice:
     lr: dict  # task -> AdamW learning rate, found by bench/methods.py
 
 
-def lora(model, s, seed, name, use_dora=False):
-    add_lora(model, s["targets"].split(","), r=s["r"], alpha=s["alpha"], dropout=s["dropout"], use_dora=use_dora,
-             name=name)
+def lora(model, s, seed, name, add=add_lora):
+    add(model, s["targets"].split(","), r=s["r"], alpha=s["alpha"], dropout=s["dropout"], name=name)
 
 
 # dropout 0, as peft's LoraConfig: on CPU a dropout mask's random numbers took a quarter of `make code`'s step (0.6 of
@@ -43,7 +43,7 @@ def lora(model, s, seed, name, use_dora=False):
 LORA_SETTINGS = {"targets": LORA_TARGETS, "r": 8, "alpha": 16, "dropout": 0.0}
 CHOICES = {  # add(model, settings, seed, name): `name` is the adapter's (named_adapters.py)
     "lora": Choice(lora, LORA_SETTINGS, {"code": 1e-3, "fox": 1e-2}),
-    "dora": Choice(lambda m, s, seed, name: lora(m, s, seed, name, use_dora=True), LORA_SETTINGS,
+    "dora": Choice(lambda m, s, seed, name: lora(m, s, seed, name, add=add_dora), LORA_SETTINGS,
                    {"code": 1e-3, "fox": 1e-2}),
     "ia3": Choice(lambda m, s, seed, name: add_ia3(m, s["targets"].split(","), name=name),
                   {"targets": "k_proj,v_proj,down_proj"}, {"code": 1e-2, "fox": 5e-2}),
@@ -113,6 +113,14 @@ def add_method_arguments(parser, default_method):
 def choose_method(model, args, task: str, name="default"):
     """Put args.method on the model, as adapter `name`; fill args with the settings and learning rate it used.
     Returns them."""
+    settings = method_settings(args, task)
+    CHOICES[args.method].add(model, settings, args.seed, name)
+    return settings
+
+
+def method_settings(args, task: str) -> dict:
+    """args.method's settings, its defaults filled in (and in args, with its learning rate for `task`): flags it does
+    not read are refused, before any weights load."""
     choice = CHOICES[args.method]
     unread = [flag for flag in FLAGS if getattr(args, flag) is not None and flag not in choice.settings]
     if unread:
@@ -130,7 +138,6 @@ def choose_method(model, args, task: str, name="default"):
         setattr(args, flag, value)
     if args.lr is None:
         args.lr = choice.lr[task]
-    choice.add(model, settings, args.seed, name)
     return settings
 
 

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import BadInput
 from ..files import write_atomically
-from ..llama.default_model import DEFAULT_DIR, PREPARE_COMMAND
+from ..llama.loader import DEFAULT_DIR, PREPARE_COMMAND
 from ..methods.named_adapters import wrappers
 from ..methods.prompt_tuning import nearest_tokens
 

@@ -2,7 +2,7 @@
 numbers each method trains, counted by `count_parameters` on models built on the meta device (no weights,
 no memory).
 
-    python -m minipeft.methods.table
+    python -m minipeft.tools.methods_table
 
 The notes: "Suppose we have a transformer with 350M parameters and 24 layers": prompt tuning (20 tokens)
 15k (0.006%), adapters (dim 64) 6M (2%), LoRA (dim 8) 0.8M (0.22%), BitFit 0.32M (0.09%). Its shape
@@ -11,18 +11,19 @@ here is a Llama of hidden size 1024 and 24 layers (341M with a tied 32k vocabula
 
 from ..llama.config import LlamaConfig
 from ..llama.loader import build_model
-from .alora import add_alora
-from .bitfit import add_bitfit
-from .bottleneck import add_bottleneck_adapters
-from .ept import add_ept
-from .iapt import add_iapt
-from .ia3 import add_ia3
-from .lopt import add_lopt
-from .lora import add_lora
-from .plug_and_play import add_plug_and_play
-from .prefix_tuning import add_prefix_tuning
-from .prompt_tuning import add_prompt_tuning
-from .counting import count_parameters
+from ..methods.alora import add_alora
+from ..methods.bitfit import add_bitfit
+from ..methods.bottleneck import add_bottleneck_adapters
+from ..methods.dora import add_dora
+from ..methods.ept import add_ept
+from ..methods.iapt import add_iapt
+from ..methods.ia3 import add_ia3
+from ..methods.lopt import add_lopt
+from ..methods.lora import add_lora
+from ..methods.plug_and_play import add_plug_and_play
+from ..methods.prefix_tuning import add_prefix_tuning
+from ..methods.prompt_tuning import add_prompt_tuning
+from ..methods.counting import count_parameters
 
 SHAPES = {
     "the lecture's 350M, 24 layers": LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
@@ -51,7 +52,7 @@ ROWS = [
     ("ALoRA, r = 8, 5 rounds", "q_proj and v_proj of every layer; 8 ranks open a layer on average, moved by AB-LoRA",
      lambda m: add_alora(m, ["q_proj", "v_proj"], r=8, rounds=5)),
     ("DoRA, r = 8", "q_proj and v_proj of every layer, plus a magnitude per output row",
-     lambda m: add_lora(m, ["q_proj", "v_proj"], r=8, use_dora=True)),
+     lambda m: add_dora(m, ["q_proj", "v_proj"], r=8)),
     ("IA3", "k_proj and v_proj outputs, down_proj inputs, every layer", lambda m: add_ia3(m)),
     ("BitFit", "a bias on all seven linears of every layer, and every norm's gain",
      lambda m: add_bitfit(m, norms=True)),

