@@ -188,3 +188,29 @@ def test_peft_is_named_in_method_files_only_in_prose():
     assert {w for w in code_words('"""As in peft."""\nx = peft_key  # as peft\n') if "peft" in w} == {"peft_key"}
     for path in (PACKAGE / "methods").glob("*.py"):
         assert {w for w in code_words(path.read_text()) if "peft" in w.lower()} == set(), path.name
+
+
+METHOD_FILES_OF = {"prompt tuning": ["prompt_tuning"], "LoPT": ["lopt", "prompt_tuning"],
+                   "EPT": ["ept", "prompt_tuning"], "IAPT": ["iapt"], "prefix tuning": ["prefix_tuning"],
+                   "LoRA": ["lora"], "DoRA": ["dora", "lora"], "ALoRA": ["alora", "lora"], "IA3": ["ia3"],
+                   "BitFit": ["bitfit"], "bottleneck": ["bottleneck"]}
+SHARED = {"add": {"contract", "placing", "freezing", "named_adapters", "merging"},
+          "forward": {"contract", "named_adapters", "placing"},
+          "merge": {"merging", "contract", "named_adapters"}}
+
+
+def test_what_a_reader_follows_for_each_method_is_its_file_and_the_shared_ones():
+    """README's claim, measured by tracing (bench/reading_paths.py): add_X, the forward and merge run the method's
+    own file(s) and the shared files named in SHARED, nothing else outside llama/; and LoRA's forward on a batch of
+    one adapter reaches its formula in two steps (Wrapper.forward, then adapt_output)."""
+    sys.path.insert(0, str(PACKAGE.parent / "bench"))
+    import reading_paths
+
+    for name, add in reading_paths.methods().items():
+        found = reading_paths.paths(name, add)
+        for step, shared in SHARED.items():
+            files = {Path(f).stem for f in found.get(step, ({}, 0))[0]}
+            assert files <= shared | set(METHOD_FILES_OF[name]), (name, step, files)
+    forward = reading_paths.paths("LoRA", reading_paths.methods()["LoRA"])["forward"][0]
+    assert forward == {"methods/contract.py": ["Wrapper.forward", "Wrapper.adapt_input", "matmul_input"],
+                       "methods/lora.py": ["LoRALayer.adapt_output"]}
