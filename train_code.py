@@ -21,25 +21,14 @@ from pathlib import Path
 import torch
 
 import minipeft
+from minipeft import train  # the training side's pieces (minipeft/train/): train.Batches, ...
 from minipeft.errors import ArgumentParser, BadInput, run_cli
-from minipeft.llama.loader import DEFAULT_DIR
-from minipeft.llama.loader import check_device
-from minipeft.methods.fingerprints import fingerprint_digest
-from minipeft.train.batches import Batches, pack_rows, pad_batch
-from minipeft.train.data import Filters, describe, load_corpus
-from minipeft.train.distributed import DataParallelLoss, start_processes, world_from_environment
-from minipeft.train.loop import (accumulate_gradients, clip_and_check, compute_dtype, heldout_loss, micro_batch_seed,
-                                 peak_memory_mb, warmup_cosine)
-from minipeft.train.method_choice import (CHOICES, FLAGS, add_method_arguments, between_steps, choose_method,
-                                         method_settings)
-from minipeft.train.reporting import check_positive, check_weights, plot_losses, write_report, write_samples
-from minipeft.train.run import Run, check_resume
-from minipeft.train.run_state import CHECKPOINT_FILE, checkpoint_settings
+from minipeft.llama.loader import DEFAULT_DIR, check_device
 
 PROMPTS = ["", "import", "from", "while", "try", "if", "for", "torch"]
 # Every setting that changes the result: a resume with any of them changed is refused by name.
 # Under torchrun the number of processes may change, as long as processes x --accum (micro_batches_per_step) does not.
-RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "method", *FLAGS, "lr", "seq_len", "batch", "warmup",
+RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "method", *train.FLAGS, "lr", "seq_len", "batch", "warmup",
                      "seed", "dtype", "no_4bit", "device", "max_chars", "no_packing", "heldout_max", "compile")
 RESUME_MAY_GROW = ("max_steps",)  # a longer run: the cosine schedule stretches to the new end
 
@@ -56,7 +45,7 @@ def build_parser():
     add("--lr", type=float, help="peak AdamW learning rate (default: the method's; 1e-3 for lora)")
     add("--warmup", type=int, help="linear warmup steps before cosine decay; more than --max-steps are cut to it "
                                    "(default: 10, or --max-steps if fewer; on --resume, the checkpoint's)")
-    add_method_arguments(parser, default_method="lora")
+    train.add_method_arguments(parser, default_method="lora")
     add("--seq-len", type=int, default=512, help="tokens per packed row, and the most kept of a sample: longer ones "
                                                  "are cut (default: %(default)s)")
     add("--batch", type=int, default=1, help="rows per micro-batch (default: %(default)s)")
@@ -103,26 +92,26 @@ def code_samples(corpus, args, tokenizer, seq_len, separator):
 
 
 def check_arguments(args):
-    check_positive(max_steps=args.max_steps, seq_len=args.seq_len, batch=args.batch, accum=args.accum,
+    train.check_positive(max_steps=args.max_steps, seq_len=args.seq_len, batch=args.batch, accum=args.accum,
                    save_every=args.save_every, new_tokens=args.new_tokens,
                    **({"lr": args.lr} if args.lr is not None else {}))
     for name in ("warmup", "heldout_max"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise BadInput(f"--{name.replace('_', '-')}: expected a value >= 0, got {getattr(args, name)}")
-    method_settings(copy(args), task="code")  # a flag the method does not read
-    check_weights(args.weights)
+    train.method_settings(copy(args), task="code")  # a flag the method does not read
+    train.check_weights(args.weights)
     device = check_device(args.device)
-    world = world_from_environment()  # under torchrun: this process's place
-    args.dtype = compute_dtype(args.dtype, device)  # recorded resolved: a resume elsewhere must compute the same
+    world = train.world_from_environment()  # under torchrun: this process's place
+    args.dtype = train.compute_dtype(args.dtype, device)  # recorded resolved: a resume elsewhere must compute the same
     args.warmup = resolved_warmup(args)
-    corpus = load_corpus(args.data, Filters(max_chars=args.max_chars), heldout_sources=args.heldout_data)
+    corpus = train.load_corpus(args.data, train.Filters(max_chars=args.max_chars), heldout_sources=args.heldout_data)
     if args.method == "iapt" and not args.no_packing:  # its soft tokens summarise one instruction a row
         print("note: --method iapt reads one instruction a row, so a row holds one sample (as --no-packing)")
         args.no_packing = True
     settings = {**{k: getattr(args, k) for k in RESUME_MUST_MATCH + RESUME_MAY_GROW},
                 "micro_batches_per_step": world.size * args.accum}
-    out = check_resume(args.out, world, args.resume, settings, RESUME_MAY_GROW)
-    run = Run(out, world, start_processes(world, device), args.save_every, RESUME_MAY_GROW)
+    out = train.check_resume(args.out, world, args.resume, settings, RESUME_MAY_GROW)
+    run = train.Run(out, world, train.start_processes(world, device), args.save_every, RESUME_MAY_GROW)
     return run, settings, corpus
 
 
@@ -134,8 +123,8 @@ def resolved_warmup(args) -> int:
         return args.max_steps
     if args.warmup is not None:
         return args.warmup
-    if args.resume and (Path(args.out) / CHECKPOINT_FILE).is_file():  # (its absence is refused by check_resume)
-        saved = checkpoint_settings(Path(args.out) / CHECKPOINT_FILE).get("warmup")
+    if args.resume and (Path(args.out) / train.CHECKPOINT_FILE).is_file():  # (its absence is refused by check_resume)
+        saved = train.checkpoint_settings(Path(args.out) / train.CHECKPOINT_FILE).get("warmup")
         if isinstance(saved, int):
             return saved
     return min(10, args.max_steps)
@@ -157,28 +146,29 @@ def main():
     seq_len = min(args.seq_len, model.config.max_position_embeddings)
     if seq_len < args.seq_len:
         print(f"warning: --seq-len {args.seq_len} is beyond the model's context of {seq_len} tokens; using {seq_len}")
-    print(describe(corpus))
-    train, heldout = code_samples(corpus, args, tokenizer, seq_len, separator)
+    print(train.describe(corpus))
+    train_rows, heldout = code_samples(corpus, args, tokenizer, seq_len, separator)
     if args.method == "alora" and not heldout:
         raise BadInput("--heldout-max: --method alora scores its ranks on held-out samples, and there are none")
 
     # 2. Wrap: LoRA on q, k, v and the MLP by default (any --method: train/method_choice.py); checkpointing on.
     if args.method == "lora":  # the lesson's own line
-        settings_used = method_settings(args, task="code")  # r 8, alpha 16, or as the flags say
+        settings_used = train.method_settings(args, task="code")  # r 8, alpha 16, or as the flags say
         minipeft.add_lora(model, args.targets.split(","), r=args.r, alpha=args.alpha, dropout=args.dropout)
     else:
-        settings_used = choose_method(model, args, task="code")
+        settings_used = train.choose_method(model, args, task="code")
     print(f"{args.method}: {settings_used}, lr {args.lr}, {args.dtype}, "
           f"{'one sample per row' if args.no_packing else f'packed rows of {seq_len} tokens'}")
     minipeft.enable_checkpointing(model)
     minipeft.compile_blocks(model, enabled=args.compile)
     params = minipeft.count_parameters(model, verbose=True)
-    parallel = DataParallelLoss(model, world)  # with one process: model.loss, no more
+    parallel = train.DataParallelLoss(model, world)  # with one process: model.loss, no more
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.warmup, args.max_steps))
-    batches = Batches(train, args.batch, args.seed)
-    settings["base_fingerprint"] = fingerprint_digest(fingerprint)
+    schedule = lambda step: train.warmup_cosine(step, args.warmup, args.max_steps)  # the learning rate's factor
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    batches = train.Batches(train_rows, args.batch, args.seed)
+    settings["base_fingerprint"] = train.fingerprint_digest(fingerprint)
 
     # 3. Before training (or what the interrupted run measured then): the bare base.
     state = (model, optimizer, scheduler, batches, settings)
@@ -187,7 +177,7 @@ def main():
     else:
         model.eval()
         with autocast(), minipeft.disabled(model):  # learned prompts would count from their start
-            before = {"heldout_loss": heldout_loss(model, heldout, device, world=world, progress="held-out loss"),
+            before = {"heldout_loss": train.heldout_loss(model, heldout, device, world=world, progress="held-out loss"),
                       "samples": generations(model, tokenizer, separator, args.new_tokens, args.seed, "before")
                       if world.main and not args.no_samples else None}
         if before["heldout_loss"] is not None:
@@ -202,16 +192,17 @@ def main():
             rows = [batches.next() if args.no_packing else batches.next_packed(seq_len)
                     for _ in range(world.size * args.accum)]
             mine = range(world.rank, len(rows), world.size)
-            micro_batches = [(pad_batch if args.no_packing else pack_rows)(rows[i], device) for i in mine]
-            seeds = [micro_batch_seed(args.seed, run.step, i) for i in mine]  # dropout: the same for any world size
-            step_loss, step_tokens = accumulate_gradients(model, micro_batches, autocast, parallel, seeds)
-            clip_and_check(step_loss, trainable, run.step + 1)
+            micro_batches = [(train.pad_batch if args.no_packing else train.pack_rows)(rows[i], device) for i in mine]
+            seeds = [train.micro_batch_seed(args.seed, run.step, i) for i in mine]  # dropout: alike for any world size
+            step_loss, step_tokens = train.accumulate_gradients(model, micro_batches, autocast, parallel, seeds)
+            train.clip_and_check(step_loss, trainable, run.step + 1)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             run.record(step_loss, step_tokens, scheduler.get_last_lr()[0], args.max_steps)
             with autocast():  # ALoRA: rounds from --realloc-start, every --realloc-every steps; 4 held-out samples
-                said = between_steps(model, args, run.step, optimizer, lambda: heldout_loss(model, heldout[:4], device))
+                scoring_loss = lambda: train.heldout_loss(model, heldout[:4], device)
+                said = train.between_steps(model, args, run.step, optimizer, scoring_loss)
             if said and world.main:
                 print(said)
     run.end_if_interrupted(parallel)
@@ -219,20 +210,20 @@ def main():
     # 5. After: the same held-out set and prompts, the adapter, the report (rank 0).
     model.eval()
     with autocast():
-        loss_after = heldout_loss(model, heldout, device, world=world, progress="held-out loss")
+        loss_after = train.heldout_loss(model, heldout, device, world=world, progress="held-out loss")
         parallel.close()
         if not world.main:
             return
         after = (generations(model, tokenizer, separator, args.new_tokens, args.seed, "after")
                  if before["samples"] and not args.no_samples else None)
     minipeft.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.weights))
-    report(args, run, params, before, loss_after, after, corpus, len(train), len(heldout), settings,
+    report(args, run, params, before, loss_after, after, corpus, len(train_rows), len(heldout), settings,
            base_unchanged=minipeft.base_fingerprint(model) == fingerprint)
 
 
 def method_settings_used(args) -> dict:
     """The method's settings as it ran (its defaults filled in by choose_method)."""
-    return {flag: getattr(args, flag) for flag in CHOICES[args.method].settings}
+    return {flag: getattr(args, flag) for flag in train.CHOICES[args.method].settings}
 
 
 def report(args, run, params, before, loss_after, after, corpus, train_samples, heldout_samples, settings,
@@ -244,7 +235,7 @@ def report(args, run, params, before, loss_after, after, corpus, train_samples, 
         print(f"held-out loss: before {before['heldout_loss']:.4f} -> after {loss_after:.4f} "
               f"(perplexity {math.exp(before['heldout_loss']):.2f} -> {math.exp(loss_after):.2f})")
     if after:
-        write_samples(out / "samples.md", [(p, mode, before["samples"][mode][i], after[mode][i])
+        train.write_samples(out / "samples.md", [(p, mode, before["samples"][mode][i], after[mode][i])
                                            for i, p in enumerate(PROMPTS) for mode in ("greedy", "sampled")])
         wrote.append(out / "samples.md")
         for prompt, text in zip(PROMPTS, after["greedy"]):
@@ -253,16 +244,16 @@ def report(args, run, params, before, loss_after, after, corpus, train_samples, 
     result = {"model": str(args.weights), "method": args.method, **params, "steps": run.step,
               "tokens_seen": run.tokens_seen, "seconds": round(run.seconds, 1),
               "tokens_per_second": run.tokens_seen / max(run.seconds, 1e-9),
-              "peak_memory_mb": round(peak_memory_mb(run.device), 1), "device": str(run.device),
+              "peak_memory_mb": round(train.peak_memory_mb(run.device), 1), "device": str(run.device),
               "heldout_loss_before": before["heldout_loss"], "heldout_loss_after": loss_after,
               "heldout_perplexity_before": perplexity(before["heldout_loss"]),
               "heldout_perplexity_after": perplexity(loss_after), "heldout_samples": heldout_samples,
               "train_samples": train_samples, "data_counts": dict(corpus.counts),
               "settings": {**settings, **method_settings_used(args), "lr": args.lr},
               "base_unchanged": base_unchanged}
-    write_report(out / "report.json", result)
-    if plot_losses(out / "loss.png", {"train": ([m["step"] for m in run.metrics], [m["loss"] for m in run.metrics])},
-                   f"code: {args.method}"):
+    train.write_report(out / "report.json", result)
+    steps, losses = [m["step"] for m in run.metrics], [m["loss"] for m in run.metrics]
+    if train.plot_losses(out / "loss.png", {"train": (steps, losses)}, f"code: {args.method}"):
         wrote.append(out / "loss.png")
     print(f"wrote {', '.join(str(path) for path in wrote if path.exists())}; base unchanged: {base_unchanged}")
 

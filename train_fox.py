@@ -17,15 +17,9 @@ from pathlib import Path
 import torch
 
 import minipeft
+from minipeft import train  # the training side's pieces (minipeft/train/): train.Batches, ...
 from minipeft.errors import ArgumentParser, run_cli
-from minipeft.llama.loader import DEFAULT_DIR
-from minipeft.llama.loader import check_device
-from minipeft.train.data import FOX_PROMPT as PROMPT, FOX_TARGET as TARGET, FOX_VARIANTS as VARIANTS
-from minipeft.train.distributed import (DataParallelLoss, collective_failure, start_processes,
-                                        world_from_environment)
-from minipeft.train.method_choice import add_method_arguments, between_steps, choose_method, method_settings
-from minipeft.train.reporting import (check_positive, check_weights, plot_losses, prepare_output_dir,
-                                      prompt_neighbours, write_report)
+from minipeft.llama.loader import DEFAULT_DIR, check_device
 
 
 def parse_args():
@@ -37,7 +31,7 @@ def parse_args():
     parser.add_argument("--no-4bit", action="store_true", help="keep the frozen base in full precision")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each decoder block for training (llama/compiling.py)")
-    add_method_arguments(parser, default_method="prompt")
+    train.add_method_arguments(parser, default_method="prompt")
     parser.add_argument("--lr", type=float, help="Adam learning rate (default: the method's; 0.01 for prompt)")
     parser.add_argument("--max-steps", type=int, default=300, help="step budget (default: %(default)s)")
     parser.add_argument("--target-loss", type=float, default=0.1, help="stop at this loss (default: %(default)s)")
@@ -53,23 +47,23 @@ def continuation(model, tokenizer, text, new_tokens):
 
 def main():
     args = parse_args()
-    check_positive(max_steps=args.max_steps, new_tokens=args.new_tokens,
+    train.check_positive(max_steps=args.max_steps, new_tokens=args.new_tokens,
                    **({"lr": args.lr} if args.lr is not None else {}))
-    method_settings(copy(args), task="fox")  # a flag the method does not read is refused before the base loads
+    train.method_settings(copy(args), task="fox")  # a flag the method does not read is refused before the base loads
     device = check_device(args.device)
-    world = world_from_environment()  # one process, or this one's place under torchrun
-    out = prepare_output_dir(args.out) if world.main else Path(args.out)
-    device = start_processes(world, device)
+    world = train.world_from_environment()  # one process, or this one's place under torchrun
+    out = train.prepare_output_dir(args.out) if world.main else Path(args.out)
+    device = train.start_processes(world, device)
     torch.manual_seed(args.seed)
 
     # 1. Load the frozen base, 4-bit NF4 unless asked otherwise.
     start = time.time()
-    model, tokenizer = minipeft.load(check_weights(args.weights), quantize=None if args.no_4bit else "nf4",
+    model, tokenizer = minipeft.load(train.check_weights(args.weights), quantize=None if args.no_4bit else "nf4",
                                      device=device, progress=world.main)
     fingerprint = minipeft.base_fingerprint(model)
     print(f"loaded {args.weights} ({'fp32' if args.no_4bit else 'nf4'}, {device}) in {time.time() - start:.1f} s")
-    before = continuation(model, tokenizer, PROMPT, args.new_tokens)
-    print(f"before:  {PROMPT!r} -> {before!r}")
+    before = continuation(model, tokenizer, train.FOX_PROMPT, args.new_tokens)
+    print(f"before:  {train.FOX_PROMPT!r} -> {before!r}")
 
     # 2. Wrap: by default the embedding, with 16 learned vectors in front of every input.
     if args.method == "prompt" and args.num_prompts is None and args.lr is None:  # the lesson's own line
@@ -78,27 +72,28 @@ def main():
         args.lr = 1e-2
     else:  # any other method, or other settings, by name (minipeft/train/method_choice.py)
         if args.method == "iapt" and args.instruction_tokens is None:  # its generators read the prompt
-            args.instruction_tokens = len(tokenizer.encode(PROMPT))
-        settings_used = choose_method(model, args, task="fox")
+            args.instruction_tokens = len(tokenizer.encode(train.FOX_PROMPT))
+        settings_used = train.choose_method(model, args, task="fox")
     print(f"{args.method}: {settings_used}, lr {args.lr}")
     params = minipeft.count_parameters(model, verbose=True)
     minipeft.compile_blocks(model, enabled=args.compile)
 
     # 3. Train the method's tensors alone on the target text; the loss covers the target's tokens only.
-    ids = torch.tensor([tokenizer.encode(TARGET)], device=device)
-    parallel = DataParallelLoss(model, world)  # model.loss, gradients averaged over processes under torchrun
+    ids = torch.tensor([tokenizer.encode(train.FOX_TARGET)], device=device)
+    parallel = train.DataParallelLoss(model, world)  # model.loss, gradients averaged over processes under torchrun
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     losses = []
     start = time.time()
     model.train()  # LoRA's dropout, if any, is on while training and off when showing
-    with collective_failure(world):
+    with train.collective_failure(world):
         for step in range(1, args.max_steps + 1):
             loss = parallel(ids, labels=ids)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
-            said = between_steps(model, args, step, optimizer, lambda: model.loss(ids, labels=ids).item())  # ALoRA
+            scoring_loss = lambda: model.loss(ids, labels=ids).item()
+            said = train.between_steps(model, args, step, optimizer, scoring_loss)  # ALoRA
             if said:
                 print(said)
             if step % 10 == 0 or step == 1 or losses[-1] <= args.target_loss:
@@ -112,15 +107,15 @@ def main():
 
     # 4. Show: with the method, without it (the base is untouched), and on nearby inputs.
     model.eval()
-    after = continuation(model, tokenizer, PROMPT, args.new_tokens)
+    after = continuation(model, tokenizer, train.FOX_PROMPT, args.new_tokens)
     with minipeft.disabled(model):
-        after_without = continuation(model, tokenizer, PROMPT, args.new_tokens)
-    variants = {text: continuation(model, tokenizer, text, args.new_tokens) for text in VARIANTS}
-    print(f"after, with {args.method}:    {PROMPT!r} -> {after!r}")
-    print(f"after, without {args.method}: {PROMPT!r} -> {after_without!r}")
+        after_without = continuation(model, tokenizer, train.FOX_PROMPT, args.new_tokens)
+    variants = {text: continuation(model, tokenizer, text, args.new_tokens) for text in train.FOX_VARIANTS}
+    print(f"after, with {args.method}:    {train.FOX_PROMPT!r} -> {after!r}")
+    print(f"after, without {args.method}: {train.FOX_PROMPT!r} -> {after_without!r}")
     for text, result in variants.items():
         print(f"variant, with {args.method}:  {text!r} -> {result!r}")
-    neighbours = prompt_neighbours(model, tokenizer)  # prompt tuning and LoPT: what each learned vector means
+    neighbours = train.prompt_neighbours(model, tokenizer)  # prompt tuning and LoPT: what each learned vector means
     for i, row in enumerate(neighbours):
         print(f"prompt {i:2d} is nearest to " + ", ".join(f"{token!r} ({cosine:.2f})" for token, cosine in row))
 
@@ -134,8 +129,8 @@ def main():
               "after_without_adapter": after_without, "variants_with_adapter": variants,
               "base_unchanged": base_unchanged, "losses": losses,
               "nearest_tokens": neighbours}
-    write_report(out / "report.json", report)
-    plot_losses(out / "loss.png", {"train": (list(range(1, len(losses) + 1)), losses)}, f"fox: {args.method}")
+    train.write_report(out / "report.json", report)
+    train.plot_losses(out / "loss.png", {"train": (list(range(1, len(losses) + 1)), losses)}, f"fox: {args.method}")
     print(f"{'reached' if report['reached_target'] else 'did not reach'} loss {args.target_loss} in {len(losses)} "
           f"steps, {seconds:.0f} s; base unchanged: {base_unchanged}; wrote {out}/")
 

@@ -5,7 +5,7 @@ import bitsandbytes as bnb
 import torch
 from torch.testing import assert_close
 
-from minipeft import add_dora, add_lora, load_adapter, load_model, save_adapter, unmerge
+from minipeft import add_dora, load_adapter, load_model, save_adapter, unmerge
 from minipeft.methods.lora import LoRALayer
 from tests.helpers import assert_merges_as_peft_merges, write_hf_checkpoint
 

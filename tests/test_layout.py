@@ -214,3 +214,13 @@ def test_what_a_reader_follows_for_each_method_is_its_file_and_the_shared_ones()
     forward = reading_paths.paths("LoRA", reading_paths.methods()["LoRA"])["forward"][0]
     assert forward == {"methods/contract.py": ["Wrapper.forward", "Wrapper.adapt_input", "matmul_input"],
                        "methods/lora.py": ["LoRALayer.adapt_output"]}
+
+
+def test_the_scripts_import_few_names_from_the_project():
+    """train_fox.py and train_code.py read like the course's cells: the training side is one name, `train`."""
+    for script in ("train_fox.py", "train_code.py"):
+        tree = ast.parse((PACKAGE.parent / script).read_text())
+        names = [alias.asname or alias.name for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+                 and (getattr(node, "module", None) or node.names[0].name).startswith("minipeft")
+                 for alias in node.names]
+        assert len(names) <= 7, (script, names)
