@@ -72,3 +72,23 @@ def test_our_file_loads_in_peft(tmp_path):
     ids = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         assert_close(ours(ids), theirs(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_a_trained_norm_gain_runs_the_norm_once(tmp_path, monkeypatch):
+    """rms_norm(x) * g with the trained g, and the frozen norm (whose output would be thrown away) not run."""
+    from minipeft.llama.model import RMSNorm
+
+    write_hf_checkpoint(tmp_path)
+    model = load_model(tmp_path)
+    add_bitfit(model, ["v"], norms=True)
+    norm = model.model.layers[0].input_layernorm
+    with torch.no_grad():
+        norm.weight.mul_(1.5)
+    x = torch.randn(2, 3, norm.weight.shape[0])
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.base_norm.eps) * norm.weight
+    calls = []
+    original = RMSNorm.forward
+    monkeypatch.setattr(RMSNorm, "forward", lambda self, x: calls.append(self) or original(self, x))
+    with torch.no_grad():
+        assert_close(norm(x), expected, rtol=0, atol=1e-6)
+    assert len(calls) == 1  # the norm's code once, with the trained gain in place of the frozen one

@@ -2,6 +2,7 @@
 magnitude, the file both ways, merge; on a 4-bit base the magnitude starts at the dequantized rows' norms."""
 
 import bitsandbytes as bnb
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -77,3 +78,24 @@ def test_qdora_magnitude_starts_at_the_dequantized_row_norms(tmp_path):
         adapted = model(ids)
         layer.enabled = False
         assert_close(adapted, model(ids), rtol=0, atol=1e-5)
+
+
+def test_qdora_forward_is_the_papers_formula_on_the_dequantized_weight_without_dequantizing_it(tmp_path, monkeypatch):
+    """y = m / ||W + s B A||_row ⊙ (W x + s B A x), W the 4-bit weight as bitsandbytes dequantizes it; the forward
+    gets the norm from ||W||^2, kept at the start, and W A^T (the 4-bit layer on A's rows), never W itself."""
+    import minipeft.methods.dora as dora
+
+    write_hf_checkpoint(tmp_path)
+    model = load_model(tmp_path, quantize="nf4")
+    add_dora(model, ["q_proj"], r=4, alpha=8)
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)
+        layer.lora_magnitude_vector.weight.mul_(1 + 0.1 * torch.randn_like(layer.lora_magnitude_vector.weight))
+    W = bnb.functional.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state).float()
+    A, B, m, s = layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector.weight, 8 / 4
+    x = torch.randn(2, 5, W.shape[1])
+    expected = (m / torch.linalg.norm(W + s * B @ A, dim=1)) * (x @ W.T + s * x @ A.T @ B.T)
+    monkeypatch.setattr(dora, "dequantize", lambda *a: pytest.fail("the forward dequantized W"))
+    with torch.no_grad():
+        assert_close(layer(x), expected, rtol=0, atol=2e-5)

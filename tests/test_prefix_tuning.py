@@ -113,3 +113,21 @@ def test_vocab_init_is_the_models_own_keys_and_values(pair):
     for layer in range(ours.config.num_hidden_layers):
         assert_close(keys[layer], cache.keys[layer], rtol=0, atol=0)
         assert_close(values[layer], cache.values[layer], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("add", [lambda m: add_prefix_tuning(m, 3, seed=0),
+                                 lambda m: minipeft.add_iapt(m, num_prompts=2, r=4, instruction_tokens=2, seed=0)],
+                         ids=["prefix", "iapt"])
+def test_a_seeded_start_leaves_the_global_generator_as_it_was(tmp_path, add):
+    """The start is the seed's, and the caller's random numbers go on as if nothing had drawn from them."""
+    write_hf_checkpoint(tmp_path)
+    draws, starts = [], []
+    for caller_seed in (1, 2):
+        model = load_model(tmp_path)
+        torch.manual_seed(caller_seed)
+        expected = torch.rand(3, generator=torch.Generator().manual_seed(caller_seed))
+        add(model)
+        draws.append((torch.rand(3), expected))
+        starts.append(torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad]))
+    assert all(torch.equal(drawn, expected) for drawn, expected in draws)  # as if add() had drawn nothing
+    assert torch.equal(starts[0], starts[1])  # the same seed, the same start

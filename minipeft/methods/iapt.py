@@ -1,7 +1,6 @@
 """IAPT: instruction-aware prompt tuning. Every layer makes a few soft tokens (the paper: 4) from the instruction.
 
-Zhu, Tian, Yin, Ni, Wang and Xie 2024, "IAPT: Instruction-Aware Prompt Tuning for Large Language Models"
-(ACL 2024, arXiv 2405.18203).
+Zhu et al. 2024, "IAPT: Instruction-Aware Prompt Tuning for Large Language Models" (ACL 2024, arXiv 2405.18203).
 
     before block l:   x^l = [ P positions | the text's hidden states H^l (T, D) ]
                                              │ the instruction: its first n real tokens
@@ -15,24 +14,25 @@ Zhu, Tian, Yin, Ni, Wang and Xie 2024, "IAPT: Instruction-Aware Prompt Tuning fo
     sigma_l(z) = (a0 + a1 z + ... + a5 z^5) / (1 + |b1 z + ... + b4 z^4|), each layer's own, started as GELU
 
 Prompt tuning learns fixed vectors, prefix tuning fixed keys and values; IAPT's soft tokens summarise the
-instruction, made in every layer from its hidden states (once in generation, then cached). embed_tokens
-prepends the P positions (contract 2 of llama/model.py), layer_prompts fills them before every block (4).
+instruction, made in every layer from its hidden states (once in generation, then cached). embed_tokens prepends the
+P positions (contract 2 of llama/model.py), layer_prompts fills them before every block (4).
 
-Read (the abstract and summaries, not the method section: no equation number is cited), and followed: a
-generator before every layer reads the instruction's hidden states there; a bottleneck of a down projection,
-self-attention pooling to a fixed number of soft tokens, an activation and an up projection; each layer learns
-its own activation as a rational function. Not followed: one summary says some generator parameters are shared
-across layers; which could not be read, so every layer has its own generator here. Chosen where the paper
-leaves it open or could not be read: the pooling runs on the Down-projected states, one learned query a soft
-token (queries start at 0: mean pooling); the states are RMS-normalised first, so that every layer's scale is
-alike; the instruction is the first n real tokens of a row (`instruction_tokens`), and the loss scores none
-of them, since the soft tokens have read them; the generator has a skip connection, as adapters do, and Up
-starts at 0 (LoRA's B): each soft token starts as the mean of the instruction's states in its layer, at the
-scale of real states (soft tokens of 0 sit where RMSNorm's gradient is 1 / sqrt(eps)). Trains L (2 D r + P r
-+ 10) numbers: 32 x (2 x 4096 x 16 + 4 x 16 + 10) = 4,196,672 on Llama-7B with r = 16.
+Read (the abstract and summaries, not the method section: no equation number is cited), and followed: a generator
+before every layer reads the instruction's hidden states there; a bottleneck of a down projection, self-attention
+pooling to a fixed number of soft tokens, an activation and an up projection; each layer learns its own activation
+as a rational function. Not followed: one summary says some generator parameters are shared across layers; which
+could not be read, so every layer has its own generator here. Chosen where the paper leaves it open or could not be
+read: the pooling runs on the Down-projected states, one learned query a soft token (queries start at 0: mean
+pooling); the states are RMS-normalised first, so that every layer's scale is alike; the instruction is the first n
+real tokens of a row (`instruction_tokens`), and the loss scores none of them, since the soft tokens have read them;
+the generator has a skip connection, as adapters do, and Up starts at 0 (LoRA's B): each soft token starts as the
+mean of the instruction's states in its layer, at the scale of real states (soft tokens of 0 sit where RMSNorm's
+gradient is 1 / sqrt(eps)). Trains L (2 D r + P r + 10) numbers: 32 x (2 x 4096 x 16 + 4 x 16 + 10) = 4,196,672 on
+Llama-7B with r = 16.
 """
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,7 @@ from ..errors import BadInput
 from .contract import LayerPromptsWrapper, Prepends, attach
 
 
+@cache  # LAPACK's least squares may differ in the last bit from call to call: one start a process
 def gelu_as_rational(low=-4.0, high=4.0, points=2001):
     """a0..a5 and b1..b4 with P(z) / (1 + Q(z)) close to GELU on [low, high]: least squares on the linear
     P(z) - GELU(z) Q(z) = GELU(z) (Q(z) >= 0 there, so the |Q| of the safe form changes nothing)."""
@@ -107,8 +108,7 @@ class LayerPrompts(LayerPromptsWrapper):
 
     def __init__(self, generators: nn.ModuleList, num_prompts: int, instruction_tokens: int, inner=None):
         super().__init__()
-        self.generators = generators
-        self.num_prompts, self.instruction_tokens = num_prompts, instruction_tokens
+        self.generators, self.num_prompts, self.instruction_tokens = generators, num_prompts, instruction_tokens
         self.trainable_names = tuple(name for name, _ in self.named_parameters())
         self.inner = inner
 
