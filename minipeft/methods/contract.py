@@ -15,8 +15,9 @@ adapt_input(x) is what the wrapped module sees instead of x (IA3 on down_proj: l
 what comes out instead of its output y (LoRA: y + s B A x); each passes its input through unless the method
 says otherwise. In a mixed batch the wrapped module runs once over the whole batch and the formula only over
 the rows of this wrapper's adapter (named_adapters.py): adapt_input and adapt_output never see rows or other
-adapters. (A classification head, which changes what every row's output is, refuses a mixed batch:
-task_head.py.) Every wrapper also has
+adapters. (Two wrappers have a forward of their own, which reads `rows`: a classification head, which
+changes what every row's output is and so refuses a mixed batch, task_head.py; and BitFit's trained norm gain,
+which does not run the frozen norm where no row needs it, bitfit.py.) Every wrapper also has
     enabled        False passes the bare base through (minipeft.disabled)
     adapter_name   the named adapter it belongs to ("default")
     rows           which rows of the batch it serves: None for all (set by named_adapters.route)
