@@ -103,9 +103,9 @@ def refuse_merged(weights, adapters: dict):
     folded = {m["sha256"] for m in merged_into(weights)}
     for name, path in adapters.items():
         if folded and adapter_digest(path) in folded:
-            raise BadInput(f"--adapter {path}: already merged into {weights} (its config.json's {MERGED_KEY!r}); "
-                           f"applying it again would add its change twice: load the original base, or drop "
-                           f"--adapter")
+            raise BadInput(f"adapter {name!r} ({path}) is already merged into the base {Path(weights).name} (its "
+                           f"config.json's {MERGED_KEY!r}); applying it again would add its change twice: use the "
+                           f"original base, or leave the adapter out")
 
 
 def check_adapters(weights, adapters: dict) -> dict:

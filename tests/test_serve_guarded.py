@@ -36,9 +36,10 @@ def tiny(default_weights, tmp_path_factory):
 
 
 class Served:
-    def __init__(self, tiny, *flags, decode=True):
+    def __init__(self, tiny, *flags, decode=True, adapter=True):
+        lora = ["--adapter", f"lora={tiny.adapters / 'lora'}"] if adapter else []
         args = build_parser().parse_args(["serve", "--weights", str(tiny.weights), "--port", "0", "--quiet",
-                                          "--adapter", f"lora={tiny.adapters / 'lora'}", *flags])
+                                          *lora, *flags])
         self.server, self.engine = start(args)
         self.host, self.port = self.server.server_address[:2]
         self.url = f"http://{self.host}:{self.port}"
@@ -171,6 +172,32 @@ def test_adapters_load_only_from_the_adapter_dir_and_no_reply_shows_a_path(serve
     server = Served(tiny)  # no --adapter-dir: nothing is loaded from a path
     try:
         assert error_of(server.ask("POST", "/api/adapters", {"name": "x", "path": "lora"})) == (403, "no_paths")
+    finally:
+        server.close()
+
+
+def test_an_adapter_merged_into_the_served_base_is_refused_at_start_and_on_load(tiny):
+    """The base's config.json says the LoRA is folded in (as `minipeft merge` writes it): applying it again, by
+    --adapter or POST /api/adapters, is refused."""
+    import shutil
+
+    from minipeft.bases import adapter_digest
+
+    merged = tiny.folder / "merged-base"
+    if not merged.exists():
+        shutil.copytree(tiny.weights, merged)
+        config = json.loads((merged / "config.json").read_text())
+        config["minipeft_merged"] = [{"peft_type": "LORA", "sha256": adapter_digest(tiny.adapters / "lora")}]
+        (merged / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BadInput, match="adapter .lora. .* is already merged into the base merged-base"):
+        Served(SimpleNamespace(weights=merged, adapters=tiny.adapters))
+    server = Served(SimpleNamespace(weights=merged, adapters=tiny.adapters), "--adapter-dir", str(tiny.adapters),
+                    adapter=False)
+    try:
+        status, body = server.ask("POST", "/api/adapters", {"name": "again", "path": "lora"})
+        assert status == 400 and "is already merged into the base merged-base" in body["error"]["message"], body
+        assert str(tiny.folder) not in body["error"]["message"]  # no absolute path in a reply
+        assert server.ask("GET", "/v1/models")[1]["data"][1:] == []  # nothing was loaded
     finally:
         server.close()
 

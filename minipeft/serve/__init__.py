@@ -72,7 +72,7 @@ def start(args):
     for name, path in adapters.items():
         config = formats.load_adapter(model, path, name=name)
         engine.adapters[name] = {"method": config["peft_type"], "source": path.name}  # no absolute path shown
-    api = Api(engine, Path(args.weights).name, access, limits)
+    api = Api(engine, Path(args.weights).name, access, limits, weights=args.weights)
     try:
         server = make_server(api, args.host, args.port, access, limits, quiet=args.quiet)
     except OSError as e:

@@ -19,6 +19,7 @@ import io
 import zipfile
 
 from .. import formats
+from ..bases import refuse_merged
 from ..errors import BadInput, refuse_unhonoured, require
 from ..llama.chat import chat_ids
 from ..methods.named_adapters import delete_adapter
@@ -40,8 +41,9 @@ AT_DEFAULT = {"echo": False, "best_of": 1, "suffix": "", "tool_choice": "none", 
 
 
 class Api:
-    def __init__(self, engine, base_id: str, access: Access = None, limits: Limits = None):
+    def __init__(self, engine, base_id: str, access: Access = None, limits: Limits = None, weights=None):
         self.engine, self.base_id = engine, base_id
+        self.weights = weights  # the base's directory: an adapter `minipeft merge` folded into it is refused
         self.access, self.limits = access or Access("127.0.0.1"), limits or Limits()
         self.jobs = {}
         self.answered = collections.Counter()  # (route, status) -> requests; for /metrics
@@ -231,6 +233,8 @@ class Api:
 
         def load():
             self.check_free(name)
+            if self.weights is not None:
+                refuse_merged(self.weights, {name: path})
             config = formats.load_adapter(self.engine.model, path, name=name)
             self.engine.adapters[name] = {"method": config["peft_type"], "source": self.access.shown(str(path))}
         try:
