@@ -1,9 +1,9 @@
 """Sequence classification with a trained head: is this snippet Python code, or English prose?
 
 The lecture notes: "For the classification task we need to train the head additionally." The frozen base
-reads the snippet; LoRA adapts its attention; a new head, score (2 x D), reads the last real token's hidden
-state and says which class. Only LoRA's matrices and the head train (peft: task_type SEQ_CLS, whose
-modules_to_save is the head).
+reads the snippet; LoRA (r 8) adapts q, k, v and the MLP's three linears in every block; a new head, score
+(2 x D), reads the last real token's hidden state and says which class. Only LoRA's matrices and the head
+train (peft: task_type SEQ_CLS, whose modules_to_save is the head).
 
     .venv/bin/python examples/classify.py [--steps 40] [--method lora|prompt|...]
 
@@ -18,6 +18,7 @@ import hashlib
 import sys
 import sysconfig
 import time
+from copy import copy
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import minipeft  # noqa: E402
 from minipeft.errors import ArgumentParser, run_cli  # noqa: E402
 from minipeft.llama.loader import DEFAULT_DIR  # noqa: E402
-from minipeft.train.method_choice import add_method_arguments, choose_method  # noqa: E402
+from minipeft.train.method_choice import add_method_arguments, choose_method, method_settings  # noqa: E402
 from minipeft.train.reporting import check_positive, check_weights  # noqa: E402
 
 LABELS = ("prose", "code")
@@ -93,6 +94,7 @@ def main():
     add_method_arguments(parser, default_method="lora")
     args = parser.parse_args()
     check_positive(steps=args.steps, batch=args.batch, seq_len=args.seq_len)
+    method_settings(copy(args), task="code")  # a flag the method does not read is refused before the base loads
     torch.manual_seed(args.seed)
     train, heldout = snippets(max_chars=300)
     print(f"{len(train)} training and {len(heldout)} held-out snippets; code: {sum(label for _, label in train)} of "

@@ -29,7 +29,7 @@ def test_the_command_serves_until_ctrl_c_and_refuses_bad_arguments(default_weigh
     bad = subprocess.run([*command, "--adapter", f"x={tmp_path / 'absent'}"], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'absent' / 'adapter_model.safetensors'}: not found (an adapter directory holds "
+        f"error: {tmp_path / 'absent' / 'adapter_config.json'}: not found (an adapter directory holds "
         f"adapter_config.json and adapter_model.safetensors)"]
 
 
