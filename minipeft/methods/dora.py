@@ -66,7 +66,7 @@ class DoRALayer(LoRALayer):
     @torch.no_grad()  # the paper's section 4.3: n changes with B A but passes it no gradient
     def row_norms(self) -> torch.Tensor:
         """n = ||W + s B A||_row (out,), without W: n^2 = ||W||^2 + 2 s rowsum(B ⊙ W A^T) + s^2 ||B A||^2 by
-        rows, where W A^T is the frozen linear applied to A's r rows, so a 4-bit W is not dequantized."""
+        rows, where W A^T is the frozen linear applied to A's r rows: no full-precision copy of a 4-bit W is made."""
         linear = innermost(self.base_layer)
         A, B, s = self.lora_A.weight, self.lora_B.weight, self.scaling  # (r, in), (out, r)
         with torch.autocast(A.device.type, enabled=False):
