@@ -110,7 +110,8 @@ def test_an_adapter_merged_into_a_base_is_refused_on_it_and_files_follow_the_uma
                  ["merge", "--adapter", tmp_path / "copy", "--out", tmp_path / "twice"],
                  ["serve", "--adapter", f"code={tmp_path / 'copy'}", "--port", "0"]):
         result = run(*args, "--weights", tmp_path / "merged")
-        assert result.returncode == 2 and "is already merged into the base merged" in result.stderr, (args, result.stderr)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "is already merged into the base merged" in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
     other = trained_looking(load_model(tmp_path / "base"), MERGEABLE["ia3"])  # another adapter is not refused
     save_adapter(other, tmp_path / "other")
