@@ -91,6 +91,40 @@ def test_every_lora_config_key_is_accounted_for_and_refused_when_set(pair):
         load_adapter(load_model(tmp_path / "base"), directory)
 
 
+def test_an_init_that_changes_the_base_is_refused_and_its_converted_file_equals_peft(pair):
+    """PiSSA and OLoRA move part of W into A and B and train against the rest: their own file is right only on
+    that changed base, so it is refused by name; converted by peft to plain LoRA, it loads and equals peft."""
+    from peft import LoraConfig, get_peft_model
+
+    reference, tmp_path = pair
+    ids = torch.randint(0, 256, (2, 9))
+    for init in ("pissa", "olora"):
+        base = write_hf_checkpoint(tmp_path / f"{init}_base")  # a fresh copy: the init changes its weights
+        theirs = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                 init_lora_weights=init))
+        theirs.save_pretrained(tmp_path / f"{init}_start")  # A0, B0: the initial state the conversion needs
+        with torch.no_grad():
+            for name, p in theirs.named_parameters():
+                if "lora_" in name:
+                    p.add_(torch.randn_like(p) * 0.05)  # as if trained
+        theirs.save_pretrained(tmp_path / f"{init}_own")
+        with pytest.raises(BadInput, match=f"key 'init_lora_weights' is '{init}': this adapter is right only"):
+            load_adapter(load_model(tmp_path / "base"), tmp_path / f"{init}_own")
+        theirs.save_pretrained(tmp_path / f"{init}_plain",
+                               path_initial_model_for_weight_conversion=tmp_path / f"{init}_start")
+        ours = load_model(tmp_path / "base")  # the original base, as the converted file expects
+        load_adapter(ours, tmp_path / f"{init}_plain")
+        with torch.no_grad():
+            assert_close(ours(ids), theirs(input_ids=ids).logits, rtol=0, atol=1e-4)
+    for init in ("gaussian", "orthogonal"):  # these keep W: their own file is plain LoRA
+        directory, theirs = peft_adapter(write_hf_checkpoint(tmp_path / f"{init}_base"), tmp_path / init, r=4,
+                                         lora_alpha=8, target_modules=["q_proj"], init_lora_weights=init)
+        ours = load_model(tmp_path / "base")
+        load_adapter(ours, directory)
+        with torch.no_grad():
+            assert_close(ours(ids), theirs(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
 def test_every_prompt_tuning_config_key_is_accounted_for_and_refused_when_set(pair):
     from peft import PromptTuningConfig
 

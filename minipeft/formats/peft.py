@@ -69,8 +69,8 @@ def reported_against(source, add, *args, what="{e}"):
 
 LORA_KEYS = Keys(
     read=("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora",
-          "use_dora"),
-    not_math=("init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "runtime_config",
+          "use_dora", "init_lora_weights"),
+    not_math=("loftq_config", "eva_config", "corda_config", "astra_config", "lora_ga_config", "runtime_config",
               "megatron_core", "qalora_group_size"),
     only_default={"bias": "none", "fan_in_fan_out": False, "lora_bias": False, "use_qalora": False,
                   "ensure_weight_tying": False, "exclude_modules": None, "modules_to_save": None,
@@ -78,6 +78,13 @@ LORA_KEYS = Keys(
                   "target_parameters": None, "trainable_token_indices": None, "megatron_config": None,
                   "velora_config": None, "alora_invocation_tokens": None, "monteclora_config": None,
                   "use_bdlora": None, "arrow_config": None, "kasa_config": None})
+
+
+# peft's initialisations that leave the base as it was: B A starts at zero, or A and B start elsewhere but
+# nothing is subtracted from W. The others (pissa, olora, corda, astra, loftq, lora_ga) move part of W into A and B
+# and train against W - B0 A0 (or a re-quantised W): their file is right only on that changed base, so it is
+# refused; peft converts it to a plain LoRA file (save_pretrained's path_initial_model_for_weight_conversion).
+INITS_KEEPING_THE_BASE = (True, False, "gaussian", "eva", "orthogonal", "nora", "mica")
 
 
 def lora_patterns(settings: LoRASettings, layers: dict) -> tuple[dict, dict]:
@@ -119,6 +126,11 @@ def read_lora(model, config, source, name):
     alphas = require_mapping(config, "alpha_pattern", (int, float), source, 1e9)
     use_rslora = require(config, "use_rslora", bool, source, default=False)
     use_dora = require(config, "use_dora", bool, source, default=False)
+    init = config.get("init_lora_weights", True)
+    if init not in INITS_KEEPING_THE_BASE or init in (0, 1) and not isinstance(init, bool):
+        raise BadInput(f"{source}: key 'init_lora_weights' is {init!r}: this adapter is right only on the base its "
+                       "initialisation changed; save it with peft's path_initial_model_for_weight_conversion to "
+                       "get a plain LoRA file")
     targets = require(config, "target_modules", (list, str), source)
     named_by_list = isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
     if not (named_by_list or isinstance(targets, str)):

@@ -12,7 +12,7 @@ from ..methods.task_head import ClassificationHead, TaskHeadSettings, TrainedHea
 from .peft import PREFIX, reported_against
 
 HEADS = ("lm_head", "score")
-UNUSED = ("classifier",)  # what peft names a classifier in other architectures: no module of a Llama
+UNUSED = ("classifier", "pre_classifier")  # what peft names a classifier in other architectures: no Llama module
 
 
 def write_task_head(model, settings: TaskHeadSettings, name, config: dict, tensors: dict):
