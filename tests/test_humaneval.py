@@ -75,3 +75,36 @@ def test_the_solution_loss_is_transformers_on_the_solutions_tokens(tmp_path, def
         scored = len(ids) - max(shared, 1)  # the first token is never predicted
         total, count = total + mean * scored, count + scored
     assert humaneval.solution_loss(model, tokenizer, PROBLEMS) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_the_comparison_runs_end_to_end_and_scores_each_adapter(tmp_path, default_weights, code_data):
+    """bench/methods.py on a tiny random model, two methods, a few steps: the table has a row a method, each run
+    writes its JSON, and the HumanEval loss recorded for an adapter is that adapter's, recomputed here."""
+    import json
+    import subprocess
+
+    import minipeft
+
+    weights = tiny_with_tokenizer(tmp_path / "tiny", default_weights)
+    command = [sys.executable, "bench/methods.py", "--weights", str(weights), "--data", str(code_data),
+               "--methods", "lora", "prompt", "--steps", "2", "--seq-len", "32", "--fox-steps", "0",
+               "--humaneval", "2", "--humaneval-tokens", "8", "--runs", str(tmp_path / "runs"),
+               "--results", str(tmp_path / "results"), "--out", str(tmp_path / "METHODS.md")]
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "METHODS.md").read_text()
+    assert "| lora |" in table and "| prompt |" in table
+    base = json.loads((tmp_path / "runs" / "base" / "humaneval.json").read_text())
+    for method in ("lora", "prompt"):
+        record = json.loads((tmp_path / "results" / f"{method}.json").read_text())
+        assert record["method"] == method and record["versions"]["torch"] == torch.__version__
+        assert record["humaneval"]["problems"] == 2 and record["humaneval_base"] == base
+        adapter = tmp_path / "runs" / f"code_{method}" / "adapter"
+        model, tokenizer = load(weights, quantize="nf4")
+        minipeft.load_adapter(model, adapter)
+        model.eval()
+        assert record["humaneval"]["solution_loss"] == pytest.approx(
+            humaneval.solution_loss(model, tokenizer, humaneval.problems()), rel=1e-6)
+        assert record["humaneval"]["solution_loss"] != pytest.approx(base["solution_loss"], rel=1e-6)
+        assert record["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
