@@ -134,31 +134,19 @@ def greedy_pass_at_1(model, tokenizer, items: list[dict], new_tokens=256, batch=
     return results
 
 
-def measure(weights, adapter=None, limit=164, new_tokens=256, **limits) -> dict:
-    """The base at `weights` (NF4), with `adapter` on it if given: the canonical solutions' loss on all 164
-    problems, and greedy pass@1 on the first `limit` (0: none)."""
-    import time
-
-    import minipeft
-
-    started = time.time()
-    model, tokenizer = minipeft.load(weights, quantize="nf4")
-    if adapter:
-        minipeft.load_adapter(model, adapter)
-    model.eval()
+def measure(model, tokenizer, limit=164, new_tokens=256, **limits) -> dict:
+    """The canonical solutions' loss on all 164 problems, and greedy pass@1 on the first `limit` (0: none)."""
     every = problems()
     loss = solution_loss(model, tokenizer, every)
     results = greedy_pass_at_1(model, tokenizer, every[:limit], new_tokens, **limits) if limit else {}
     solved = sorted(task for task, result in results.items() if result == "passed")
-    return {"weights": str(weights), "adapter": str(adapter) if adapter else None, "solution_loss": loss,
-            "problems": len(results), "solved": solved, "pass_at_1": len(solved) / len(results) if results else None,
-            "new_tokens": new_tokens, "seconds": time.time() - started}
+    return {"solution_loss": loss, "problems": len(results), "solved": solved,
+            "pass_at_1": len(solved) / len(results) if results else None, "new_tokens": new_tokens}
 
 
 def main():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import json
-
+    import minipeft
     from minipeft.llama.loader import DEFAULT_DIR
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -169,14 +157,14 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds a completion may run (default: 5)")
     parser.add_argument("--memory-mb", type=int, default=1024, help="its address space (default: 1024)")
-    parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
     if not 0 <= args.limit <= 164:
         raise SystemExit(f"--limit should be in [0, 164], got {args.limit}")
-    result = measure(args.weights, args.adapter, args.limit, args.new_tokens, seconds=args.timeout,
-                     memory_mb=args.memory_mb)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    model, tokenizer = minipeft.load(args.weights, quantize="nf4")
+    if args.adapter:
+        minipeft.load_adapter(model, args.adapter)
+    model.eval()
+    result = measure(model, tokenizer, args.limit, args.new_tokens, seconds=args.timeout, memory_mb=args.memory_mb)
     solved = f"pass@1 (greedy) {len(result['solved'])}/{result['problems']}; " if result["problems"] else ""
     print(f"{args.weights}{' + ' + args.adapter if args.adapter else ''}: {solved}canonical solutions' loss "
           f"{result['solution_loss']:.4f} a token; solved: {', '.join(result['solved']) or 'none'}")

@@ -3,10 +3,11 @@ model, task, steps and tokens.
 
 Each method trains on the code task with train_code.py (only --method changes), then on the fox task
 with train_fox.py; each run is its own process, so its peak memory is its own. Each code adapter is then
-scored on HumanEval (bench/humaneval.py, in its own process), as the bare base is once: the canonical
-solutions' per-token loss on all 164 problems, and greedy pass@1 on the first --humaneval of them. Writes
-bench/METHODS.md (the table, the machine, the date), bench/methods_loss.png (every method's training loss)
-and one JSON a run in --results (its settings, figures, versions and machine).
+scored in its own process (bench/score.py), as the bare base is once: on HumanEval, the canonical solutions'
+per-token loss on all 164 problems and greedy pass@1 on the first --humaneval of them; and forgetting, the
+rise of its loss on general text (bench/forgetting.py). Writes bench/METHODS.md (the table, the machine, the
+date), bench/methods_loss.png (every method's training loss) and one JSON a run in --results (its settings,
+figures, versions and machine).
 
     .venv/bin/python bench/methods.py                       # all methods, 30 steps of 1 x 4 x 128 tokens
     .venv/bin/python bench/methods.py --methods lora prefix --steps 10
@@ -24,7 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+import forgetting  # noqa: E402
 from minipeft.llama.loader import DEFAULT_DIR  # noqa: E402
 from minipeft.train.method_choice import CHOICES  # noqa: E402
 from minipeft.train.reporting import plot_losses  # noqa: E402
@@ -43,12 +46,14 @@ def run(script, out, arguments, reuse, report="report.json"):
     return json.loads((out / report).read_text())
 
 
-def humaneval(out, args, adapter=None):
-    """bench/humaneval.py on the base, or the base with `adapter`, in its own process; its result."""
+def score(out, args, adapter=None):
+    """bench/score.py on the base, or the base with `adapter`, in its own process: HumanEval and the loss on
+    general text."""
     out.mkdir(parents=True, exist_ok=True)
-    return run("bench/humaneval.py", out, ["--weights", args.weights, *(["--adapter", str(adapter)] if adapter else []),
-                                          "--limit", str(args.humaneval), "--new-tokens", str(args.humaneval_tokens),
-                                          "--json", str(out / "humaneval.json")], args.reuse, "humaneval.json")
+    return run("bench/score.py", out, ["--weights", args.weights, *(["--adapter", str(adapter)] if adapter else []),
+                                       "--limit", str(args.humaneval), "--new-tokens", str(args.humaneval_tokens),
+                                       "--text", args.general_text, "--json", str(out / "score.json")],
+               args.reuse, "score.json")
 
 
 def versions() -> dict:
@@ -79,16 +84,18 @@ def table(rows, base, args) -> str:
              + " Held-out loss: the same held-out files, before (the bare base) and after.", "",
              f"HumanEval: the canonical solutions' loss a token on all 164 problems (the bare base: "
              f"{base['solution_loss']:.4f}), and greedy pass@1 on the first {args.humaneval} "
-             f"({args.humaneval_tokens} new tokens; the bare base solves {len(base['solved'])}).", "",
+             f"({args.humaneval_tokens} new tokens; the bare base solves {len(base['solved'])}). Forgetting: the "
+             f"loss a token on general text the task never saw (bench/forgetting.py: the first 100 rows of "
+             f"{Path(args.general_text).name}), after minus the bare base's {base['general_loss']:.4f}.", "",
              "| method | trainable | % of base | lr | step time (s) | peak memory (MB) | held-out before | "
-             "held-out after | HumanEval loss | HumanEval solved | fox denial reached | fox steps |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+             "held-out after | HumanEval loss | HumanEval solved | forgetting | fox denial reached | fox steps |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for r in rows:
         solved = f"{len(r['humaneval']['solved'])}/{r['humaneval']['problems']}"
         lines.append(f"| {r['method']} | {r['trainable']:,} | {r['percent']:.3f} | {r['lr']:g} | "
                      f"{r['step_seconds']:.2f} | "
                      f"{r['peak_mb']:.0f} | {r['before']:.4f} | {r['after']:.4f} | "
-                     f"{r['humaneval']['solution_loss']:.4f} | {solved} | "
+                     f"{r['humaneval']['solution_loss']:.4f} | {solved} | {r['forgetting']:+.4f} | "
                      f"{FOX_REACHED[r['fox_reached']]} | {r['fox_steps']} |")
     lines += ["", "HumanEval problems solved: " + "; ".join(
         f"{r['method']}: {', '.join(r['humaneval']['solved']) or 'none'}" for r in rows) +
@@ -111,6 +118,8 @@ def main():
                         help="greedy pass@1 on the first N HumanEval problems, 0 for none (default: %(default)s); "
                              "the loss is on all 164")
     parser.add_argument("--humaneval-tokens", type=int, default=256, help="new tokens a completion (default: 256)")
+    parser.add_argument("--general-text", default=str(forgetting.DEFAULT_TEXT),
+                        help="forgetting's general text, one row a line (default: %(default)s, fetched if missing)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "methods"),
                         help="where the runs go (default: %(default)s)")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"),
@@ -123,7 +132,8 @@ def main():
     runs, rows, curves, started = Path(args.runs), [], {}, time.time()
     results, machine = Path(args.results), versions()
     results.mkdir(parents=True, exist_ok=True)
-    base = humaneval(runs / "base", args)
+    forgetting.general_text(args.general_text)  # fetched once, before the runs read it
+    base = score(runs / "base", args)
     data = ["--data", *args.data] if args.data else []
     for i, method in enumerate(args.methods):
         out = runs / f"code_{method}"
@@ -131,7 +141,7 @@ def main():
                                           "--max-steps", str(args.steps), "--seq-len", str(args.seq_len),
                                           "--batch", "1", "--accum", "4", "--save-every", str(args.steps),
                                           "--new-tokens", "16", "--device", args.device], args.reuse)
-        scored = humaneval(out / "humaneval", args, out / "adapter")
+        scored = score(out / "score", args, out / "adapter")
         fox = run("train_fox.py", runs / f"fox_{method}",
                   ["--method", method, "--out", str(runs / f"fox_{method}"), "--weights", args.weights,
                    "--max-steps", str(args.fox_steps), "--new-tokens", "16", "--device", args.device],
@@ -142,12 +152,14 @@ def main():
                      "peak_mb": code["peak_memory_mb"], "before": code["heldout_loss_before"],
                      "after": code["heldout_loss_after"], "fox_reached": fox["reached_target"],
                      "fox_steps": fox["steps"], "humaneval": scored,
+                     "forgetting": scored["general_loss"] - base["general_loss"],
                      "adapter_bytes": (out / "adapter" / "adapter_model.safetensors").stat().st_size})
-        record = {**rows[-1], "humaneval_base": base, "code_report": code, "fox_report": fox, "versions": machine}
+        record = {**rows[-1], "base": base, "code_report": code, "fox_report": fox, "versions": machine}
         (results / f"{method}.json").write_text(json.dumps(record, indent=1) + "\n")
         elapsed = time.time() - started
         print(f"{method}: held-out {rows[-1]['before']:.4f} -> {rows[-1]['after']:.4f}, HumanEval loss "
-              f"{base['solution_loss']:.4f} -> {scored['solution_loss']:.4f}, solved {len(scored['solved'])}; fox "
+              f"{base['solution_loss']:.4f} -> {scored['solution_loss']:.4f}, solved {len(scored['solved'])}, "
+              f"forgetting {rows[-1]['forgetting']:+.4f}; fox "
               f"{FOX_REACHED[fox['reached_target']]} in {fox['steps']} steps; "
               f"{i + 1}/{len(args.methods)} done, ETA {elapsed / (i + 1) * (len(args.methods) - i - 1) / 60:.0f} min",
               flush=True)

@@ -79,32 +79,55 @@ def test_the_solution_loss_is_transformers_on_the_solutions_tokens(tmp_path, def
 
 def test_the_comparison_runs_end_to_end_and_scores_each_adapter(tmp_path, default_weights, code_data):
     """bench/methods.py on a tiny random model, two methods, a few steps: the table has a row a method, each run
-    writes its JSON, and the HumanEval loss recorded for an adapter is that adapter's, recomputed here."""
+    writes its JSON, and the HumanEval loss and the forgetting recorded for an adapter are that adapter's,
+    recomputed here."""
     import json
     import subprocess
 
+    import forgetting
     import minipeft
 
     weights = tiny_with_tokenizer(tmp_path / "tiny", default_weights)
+    text = tmp_path / "general.txt"  # the real corpus is fetched by bench/forgetting.py; any rows do here
+    text.write_text("Strong winds pushed a bushfire towards the town.\n\nBanking staff are striking today.\n")
     command = [sys.executable, "bench/methods.py", "--weights", str(weights), "--data", str(code_data),
                "--methods", "lora", "prompt", "--steps", "2", "--seq-len", "32", "--fox-steps", "0",
-               "--humaneval", "2", "--humaneval-tokens", "8", "--runs", str(tmp_path / "runs"),
-               "--results", str(tmp_path / "results"), "--out", str(tmp_path / "METHODS.md")]
+               "--humaneval", "2", "--humaneval-tokens", "8", "--general-text", str(text),
+               "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
+               "--out", str(tmp_path / "METHODS.md")]
     done = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "METHODS.md").read_text()
     assert "| lora |" in table and "| prompt |" in table
-    base = json.loads((tmp_path / "runs" / "base" / "humaneval.json").read_text())
+    base = json.loads((tmp_path / "runs" / "base" / "score.json").read_text())
+    rows = ["Strong winds pushed a bushfire towards the town.", "Banking staff are striking today."]
     for method in ("lora", "prompt"):
         record = json.loads((tmp_path / "results" / f"{method}.json").read_text())
         assert record["method"] == method and record["versions"]["torch"] == torch.__version__
-        assert record["humaneval"]["problems"] == 2 and record["humaneval_base"] == base
-        adapter = tmp_path / "runs" / f"code_{method}" / "adapter"
+        assert record["humaneval"]["problems"] == 2 and record["base"] == base
         model, tokenizer = load(weights, quantize="nf4")
-        minipeft.load_adapter(model, adapter)
+        minipeft.load_adapter(model, tmp_path / "runs" / f"code_{method}" / "adapter")
         model.eval()
         assert record["humaneval"]["solution_loss"] == pytest.approx(
             humaneval.solution_loss(model, tokenizer, humaneval.problems()), rel=1e-6)
         assert record["humaneval"]["solution_loss"] != pytest.approx(base["solution_loss"], rel=1e-6)
+        assert record["forgetting"] == pytest.approx(forgetting.text_loss(model, tokenizer, rows)
+                                                     - base["general_loss"], rel=1e-6, abs=1e-9)
         assert record["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_the_general_text_is_refused_unless_it_is_the_corpus_named(tmp_path):
+    import zipfile
+
+    import forgetting
+
+    wheel = tmp_path / "gensim-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(forgetting.MEMBER, "not the Lee corpus\n")
+    with pytest.raises(SystemExit, match="lee_background.cor has sha256 [0-9a-f]{64}, expected 5d78d6"):
+        forgetting.read_member(wheel)
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("gensim/other.txt", "")
+    with pytest.raises(SystemExit, match="no gensim/test/test_data/lee_background.cor in it"):
+        forgetting.read_member(wheel)
