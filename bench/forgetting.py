@@ -75,7 +75,7 @@ def text_loss(model, tokenizer, rows: list[str], tokens: int = TOKENS) -> float:
 
 def main():
     sys.path.insert(0, str(ROOT))
-    import minipeft
+    from humaneval import load_scored  # the same loading as every score here
     from minipeft.llama.loader import DEFAULT_DIR
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,10 +84,7 @@ def main():
     parser.add_argument("--text", default=str(DEFAULT_TEXT), help="the corpus, one row a line (default: %(default)s, "
                         "fetched if missing)")
     args = parser.parse_args()
-    model, tokenizer = minipeft.load(args.weights, quantize="nf4")
-    if args.adapter:
-        minipeft.load_adapter(model, args.adapter)
-    model.eval()
+    model, tokenizer = load_scored(args.weights, args.adapter)
     loss = text_loss(model, tokenizer, general_text(args.text)[:ROWS])
     print(f"{args.weights}{' + ' + args.adapter if args.adapter else ''}: general text loss {loss:.4f} a token")
 

@@ -134,6 +134,16 @@ def greedy_pass_at_1(model, tokenizer, items: list[dict], new_tokens=256, batch=
     return results
 
 
+def load_scored(weights, adapter=None):
+    """The base at `weights` in NF4, with `adapter` on it if given, in eval mode: what every score here reads."""
+    import minipeft
+
+    model, tokenizer = minipeft.load(weights, quantize="nf4")
+    if adapter:
+        minipeft.load_adapter(model, adapter)
+    return model.eval(), tokenizer
+
+
 def measure(model, tokenizer, limit=164, new_tokens=256, **limits) -> dict:
     """The canonical solutions' loss on all 164 problems, and greedy pass@1 on the first `limit` (0: none)."""
     every = problems()
@@ -146,7 +156,6 @@ def measure(model, tokenizer, limit=164, new_tokens=256, **limits) -> dict:
 
 def main():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    import minipeft
     from minipeft.llama.loader import DEFAULT_DIR
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,10 +169,7 @@ def main():
     args = parser.parse_args()
     if not 0 <= args.limit <= 164:
         raise SystemExit(f"--limit should be in [0, 164], got {args.limit}")
-    model, tokenizer = minipeft.load(args.weights, quantize="nf4")
-    if args.adapter:
-        minipeft.load_adapter(model, args.adapter)
-    model.eval()
+    model, tokenizer = load_scored(args.weights, args.adapter)
     result = measure(model, tokenizer, args.limit, args.new_tokens, seconds=args.timeout, memory_mb=args.memory_mb)
     solved = f"pass@1 (greedy) {len(result['solved'])}/{result['problems']}; " if result["problems"] else ""
     print(f"{args.weights}{' + ' + args.adapter if args.adapter else ''}: {solved}canonical solutions' loss "

@@ -19,8 +19,6 @@ import humaneval  # noqa: E402
 
 
 def main():
-    import minipeft
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True)
     parser.add_argument("--adapter", help="an adapter directory to put on the base")
@@ -32,10 +30,7 @@ def main():
     if not 0 <= args.limit <= 164:
         raise SystemExit(f"--limit should be in [0, 164], got {args.limit}")
     started = time.time()
-    model, tokenizer = minipeft.load(args.weights, quantize="nf4")
-    if args.adapter:
-        minipeft.load_adapter(model, args.adapter)
-    model.eval()
+    model, tokenizer = humaneval.load_scored(args.weights, args.adapter)
     result = humaneval.measure(model, tokenizer, args.limit, args.new_tokens)
     rows = forgetting.general_text(args.text)[:forgetting.ROWS]
     result["general_loss"] = forgetting.text_loss(model, tokenizer, rows)
