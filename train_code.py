@@ -1,6 +1,8 @@
 """Teach a frozen 4-bit Llama to write Python with LoRA and gradient checkpointing (QLoRA-style), or with
 any other method: --method lora|dora|alora|ia3|bitfit|bottleneck|prompt|lopt|ept|iapt|prefix (only the method
-changes).
+changes), or
+every weight of a full-precision base (--full --no-4bit: full fine-tuning, the reference the methods are measured
+against, which writes OUT/model, a Hugging Face checkpoint, instead of an adapter).
 
     Python files (codeparrot-clean JSON lines, or the standard library by default)
       ─► packed rows: whole files end to end, each attending only to itself (--no-packing: one per row)
@@ -14,6 +16,7 @@ Under torchrun (torchrun --nproc_per_node=N train_code.py ...) the processes sha
 """
 
 import argparse
+import json
 import math
 from copy import copy
 from pathlib import Path
@@ -23,14 +26,15 @@ import torch
 import minipeft
 from minipeft import train  # the training side's pieces (minipeft/train/): train.Batches, ...
 from minipeft.errors import ArgumentParser, BadInput, run_cli
-from minipeft.llama.loader import DEFAULT_DIR, check_device
+from minipeft.llama.loader import DEFAULT_DIR, check_device, write_checkpoint
 
 PROMPTS = ["", "import", "from", "while", "try", "if", "for", "torch"]
 # Every setting that changes the result: a resume with any of them changed is refused by name.
 # Under torchrun the number of processes may change, as long as processes x --accum (micro_batches_per_step) does not.
-RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "method", *train.FLAGS, "lr", "seq_len", "batch", "warmup",
+RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "method", "full", *train.FLAGS, "lr", "seq_len", "batch", "warmup",
                      "seed", "dtype", "no_4bit", "device", "max_chars", "no_packing", "heldout_max", "compile")
-RESUME_MAY_GROW = ("max_steps",)  # a longer run: the cosine schedule stretches to the new end
+RESUME_MAY_GROW = ("max_steps",)
+FULL_LR = 5e-5  # full fine-tuning's default learning rate (bench/methods.py sweeps it)  # a longer run: the cosine schedule stretches to the new end
 
 
 def build_parser():
@@ -61,6 +65,8 @@ def build_parser():
         help="compute dtype (autocast); the method's tensors and AdamW's state stay fp32. auto: bf16 on CUDA and on "
              "CPUs with AVX512-BF16 or AMX, fp32 elsewhere, where bf16 is emulated and slow (default: %(default)s)")
     add("--no-4bit", action="store_true", help="keep the frozen base in full precision")
+    add("--full", action="store_true", help="full fine-tuning: train every weight of the base (with --no-4bit) instead "
+                                            f"of a method; writes OUT/model, not an adapter (default lr {FULL_LR})")
     add("--compile", action="store_true", help="torch.compile each decoder block for training and held-out losses "
                                                "(llama/compiling.py): faster steps after about 20 s of compiling")
     add("--new-tokens", type=int, default=48, help="tokens per generated sample (default: %(default)s)")
@@ -98,7 +104,10 @@ def check_arguments(args):
     for name in ("warmup", "heldout_max"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise BadInput(f"--{name.replace('_', '-')}: expected a value >= 0, got {getattr(args, name)}")
-    train.method_settings(copy(args), task="code")  # a flag the method does not read
+    if args.full:
+        check_full(args)
+    else:
+        train.method_settings(copy(args), task="code")  # a flag the method does not read
     train.check_weights(args.weights)
     device = check_device(args.device)
     world = train.world_from_environment()  # under torchrun: this process's place
@@ -113,6 +122,18 @@ def check_arguments(args):
     out = train.check_resume(args.out, world, args.resume, settings, RESUME_MAY_GROW)
     run = train.Run(out, world, train.start_processes(world, device), args.save_every, RESUME_MAY_GROW)
     return run, settings, corpus
+
+
+def check_full(args):
+    """--full trains the base itself: no method, so no method's flag, and a base that can take gradients."""
+    given = [flag for flag in train.FLAGS if getattr(args, flag) is not None]
+    unread = ([f"--method {args.method}"] if args.method != "lora" else []) + [f"--{f.replace('_', '-')}" for f in given]
+    if unread:
+        raise BadInput(f"--full: it trains every weight, with no method; {unread[0]} is not read. Leave out one")
+    if not args.no_4bit:
+        raise BadInput("--full: a 4-bit base cannot be trained (its codes have no gradient); add --no-4bit")
+    if args.lr is None:
+        args.lr = FULL_LR
 
 
 def resolved_warmup(args) -> int:
@@ -152,12 +173,15 @@ def main():
         raise BadInput("--heldout-max: --method alora scores its ranks on held-out samples, and there are none")
 
     # 2. Wrap: LoRA on q, k, v and the MLP by default (any --method: train/method_choice.py); checkpointing on.
-    if args.method == "lora":  # the lesson's own line
+    if args.full:  # the reference: every weight trains, and OUT/model is the result
+        settings_used = {}
+        model.requires_grad_(True)
+    elif args.method == "lora":  # the lesson's own line
         settings_used = train.method_settings(args, task="code")  # r 8, alpha 16, or as the flags say
         minipeft.add_lora(model, args.targets.split(","), r=args.r, alpha=args.alpha, dropout=args.dropout)
     else:
         settings_used = train.choose_method(model, args, task="code")
-    print(f"{args.method}: {settings_used}, lr {args.lr}, {args.dtype}, "
+    print(f"{'full fine-tuning' if args.full else args.method}: {settings_used}, lr {args.lr}, {args.dtype}, "
           f"{'one sample per row' if args.no_packing else f'packed rows of {seq_len} tokens'}")
     minipeft.enable_checkpointing(model)
     minipeft.compile_blocks(model, enabled=args.compile)
@@ -216,21 +240,25 @@ def main():
             return
         after = (generations(model, tokenizer, separator, args.new_tokens, args.seed, "after")
                  if before["samples"] and not args.no_samples else None)
-    minipeft.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.weights))
+    if args.full:
+        config = json.loads((Path(args.weights) / "config.json").read_text())
+        write_checkpoint(out / "model", dict(model.named_parameters()), config, args.weights, torch.float32)
+    else:
+        minipeft.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.weights))
     report(args, run, params, before, loss_after, after, corpus, len(train_rows), len(heldout), settings,
            base_unchanged=minipeft.base_fingerprint(model) == fingerprint)
 
 
 def method_settings_used(args) -> dict:
     """The method's settings as it ran (its defaults filled in by choose_method)."""
-    return {flag: getattr(args, flag) for flag in train.CHOICES[args.method].settings}
+    return {} if args.full else {flag: getattr(args, flag) for flag in train.CHOICES[args.method].settings}
 
 
 def report(args, run, params, before, loss_after, after, corpus, train_samples, heldout_samples, settings,
            base_unchanged):
     """The held-out loss before and after, samples.md, report.json and loss.png."""
     out = run.out
-    wrote = [out / "adapter", out / "report.json", out / "metrics.jsonl", out / "checkpoint.safetensors"]
+    wrote = [out / ("model" if args.full else "adapter"), out / "report.json", out / "metrics.jsonl", out / "checkpoint.safetensors"]
     if loss_after is not None:
         print(f"held-out loss: before {before['heldout_loss']:.4f} -> after {loss_after:.4f} "
               f"(perplexity {math.exp(before['heldout_loss']):.2f} -> {math.exp(loss_after):.2f})")
@@ -241,7 +269,7 @@ def report(args, run, params, before, loss_after, after, corpus, train_samples, 
         for prompt, text in zip(PROMPTS, after["greedy"]):
             print(f"--- after, greedy, {prompt!r}:\n{text}")
     perplexity = lambda loss: math.exp(loss) if loss is not None else None
-    result = {"model": str(args.weights), "method": args.method, **params, "steps": run.step,
+    result = {"model": str(args.weights), "method": "full" if args.full else args.method, **params, "steps": run.step,
               "tokens_seen": run.tokens_seen, "seconds": round(run.seconds, 1),
               "tokens_per_second": run.tokens_seen / max(run.seconds, 1e-9),
               "peak_memory_mb": round(train.peak_memory_mb(run.device), 1), "device": str(run.device),

@@ -65,11 +65,10 @@ def general_text(path=DEFAULT_TEXT) -> list[str]:
 @torch.no_grad()
 def text_loss(model, tokenizer, rows: list[str], tokens: int = TOKENS) -> float:
     """Mean next-token cross-entropy over every token of each row (cut to `tokens`) but its first."""
-    total, count = 0.0, 0
-    for row in rows:
-        ids = torch.tensor([tokenizer.encode(row)[:tokens]])
-        total += model.loss(ids, labels=ids, reduction="sum").item()
-        count += ids.shape[1] - 1
+    from humaneval import summed_loss
+
+    ids = [tokenizer.encode(row)[:tokens] for row in rows]
+    total, count = summed_loss(model, [(i, i) for i in ids])
     return total / max(count, 1)
 
 

@@ -103,55 +103,95 @@ def first_function(text: str) -> str:
 
 
 @torch.no_grad()
+def summed_loss(model, rows: list[tuple[list, list]], batch: int = 8) -> tuple[float, int]:
+    """(sum of cross-entropies, tokens scored) over (ids, labels) rows, -100 where a label is not scored, in
+    batches of rows of like length padded on the right (causal attention: the padding is never attended to)."""
+    total, tokens = 0.0, 0
+    rows = sorted(rows, key=lambda row: len(row[0]))
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        width = len(chunk[-1][0])
+        ids = torch.tensor([i + [0] * (width - len(i)) for i, _ in chunk])
+        labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in chunk])
+        total += model.loss(ids, labels=labels, reduction="sum").item()
+        tokens += int((labels[:, 1:] != -100).sum())  # the first position is never predicted
+    return total, tokens
+
+
 def solution_loss(model, tokenizer, items: list[dict]) -> float:
     """Mean cross-entropy per token of each canonical solution given its prompt (the prompt's tokens unscored),
     over all the solutions' tokens."""
-    total, tokens = 0.0, 0
+    rows = []
     for problem in items:
         prompt = tokenizer.encode(problem["prompt"])
         ids = tokenizer.encode(problem["prompt"] + problem["canonical_solution"])
         shared = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), len(prompt))  # a token may span
-        labels = torch.tensor([[-100] * shared + ids[shared:]])                                # the seam
-        total += model.loss(torch.tensor([ids]), labels=labels, reduction="sum").item()
-        tokens += len(ids) - max(shared, 1)  # the first token is never predicted
+        rows.append((ids, [-100] * shared + ids[shared:]))                                    # the seam
+    total, tokens = summed_loss(model, rows)
     return total / max(tokens, 1)
 
 
+def completions(model, tokenizer, items: list[dict], new_tokens=256, batch=8, copies=1, **sampling) -> list:
+    """Each problem's completions (`copies` of each), cut where the function ends, generated in batches; a row
+    stops at that end. Each prompt loses its trailing newline, as bigcode's evaluation harness strips it: a BPE
+    tokenizer writes a newline and the next line's indentation as one token, so a prompt that ends in a bare
+    newline token leads the model to a blank line and a new `def` (from this checkpoint: 0 of 164, every body
+    empty)."""
+    import minipeft
+
+    prompts = [tokenizer.encode(problem["prompt"].rstrip()) for problem in items for _ in range(copies)]
+    ended = lambda ids: first_function(tokenizer.decode(ids)) != tokenizer.decode(ids)
+    texts = []
+    for start in range(0, len(prompts), batch):
+        outputs = minipeft.generate(model, prompts[start:start + batch], max_new_tokens=new_tokens, ended=ended,
+                                    progress=f"HumanEval completions {start + 1}-{min(start + batch, len(prompts))} of "
+                                             f"{len(prompts)}",
+                                    **sampling)
+        texts += [first_function(tokenizer.decode(output)) for output in outputs]
+    return [texts[i * copies:(i + 1) * copies] for i in range(len(items))]
+
+
 def greedy_pass_at_1(model, tokenizer, items: list[dict], new_tokens=256, batch=8, **limits) -> dict:
-    """{task_id: "passed" | "failed: ..." | "timed out"} for one greedy completion each, generated in batches.
-    Each prompt loses its trailing newline, as bigcode's evaluation harness strips it: a BPE tokenizer writes
-    a newline and the next line's indentation as one token, so a prompt that ends in a bare newline token
-    leads the model to a blank line and a new `def` (from this checkpoint: 0 of 164, every body empty)."""
+    """{task_id: "passed" | "failed: ..." | "timed out"} for one greedy completion each."""
+    texts = completions(model, tokenizer, items, new_tokens, batch)
+    stripped = [dict(problem, prompt=problem["prompt"].rstrip()) for problem in items]
+    return {problem["task_id"]: run(problem, text[0], **limits) for problem, text in zip(stripped, texts)}
+
+
+def sampled_pass_at_k(model, tokenizer, items: list[dict], n=10, k=10, new_tokens=256, seed=0, **limits) -> dict:
+    """{task_id: passing samples of n}, n samples a problem at temperature 0.8, top-p 0.95 (the Codex paper's
+    and bigcode's setting for pass@10 and pass@100), and pass@k, the paper's unbiased estimate, averaged."""
+    texts = completions(model, tokenizer, items, new_tokens, batch=n, copies=n, temperature=0.8, top_p=0.95,
+                        seed=seed)
+    stripped = [dict(problem, prompt=problem["prompt"].rstrip()) for problem in items]
+    passed = {problem["task_id"]: sum(run(problem, text, **limits) == "passed" for text in samples)
+              for problem, samples in zip(stripped, texts)}
+    return {"samples": n, "k": k, "passed": passed,
+            "pass_at_k": sum(pass_at_k(n, c, k) for c in passed.values()) / max(len(passed), 1)}
+
+
+def load_scored(weights, adapter=None, four_bit=True):
+    """The base at `weights` in NF4 (or as stored, four_bit=False), with `adapter` on it if given, in eval mode:
+    what every score here reads."""
     import minipeft
 
-    results = {}
-    for start in range(0, len(items), batch):
-        chunk = [dict(problem, prompt=problem["prompt"].rstrip()) for problem in items[start:start + batch]]
-        outputs = minipeft.generate(model, [tokenizer.encode(p["prompt"]) for p in chunk], max_new_tokens=new_tokens,
-                                    progress=f"HumanEval problems {start + 1}-{start + len(chunk)} of {len(items)}")
-        for problem, output in zip(chunk, outputs):
-            results[problem["task_id"]] = run(problem, first_function(tokenizer.decode(output)), **limits)
-    return results
-
-
-def load_scored(weights, adapter=None):
-    """The base at `weights` in NF4, with `adapter` on it if given, in eval mode: what every score here reads."""
-    import minipeft
-
-    model, tokenizer = minipeft.load(weights, quantize="nf4")
+    model, tokenizer = minipeft.load(weights, quantize="nf4" if four_bit else None)
     if adapter:
         minipeft.load_adapter(model, adapter)
     return model.eval(), tokenizer
 
 
-def measure(model, tokenizer, limit=164, new_tokens=256, **limits) -> dict:
-    """The canonical solutions' loss on all 164 problems, and greedy pass@1 on the first `limit` (0: none)."""
+def measure(model, tokenizer, limit=164, new_tokens=256, sampled=0, **limits) -> dict:
+    """The canonical solutions' loss on all 164 problems, greedy pass@1 on the first `limit` (0: none), and
+    pass@10 from 10 samples a problem on the first `sampled` (0: none)."""
     every = problems()
     loss = solution_loss(model, tokenizer, every)
     results = greedy_pass_at_1(model, tokenizer, every[:limit], new_tokens, **limits) if limit else {}
     solved = sorted(task for task, result in results.items() if result == "passed")
+    at_10 = sampled_pass_at_k(model, tokenizer, every[:sampled], new_tokens=new_tokens, **limits) if sampled else None
     return {"solution_loss": loss, "problems": len(results), "solved": solved,
-            "pass_at_1": len(solved) / len(results) if results else None, "new_tokens": new_tokens}
+            "pass_at_1": len(solved) / len(results) if results else None, "new_tokens": new_tokens,
+            "pass_at_10": at_10}
 
 
 def main():

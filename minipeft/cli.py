@@ -20,23 +20,20 @@ line naming them, and exit code 2.
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save as save_safetensors_bytes
 
 from . import formats
 from .bases import (MERGED_KEY, adapter_digest, base_for, check_adapters, describe_base, load_base, merged_into,
                     parse_adapters)
 from .errors import ArgumentParser, BadInput, run_cli
-from .files import write_atomically
 from .llama.config import LlamaConfig
 from .llama.loader import DEFAULT_DIR
 from .llama.generate import generate
-from .llama.loader import build_model, load_model, read_named_tensor
+from .llama.loader import build_model, load_model, read_named_tensor, write_checkpoint
 from .llama.chat import chat_ids
 from .llama.tokenizer import load_tokenizer
 from .llama.quant import dequantize, is_4bit
@@ -51,8 +48,6 @@ from .train.method_choice import add_method_arguments, choose_method
 from .train.reporting import check_weights, prompt_neighbours
 
 PRESETS = {"llama-7b": LlamaConfig()}  # the dataclass defaults are Llama-2-7B
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
 
 
 def parse_prompt(line: str, names) -> tuple:
@@ -152,16 +147,9 @@ def command_merge(args):
     merge(model)
     with torch.no_grad():
         error = (model(probe) - unmerged).abs().max().item()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    tensors = {name: p.detach().to(dtype).contiguous() for name, p in export_state(model).items()}
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / "model.safetensors", save_safetensors_bytes(tensors, metadata={"format": "pt"}))
-    config["torch_dtype" if "torch_dtype" in config else "dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
     config[MERGED_KEY] = [*merged_into(weights), {"peft_type": config_name, "sha256": adapter_digest(args.adapter)}]
-    write_atomically(out / "config.json", json.dumps(config, indent=2).encode())
-    for name in TOKENIZER_FILES:
-        if (weights / name).is_file():
-            shutil.copy(weights / name, out / name)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    write_checkpoint(out, export_state(model), config, weights, dtype)
     print(f"merged {config_name} from {args.adapter} into {describe_base(base)} of {weights}"
           f"{' (dequantized)' if base['quantize'] else ''}: wrote {out} ({args.dtype}); max abs logits change from "
           f"merging {error:.2e}")

@@ -42,7 +42,7 @@ def kept(logits, temperature: float, top_p: float, top_k: int = 0, min_p: float 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed=None, eos_id=None,
-             progress=False, weight_cache_mb=1024, read_codes=True):
+             progress=False, weight_cache_mb=1024, read_codes=True, ended=None):
     """Continue each prompt (a list of token ids); return the new ids per prompt, without EOS.
 
     Args:
@@ -53,6 +53,9 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed
         eos_id: generation of a sequence stops at this token, or at any of a list of them (default: the
             model config's eos_token_id, which Llama 3 instruct gives as a list).
         progress: a label, to show the tokens made and the time left on stdout (minipeft/progress.py).
+        ended: a function of a row's new ids so far that says when it is complete (a stop that is not one
+            token, as a HumanEval completion ends where the function does); the row stops there, that last
+            token kept.
         read_codes: on CPU, each token multiplies straight from a 4-bit weight's codes, without decoding it
             (llama/fast_gemv.py), where that kernel serves the layer.
         weight_cache_mb: on CPU, how much of the other 4-bit weights (all of them with read_codes=False) to
@@ -70,7 +73,7 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_p=1.0, seed
 
     with decoded_weights(model, weight_cache_mb if max_new_tokens > 1 else 0, read_codes):
         rows = decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, generator, stop_ids,
-                      progress)
+                      progress, ended)
     return [list(itertools.takewhile(lambda token: token not in stop_ids and token != -1, row)) for row in rows]
 
 
@@ -86,7 +89,8 @@ def left_padded(prompts, device):
     return input_ids, attention_mask
 
 
-def decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, generator, stop_ids, progress):
+def decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_p, generator, stop_ids, progress,
+           ended=None):
     """The prefill and the loop: each row's new ids, -1 after the row has ended."""
     device = input_ids.device
     cache = KVCache(model.config.num_hidden_layers)
@@ -101,6 +105,10 @@ def decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_p,
         next_ids = choose_next(logits, temperature, top_p, generator)  # (B,)
         new_tokens.append(next_ids.masked_fill(finished, -1))  # -1: after this row's end
         finished |= torch.isin(next_ids, stop)
+        if ended:  # each row's ids so far, read as the caller reads them
+            made = torch.stack(new_tokens, dim=1).tolist()
+            finished |= torch.tensor([not done and ended(row) for row, done in zip(made, finished.tolist())],
+                                     device=device)
         if finished.all():
             break
         logits = model(next_ids[:, None], cache=cache, last_only=True)[:, -1]

@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors_bytes
 
 from ..errors import BadInput
+from ..files import write_atomically
 from ..progress import Progress
 from .config import LlamaConfig
 from .model import Llama
@@ -31,6 +33,8 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed, not learned; older checkpoints store it
 WIDENED = ("model.embed_tokens.weight", "lm_head.weight")  # kept 16-bit beside a 4-bit base (quant.py)
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "weights" / "smollm2-135m-instruct"  # the embedded default model
 PREPARE_COMMAND = "python -m minipeft.tools.default_model"  # builds it there (make weights)
 
@@ -241,3 +245,21 @@ def check_device(device) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise BadInput(f"device: {device} is not supported; expected cpu or cuda")
     return device
+
+
+def write_checkpoint(out, tensors: dict, config: dict, weights_dir, dtype: torch.dtype):
+    """A Hugging Face-layout checkpoint in the new directory `out`, as this loader reads one: `tensors` (Hugging
+    Face names) in `dtype` as model.safetensors, `config` as config.json with its dtype set, and the tokenizer
+    files of `weights_dir`; each file written atomically. (minipeft merge, and train_code.py --full.)"""
+    import shutil
+
+    out, weights_dir = Path(out), Path(weights_dir)
+    tensors = {name: t.detach().to(dtype).contiguous() for name, t in tensors.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(out / "model.safetensors", save_safetensors_bytes(tensors, metadata={"format": "pt"}))
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    config = {**config, "torch_dtype" if "torch_dtype" in config else "dtype": name}
+    write_atomically(out / "config.json", json.dumps(config, indent=2).encode())
+    for file in TOKENIZER_FILES:
+        if (weights_dir / file).is_file():
+            shutil.copy(weights_dir / file, out / file)
