@@ -31,10 +31,11 @@ from minipeft.llama.loader import DEFAULT_DIR, check_device, write_checkpoint
 PROMPTS = ["", "import", "from", "while", "try", "if", "for", "torch"]
 # Every setting that changes the result: a resume with any of them changed is refused by name.
 # Under torchrun the number of processes may change, as long as processes x --accum (micro_batches_per_step) does not.
-RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "method", "full", *train.FLAGS, "lr", "seq_len", "batch", "warmup",
-                     "seed", "dtype", "no_4bit", "device", "max_chars", "no_packing", "heldout_max", "compile")
-RESUME_MAY_GROW = ("max_steps",)
-FULL_LR = 5e-5  # full fine-tuning's default learning rate (bench/methods.py sweeps it)  # a longer run: the cosine schedule stretches to the new end
+RESUME_MUST_MATCH = ("weights", "data", "heldout_data", "method", "full", *train.FLAGS, "lr", "seq_len", "batch",
+                     "warmup", "seed", "dtype", "no_4bit", "device", "max_chars", "no_packing", "heldout_max",
+                     "compile")
+RESUME_MAY_GROW = ("max_steps",)  # a longer run: the cosine schedule stretches to the new end
+FULL_LR = 5e-5  # full fine-tuning's default learning rate (bench/methods.py sweeps it)
 
 
 def build_parser():
@@ -127,7 +128,7 @@ def check_arguments(args):
 def check_full(args):
     """--full trains the base itself: no method, so no method's flag, and a base that can take gradients."""
     given = [flag for flag in train.FLAGS if getattr(args, flag) is not None]
-    unread = ([f"--method {args.method}"] if args.method != "lora" else []) + [f"--{f.replace('_', '-')}" for f in given]
+    unread = [f"--method {args.method}"] * (args.method != "lora") + [f"--{f.replace('_', '-')}" for f in given]
     if unread:
         raise BadInput(f"--full: it trains every weight, with no method; {unread[0]} is not read. Leave out one")
     if not args.no_4bit:
@@ -258,7 +259,8 @@ def report(args, run, params, before, loss_after, after, corpus, train_samples, 
            base_unchanged):
     """The held-out loss before and after, samples.md, report.json and loss.png."""
     out = run.out
-    wrote = [out / ("model" if args.full else "adapter"), out / "report.json", out / "metrics.jsonl", out / "checkpoint.safetensors"]
+    wrote = [out / ("model" if args.full else "adapter"), out / "report.json", out / "metrics.jsonl",
+             out / "checkpoint.safetensors"]
     if loss_after is not None:
         print(f"held-out loss: before {before['heldout_loss']:.4f} -> after {loss_after:.4f} "
               f"(perplexity {math.exp(before['heldout_loss']):.2f} -> {math.exp(loss_after):.2f})")

@@ -183,8 +183,8 @@ def main():
         write_result(results / f"{row}.json", {**rows[-1], "base": base, "code_report": report, "fox_report": fox,
                                                "versions": machine})
         say(f"{row}: lr {chosen[row]:g} of {sorted(tried)}, held-out {report['heldout_loss_after']:.4f}, HumanEval "
-            f"loss {scored['solution_loss']:.4f}, solved {len(scored['solved'])}, forgetting {rows[-1]['forgetting']:+.4f}",
-            i + 1, len(args.methods), started)
+            f"loss {scored['solution_loss']:.4f}, solved {len(scored['solved'])}, forgetting "
+            f"{rows[-1]['forgetting']:+.4f}", i + 1, len(args.methods), started)
     seeds = seed_runs(args, runs, results, chosen, bases, machine)
     ranks = rank_runs(args, runs, results, chosen, bases, machine)
     summary = {"rows": rows, "bases": bases, "seeds": seeds, "ranks": ranks, "versions": machine,

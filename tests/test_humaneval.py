@@ -78,9 +78,10 @@ def test_the_solution_loss_is_transformers_on_the_solutions_tokens(tmp_path, def
 
 
 def test_the_comparison_runs_end_to_end_and_scores_each_adapter(tmp_path, default_weights, code_data):
-    """bench/methods.py on a tiny random model, two methods, a few steps: the table has a row a method, each run
-    writes its JSON, and the HumanEval loss and the forgetting recorded for an adapter are that adapter's,
-    recomputed here."""
+    """bench/methods.py on a tiny random model: a LoRA, prompt tuning and full fine-tuning row, each at the better
+    of two learning rates, a rank and a seed run. The table has a row each; each run writes its JSON; the row's
+    run is the sweep's lowest held-out loss; the HumanEval loss and the forgetting recorded are those of the
+    adapter (or fully trained model) recomputed here, against the bare base it was trained on."""
     import json
     import subprocess
 
@@ -90,31 +91,47 @@ def test_the_comparison_runs_end_to_end_and_scores_each_adapter(tmp_path, defaul
     weights = tiny_with_tokenizer(tmp_path / "tiny", default_weights)
     text = tmp_path / "general.txt"  # the real corpus is fetched by bench/forgetting.py; any rows do here
     text.write_text("Strong winds pushed a bushfire towards the town.\n\nBanking staff are striking today.\n")
+    runs, results = tmp_path / "runs", tmp_path / "results"
     command = [sys.executable, "bench/methods.py", "--weights", str(weights), "--data", str(code_data),
-               "--methods", "lora", "prompt", "--steps", "2", "--seq-len", "32", "--fox-steps", "0",
-               "--humaneval", "2", "--humaneval-tokens", "8", "--general-text", str(text),
-               "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
+               "--methods", "lora", "prompt", "full", "--steps", "2", "--seq-len", "32", "--heldout", "4",
+               "--lr-factors", "1", "3", "--ranks", "2", "--seeds", "1", "--seed-methods", "lora", "--humaneval", "2",
+               "--humaneval-tokens", "8", "--general-text", str(text), "--runs", str(runs), "--results", str(results),
                "--out", str(tmp_path / "METHODS.md")]
     done = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "METHODS.md").read_text()
-    assert "| lora |" in table and "| prompt |" in table
-    base = json.loads((tmp_path / "runs" / "base" / "score.json").read_text())
+    assert all(f"| {row} | " in table for row in ("lora", "prompt", "full", "(bare base, nf4)", "(bare base, fp32)"))
+    assert table.count("- **") == 5 and "## Seeds" in table and "## Rank" in table
     rows = ["Strong winds pushed a bushfire towards the town.", "Banking staff are striking today."]
-    for method in ("lora", "prompt"):
-        record = json.loads((tmp_path / "results" / f"{method}.json").read_text())
+    for method in ("lora", "prompt", "full"):
+        record = json.loads((results / f"{method}.json").read_text())
         assert record["method"] == method and record["versions"]["torch"] == torch.__version__
-        assert record["humaneval"]["problems"] == 2 and record["base"] == base
-        model, tokenizer = load(weights, quantize="nf4")
-        minipeft.load_adapter(model, tmp_path / "runs" / f"code_{method}" / "adapter")
+        assert record["humaneval"]["problems"] == 2 and len(record["sweep"]) == 2
+        assert record["sweep"][str(record["lr"])] == min(record["sweep"].values()) == record["after"]
+        trained = runs / method / f"lr{record['lr']:g}"
+        if method == "full":
+            model, tokenizer = load(trained / "model")
+        else:
+            model, tokenizer = load(weights, quantize="nf4")
+            minipeft.load_adapter(model, trained / "adapter")
         model.eval()
         assert record["humaneval"]["solution_loss"] == pytest.approx(
             humaneval.solution_loss(model, tokenizer, humaneval.problems()), rel=1e-6)
-        assert record["humaneval"]["solution_loss"] != pytest.approx(base["solution_loss"], rel=1e-6)
+        assert record["humaneval"]["solution_loss"] != pytest.approx(record["base"]["solution_loss"], rel=1e-6)
+        assert record["base"]["four_bit"] is (method != "full")
         assert record["forgetting"] == pytest.approx(forgetting.text_loss(model, tokenizer, rows)
-                                                     - base["general_loss"], rel=1e-6, abs=1e-9)
-        assert record["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+                                                     - record["base"]["general_loss"], rel=1e-6, abs=1e-9)
+        assert record["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad or method == "full")
+        assert (record["speed"]["merged"] is None) is (method != "lora")
+    rank, config = json.loads((results / "ranks" / "lora_r2.json").read_text()), json.loads(
+        (weights / "config.json").read_text())
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    assert rank["r"] == 2 and rank["trainable"] == config["num_hidden_layers"] * 2 * (  # r (in + out) on q k v, MLP
+        (h + h) + 2 * (h + kv) + 2 * (h + i) + (i + h))
+    seed = json.loads((results / "seeds" / "lora_seed1.json").read_text())
+    assert seed["seed"] == 1 and seed["lr"] == json.loads((results / "lora.json").read_text())["lr"]
 
 
 def test_the_general_text_is_refused_unless_it_is_the_corpus_named(tmp_path):
@@ -131,3 +148,37 @@ def test_the_general_text_is_refused_unless_it_is_the_corpus_named(tmp_path):
         archive.writestr("gensim/other.txt", "")
     with pytest.raises(SystemExit, match="no gensim/test/test_data/lee_background.cor in it"):
         forgetting.read_member(wheel)
+
+
+def test_a_row_ends_where_the_callers_rule_says_and_keeps_what_it_would_have_made(tmp_path, default_weights):
+    """generate's `ended`: each row stops at the first point its rule holds, its ids up to there exactly those of
+    a generation that ran on; the other rows run on as before. HumanEval's completions stop where the function
+    ends, and read the same as completions made to the end and cut there."""
+    import minipeft
+
+    weights = tiny_with_tokenizer(tmp_path / "tiny", default_weights)
+    model, tokenizer = load(weights)
+    prompts = [tokenizer.encode(p["prompt"].rstrip()) for p in PROBLEMS]
+    long = minipeft.generate(model, prompts, max_new_tokens=24, eos_id=[])
+    rule = lambda ids: ids[-1] % 7 == 0
+    short = minipeft.generate(model, prompts, max_new_tokens=24, eos_id=[], ended=rule)
+    for whole, cut in zip(long, short):
+        end = next((i + 1 for i, token in enumerate(whole) if token % 7 == 0), len(whole))
+        assert cut == whole[:end]
+    assert any(len(cut) < 24 for cut in short)  # the rule did end a row here
+    ran_on = minipeft.generate(model, prompts, max_new_tokens=24)
+    cut_after = [humaneval.first_function(tokenizer.decode(ids)) for ids in ran_on]
+    assert [texts[0] for texts in humaneval.completions(model, tokenizer, PROBLEMS, new_tokens=24)] == cut_after
+
+
+def test_pass_at_10_counts_each_problems_passing_samples(monkeypatch):
+    """sampled_pass_at_k runs every sample of every problem and averages the paper's estimator over problems."""
+    right, wrong = PROBLEMS[0]["canonical_solution"], "    return None\n"
+    made = {PROBLEMS[0]["task_id"]: [right] * 3 + [wrong] * 7, PROBLEMS[1]["task_id"]: [wrong] * 10}
+    monkeypatch.setattr(humaneval, "completions", lambda model, tokenizer, items, new_tokens, batch, copies, **kw:
+                        [made[p["task_id"]] for p in items])
+    result = humaneval.sampled_pass_at_k(None, None, PROBLEMS[:2], n=10, k=10)
+    assert result["passed"] == {PROBLEMS[0]["task_id"]: 3, PROBLEMS[1]["task_id"]: 0}
+    assert result["pass_at_k"] == 0.5
+    result = humaneval.sampled_pass_at_k(None, None, PROBLEMS[:2], n=10, k=1)
+    assert result["pass_at_k"] == pytest.approx((0.3 + 0.0) / 2)

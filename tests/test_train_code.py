@@ -142,3 +142,43 @@ def test_bf16_compute_keeps_the_held_out_loss(default_weights, code_data, tmp_pa
     assert {str(t.dtype) for t in adapter.values()} == {"torch.float32"}
     state = load_file(tmp_path / "bf16" / "checkpoint.safetensors")
     assert {str(t.dtype) for k, t in state.items() if "exp_avg" in k} == {"torch.float32"}
+
+
+def test_full_fine_tuning_moves_every_weight_by_adams_first_step_and_writes_a_checkpoint_transformers_reads(
+        default_weights, code_data, tmp_path):
+    """--full --no-4bit, the comparison's reference row: every weight trains. AdamW's first step (no weight decay)
+    moves each entry by lr g / (|g| + eps), so by lr wherever the gradient is not vanishing, whatever its size;
+    OUT/model is a Hugging Face checkpoint that transformers reads as minipeft does. A 4-bit base, a --method and
+    a method's flag are each refused by name, before anything loads."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import minipeft
+    from tests.helpers import tiny_with_tokenizer
+
+    weights = tiny_with_tokenizer(tmp_path / "tiny", default_weights)
+    out, lr = tmp_path / "full", 1e-3
+    result = train_code("--weights", str(weights), "--data", str(code_data), "--out", str(out), "--full", "--no-4bit",
+                        "--max-steps", "1", "--warmup", "0", "--lr", str(lr), "--no-samples")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "full" and report["trainable_params"] == report["total_params"]
+    assert report["base_unchanged"] is False and report["settings"]["lr"] == lr
+    base, trained = load_file(weights / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert set(trained) == set(base)
+    for name, before in base.items():
+        moved = (trained[name] - before).abs()
+        assert moved.max() <= lr * (1 + 1e-4) and moved.median() == pytest.approx(lr, rel=1e-3), name
+    ids = torch.tensor([[5, 900, 31, 7000, 2, 44]])
+    model, _ = minipeft.load(out / "model")
+    reference = LlamaForCausalLM.from_pretrained(out / "model").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids).logits, atol=1e-4, rtol=1e-4)
+    for flags, said in [(["--full"], "--full: a 4-bit base cannot be trained"),
+                        (["--full", "--no-4bit", "--r", "4"], "--full: it trains every weight, with no method; --r"),
+                        (["--full", "--no-4bit", "--method", "ia3"], "--full: it trains every weight, with no method; "
+                                                                      "--method ia3")]:
+        refused = train_code("--data", str(code_data), "--out", str(tmp_path / "no"), "--weights",
+                             str(tmp_path / "none"), *flags)
+        assert refused.returncode == 2 and refused.stderr.startswith(f"error: {said}"), refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
