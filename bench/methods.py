@@ -189,9 +189,10 @@ def main():
     ranks = rank_runs(args, runs, results, chosen, bases, machine)
     summary = {"rows": rows, "bases": bases, "seeds": seeds, "ranks": ranks, "versions": machine,
                "settings": {k: v for k, v in vars(args).items() if k not in ("reuse",)},
-               "seconds": time.time() - started, "command": " ".join(["bench/methods.py", *sys.argv[1:]])}
+               "seconds": time.time() - started, "command": " ".join(["bench/methods.py", *sys.argv[1:]]),
+               "curves": curves}
     write_result(results / "summary.json", summary)
-    methods_report.write(Path(args.out), summary, curves)
+    methods_report.write(Path(args.out), summary)
     print(f"wrote {args.out} and the results in {results} ({(time.time() - started) / 60:.0f} min)")
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from statistics import mean
 
 
-def write(out: Path, summary: dict, curves: dict):
+def write(out: Path, summary: dict):
     rows, bases, v, s = summary["rows"], summary["bases"], summary["versions"], summary["settings"]
-    plots = draw(out.parent, summary, curves)
+    plots = draw(out.parent, summary, summary["curves"])
     lines = [f"# PEFT methods side by side ({date.today()})", "",
              f"Made by one command, `{summary['command']}`, in {summary['seconds'] / 3600:.1f} h on {v['cpu']} "
              f"({v['cores']} cores{', AVX512' if v['avx512'] else ', AVX2 only'}{', AMX' if v['amx'] else ''}), "
@@ -141,6 +141,12 @@ def forgetting_claim(summary):
     if "full" not in rows or len(rows) < 2:
         return "can't tell", "Full fine-tuning was not run."
     full, peft = rows["full"], [r for name, r in rows.items() if name != "full"]
+    if full["forgetting"] <= noise(summary):  # nothing to be less prone to
+        theirs = ", ".join(f"{r['method']} {r['forgetting']:+.4f}" for r in peft)
+        return "can't tell at this scale", (
+            f"Full fine-tuning did not forget: its loss on the general text moved by {full['forgetting']:+.4f} (the "
+            f"methods': {theirs}). A prompt method's rise is its prompt read in front of every row, not a changed "
+            f"weight.")
     worse = [r["method"] for r in peft if r["forgetting"] >= full["forgetting"]]
     gain = lambda r: r["humaneval"]["solution_loss"]
     same_gain = [r for r in peft if gain(r) <= gain(full) + noise(summary)]
@@ -217,6 +223,10 @@ CLAIMS = [("Trade-offs: parameter efficiency, memory efficiency, model performan
           ("The effectiveness of higher rank appears to plateau.", rank_claim)]
 
 
+def style(row) -> dict:
+    return {"color": "tab:red" if row["method"] == "full" else "C0", "marker": "o" if row["four_bit"] else "s"}
+
+
 def draw(folder: Path, summary, curves) -> list:
     """The plots, as (file name, alt text); none without matplotlib."""
     try:
@@ -232,18 +242,18 @@ def draw(folder: Path, summary, curves) -> list:
     for axis, key, label, log in ((axes[0], "trainable", "trainable numbers", True),
                                   (axes[1], "peak_mb", "peak training memory (MB)", False)):
         for r in rows:
-            axis.scatter(r[key], r["humaneval"]["solution_loss"], color="tab:red" if r["method"] == "full" else "C0")
+            axis.scatter(r[key], r["humaneval"]["solution_loss"], **style(r))
             axis.annotate(r["method"], (r[key], r["humaneval"]["solution_loss"]), fontsize=8)
         front = sorted((r[key], r["humaneval"]["solution_loss"]) for r in rows
                        if r["method"] in pareto([(x["method"], x[key], x["humaneval"]["solution_loss"]) for x in rows]))
         axis.plot(*zip(*front), color="gray", linestyle="--", linewidth=1) if front else None
         axis.set(xlabel=label, ylabel="HumanEval loss (lower is better)", xscale="log" if log else "linear")
     for r in rows:
-        axes[2].scatter(r["forgetting"], r["humaneval"]["solution_loss"],
-                        color="tab:red" if r["method"] == "full" else "C0")
+        axes[2].scatter(r["forgetting"], r["humaneval"]["solution_loss"], **style(r))
         axes[2].annotate(r["method"], (r["forgetting"], r["humaneval"]["solution_loss"]), fontsize=8)
     axes[2].set(xlabel="forgetting: rise of the general-text loss", ylabel="HumanEval loss")
-    fig.suptitle("Quality against cost and against forgetting (the dashed line: the Pareto front)")
+    fig.suptitle("Quality against cost and against forgetting (dashed: the Pareto front; circles: the NF4 base, "
+                 "squares: the fp32 base; red: full fine-tuning)")
     fig.tight_layout()
     fig.savefig(folder / "methods_pareto.png", dpi=90)
     made.append(("methods_pareto.png", "HumanEval loss against trainable numbers, peak memory and forgetting"))
@@ -261,3 +271,14 @@ def draw(folder: Path, summary, curves) -> list:
     if plot_losses(folder / "methods_loss.png", curves, "code task: training loss"):
         made.append(("methods_loss.png", "training loss of every row"))
     return made
+
+
+if __name__ == "__main__":  # METHODS.md again from a run's summary.json (the rules or the wording changed)
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="bench/METHODS.md from the summary.json of a bench/methods.py run")
+    parser.add_argument("summary", help="RESULTS/summary.json")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "METHODS.md"))
+    args = parser.parse_args()
+    write(Path(args.out), json.loads(Path(args.summary).read_text()))
