@@ -173,7 +173,7 @@ def test_a_row_ends_where_the_callers_rule_says_and_keeps_what_it_would_have_mad
 
 def test_pass_at_10_counts_each_problems_passing_samples(monkeypatch):
     """sampled_pass_at_k runs every sample of every problem and averages the paper's estimator over problems."""
-    right, wrong = PROBLEMS[0]["canonical_solution"], "    return None\n"
+    right, wrong = "\n" + PROBLEMS[0]["canonical_solution"], "\n    return None\n"  # after the stripped prompt
     made = {PROBLEMS[0]["task_id"]: [right] * 3 + [wrong] * 7, PROBLEMS[1]["task_id"]: [wrong] * 10}
     monkeypatch.setattr(humaneval, "completions", lambda model, tokenizer, items, new_tokens, batch, copies, **kw:
                         [made[p["task_id"]] for p in items])
