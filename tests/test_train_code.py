@@ -168,7 +168,10 @@ def test_full_fine_tuning_moves_every_weight_by_adams_first_step_and_writes_a_ch
     assert set(trained) == set(base)
     for name, before in base.items():
         moved = (trained[name] - before).abs()
-        assert moved.max() <= lr * (1 + 1e-4) and moved.median() == pytest.approx(lr, rel=1e-3), name
+        some = moved[moved > 0]  # every entry, but the embedding rows of tokens the step did not read
+        assert some.numel() == moved.numel() or name == "model.embed_tokens.weight" and some.numel() > 0, name
+        assert moved.max() <= lr * (1 + 1e-4) and some.median() == pytest.approx(lr, rel=1e-2), name  # (lm_head's
+        # rows of tokens the step made nearly impossible have gradients near eps, and move a little less)
     ids = torch.tensor([[5, 900, 31, 7000, 2, 44]])
     model, _ = minipeft.load(out / "model")
     reference = LlamaForCausalLM.from_pretrained(out / "model").eval()
