@@ -78,7 +78,7 @@ def test_the_solution_loss_is_transformers_on_the_solutions_tokens(tmp_path, def
 
 
 def test_the_comparison_runs_end_to_end_and_scores_each_adapter(tmp_path, default_weights, code_data):
-    """bench/methods.py on a tiny random model: a LoRA, prompt tuning and full fine-tuning row, each at the better
+    """bench/methods.py on a tiny random model: a LoRA and a full fine-tuning row, each at the better
     of two learning rates, a rank and a seed run. The table has a row each; each run writes its JSON; the row's
     run is the sweep's lowest held-out loss; the HumanEval loss and the forgetting recorded are those of the
     adapter (or fully trained model) recomputed here, against the bare base it was trained on."""
@@ -93,7 +93,7 @@ def test_the_comparison_runs_end_to_end_and_scores_each_adapter(tmp_path, defaul
     text.write_text("Strong winds pushed a bushfire towards the town.\n\nBanking staff are striking today.\n")
     runs, results = tmp_path / "runs", tmp_path / "results"
     command = [sys.executable, "bench/methods.py", "--weights", str(weights), "--data", str(code_data),
-               "--methods", "lora", "prompt", "full", "--steps", "2", "--seq-len", "32", "--heldout", "4",
+               "--methods", "lora", "full", "--steps", "2", "--seq-len", "32", "--heldout", "4",
                "--lr-factors", "1", "3", "--ranks", "2", "--seeds", "1", "--seed-methods", "lora", "--humaneval", "2",
                "--humaneval-tokens", "8", "--general-text", str(text), "--runs", str(runs), "--results", str(results),
                "--out", str(tmp_path / "METHODS.md")]
@@ -101,10 +101,10 @@ def test_the_comparison_runs_end_to_end_and_scores_each_adapter(tmp_path, defaul
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "METHODS.md").read_text()
-    assert all(f"| {row} | " in table for row in ("lora", "prompt", "full", "(bare base, nf4)", "(bare base, fp32)"))
+    assert all(f"| {row} | " in table for row in ("lora", "full", "(bare base, nf4)", "(bare base, fp32)"))
     assert table.count("- **") == 5 and "## Seeds" in table and "## Rank" in table
     rows = ["Strong winds pushed a bushfire towards the town.", "Banking staff are striking today."]
-    for method in ("lora", "prompt", "full"):
+    for method in ("lora", "full"):
         record = json.loads((results / f"{method}.json").read_text())
         assert record["method"] == method and record["versions"]["torch"] == torch.__version__
         assert record["humaneval"]["problems"] == 2 and len(record["sweep"]) == 2
