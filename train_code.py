@@ -16,7 +16,6 @@ Under torchrun (torchrun --nproc_per_node=N train_code.py ...) the processes sha
 """
 
 import argparse
-import json
 import math
 from copy import copy
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 import minipeft
 from minipeft import train  # the training side's pieces (minipeft/train/): train.Batches, ...
 from minipeft.errors import ArgumentParser, BadInput, run_cli
-from minipeft.llama.loader import DEFAULT_DIR, check_device, write_checkpoint
+from minipeft.llama.loader import DEFAULT_DIR, check_device
 
 PROMPTS = ["", "import", "from", "while", "try", "if", "for", "torch"]
 # Every setting that changes the result: a resume with any of them changed is refused by name.
@@ -242,8 +241,7 @@ def main():
         after = (generations(model, tokenizer, separator, args.new_tokens, args.seed, "after")
                  if before["samples"] and not args.no_samples else None)
     if args.full:
-        config = json.loads((Path(args.weights) / "config.json").read_text())
-        write_checkpoint(out / "model", dict(model.named_parameters()), config, args.weights, torch.float32)
+        minipeft.save_model(model, out / "model", args.weights)
     else:
         minipeft.save_adapter(model, out / "adapter", base_model_name_or_path=str(args.weights))
     report(args, run, params, before, loss_after, after, corpus, len(train_rows), len(heldout), settings,

@@ -28,7 +28,7 @@ from .llama.config import LlamaConfig
 from .llama.generate import generate
 from .llama.compiling import compile_blocks
 from .llama.gradient_checkpointing import enable_checkpointing
-from .llama.loader import build_model, load, load_model
+from .llama.loader import build_model, load, load_model, save_model
 from .llama.kv_cache import KVCache
 from .llama.model import Llama
 from .llama.tokenizer import load_tokenizer
@@ -53,7 +53,7 @@ from .methods.merging import disabled, merge, unmerge
 __all__ = ["BadInput", "KVCache", "Llama", "LlamaConfig", "LoRALayer", "MiniPeftError",
            "WordEmbeddingsWithLearnedPrompts", "adapter_names", "add_bitfit", "add_bottleneck_adapters", "add_ia3",
            "add_alora", "add_dora", "add_ept", "add_iapt", "add_lopt", "add_lora", "reallocate", "add_prefix_tuning",
-           "add_plug_and_play", "plug_and_play_loss", "Steering",
+           "add_plug_and_play", "plug_and_play_loss", "Steering", "save_model",
            "add_prompt_tuning", "add_task_head", "base_fingerprint", "classify", "build_model", "compile_blocks",
            "count_parameters",
            "disabled",

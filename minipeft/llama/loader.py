@@ -263,3 +263,10 @@ def write_checkpoint(out, tensors: dict, config: dict, weights_dir, dtype: torch
     for file in TOKENIZER_FILES:
         if (weights_dir / file).is_file():
             shutil.copy(weights_dir / file, out / file)
+
+
+def save_model(model, out, weights_dir):
+    """Every tensor of a fully trained `model` (no methods on it), in float32, as a checkpoint with the config
+    and tokenizer of the base it was loaded from (train_code.py --full)."""
+    config = json.loads((Path(weights_dir) / "config.json").read_text())
+    write_checkpoint(out, dict(model.named_parameters()), config, weights_dir, torch.float32)
