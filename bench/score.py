@@ -46,7 +46,11 @@ def speeds(model) -> dict:
     found = [m for _, m in wrappers(model)]
     result = {"unmerged": {batch: tokens_per_second(model, batch) for batch in (1, 8)}, "merged": None}
     if found and all(hasattr(m, "merge") for m in found):
-        minipeft.merge(model)
+        try:
+            minipeft.merge(model)
+        except minipeft.BadInput as refused:  # IA3 on a 4-bit base: it would round the weight again
+            result["merge_refused"] = str(refused)
+            return result
         result["merged"] = {batch: tokens_per_second(model, batch) for batch in (1, 8)}
     return result
 
