@@ -140,7 +140,7 @@ def completions(model, tokenizer, items: list[dict], new_tokens=256, batch=8, co
     import minipeft
 
     prompts = [tokenizer.encode(problem["prompt"].rstrip()) for problem in items for _ in range(copies)]
-    ended = lambda ids: first_function(tokenizer.decode(ids)) != tokenizer.decode(ids)
+    ended = lambda ids: (lambda text: first_function(text) != text)(tokenizer.decode(ids))  # decoded once
     texts = []
     for start in range(0, len(prompts), batch):
         outputs = minipeft.generate(model, prompts[start:start + batch], max_new_tokens=new_tokens, ended=ended,
