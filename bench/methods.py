@@ -215,16 +215,23 @@ def seed_runs(args, runs, results, chosen, bases, machine) -> dict:
 
 def rank_runs(args, runs, results, chosen, bases, machine) -> dict:
     """{method: [measures at each rank]} for LoRA and ALoRA (alpha = 2 r: the same scale at every rank), at the
-    learning rate the sweep chose for the method (its default if it was not run)."""
+    learning rate the sweep chose for the method (its default if it was not run). The rank and alpha of the method's
+    own row are that row's run, read again."""
     sweep_of = {}
     for method in RANK_METHODS if args.ranks else ():
         sweep_of[method] = []
         for r in args.ranks:
-            out = runs / method / f"r{r}"
             lr = chosen.get(method, default_lr(method))
-            report = train(method, out, args, lr, extra=["--r", str(r), "--alpha", str(2 * r)])
-            sweep_of[method].append({**measures(report, score(out / "score", args, method, out, full=False), bases,
-                                                method), "r": r, "file_bytes": file_bytes(out, method)})
+            own = CHOICES[method].settings
+            if method in chosen and (own["r"], own["alpha"]) == (r, 2 * r):  # the row's own run, not trained twice
+                out = runs / method / f"lr{lr:g}"
+                report, scored = (json.loads((out / name).read_text()) for name in ("report.json", "score/score.json"))
+            else:
+                out = runs / method / f"r{r}"
+                report = train(method, out, args, lr, extra=["--r", str(r), "--alpha", str(2 * r)])
+                scored = score(out / "score", args, method, out, full=False)
+            sweep_of[method].append({**measures(report, scored, bases, method), "r": r,
+                                     "file_bytes": file_bytes(out, method)})
             write_result(results / "ranks" / f"{method}_r{r}.json", {**sweep_of[method][-1], "versions": machine})
             print(f"{method} r {r}: HumanEval loss {sweep_of[method][-1]['humaneval_loss']:.4f}", flush=True)
     return sweep_of

@@ -78,10 +78,11 @@ def test_the_solution_loss_is_transformers_on_the_solutions_tokens(tmp_path, def
 
 
 def test_the_comparison_runs_end_to_end_and_scores_each_adapter(tmp_path, default_weights, code_data):
-    """bench/methods.py on a tiny random model: a LoRA and a full fine-tuning row, each at the better
-    of two learning rates, a rank and a seed run. The table has a row each; each run writes its JSON; the row's
-    run is the sweep's lowest held-out loss; the HumanEval loss and the forgetting recorded are those of the
-    adapter (or fully trained model) recomputed here, against the bare base it was trained on."""
+    """bench/methods.py on a tiny random model: a LoRA and a full fine-tuning row, each at the better of two
+    learning rates, two ranks (r 8 is LoRA's own: the row's run, not trained again) and a seed run. The table has a
+    row each; each run writes its JSON; the row's run is the sweep's lowest held-out loss; the HumanEval loss and the
+    forgetting recorded are those of the adapter (or fully trained model) recomputed here, against the bare base it
+    was trained on."""
     import json
     import subprocess
 
@@ -94,8 +95,9 @@ def test_the_comparison_runs_end_to_end_and_scores_each_adapter(tmp_path, defaul
     runs, results = tmp_path / "runs", tmp_path / "results"
     command = [sys.executable, "bench/methods.py", "--weights", str(weights), "--data", str(code_data),
                "--methods", "lora", "full", "--steps", "2", "--seq-len", "32", "--heldout", "4",
-               "--lr-factors", "1", "3", "--ranks", "2", "--seeds", "1", "--seed-methods", "lora", "--humaneval", "2",
-               "--humaneval-tokens", "8", "--general-text", str(text), "--runs", str(runs), "--results", str(results),
+               "--lr-factors", "1", "3", "--ranks", "2", "8", "--seeds", "1", "--seed-methods", "lora",
+               "--humaneval", "2", "--humaneval-tokens", "8", "--general-text", str(text), "--runs", str(runs),
+               "--results", str(results),
                "--out", str(tmp_path / "METHODS.md")]
     done = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
                           timeout=900)
@@ -130,6 +132,9 @@ def test_the_comparison_runs_end_to_end_and_scores_each_adapter(tmp_path, defaul
     kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
     assert rank["r"] == 2 and rank["trainable"] == config["num_hidden_layers"] * 2 * (  # r (in + out) on q k v, MLP
         (h + h) + 2 * (h + kv) + 2 * (h + i) + (i + h))
+    own = json.loads((results / "ranks" / "lora_r8.json").read_text())
+    assert own["humaneval_loss"] == json.loads((results / "lora.json").read_text())["humaneval"]["solution_loss"]
+    assert not (runs / "lora" / "r8").exists() and (runs / "lora" / "r2").is_dir()
     seed = json.loads((results / "seeds" / "lora_seed1.json").read_text())
     assert seed["seed"] == 1 and seed["lr"] == json.loads((results / "lora.json").read_text())["lr"]
 
