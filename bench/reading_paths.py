@@ -27,6 +27,7 @@ def methods() -> dict:
         "prefix tuning": lambda m: minipeft.add_prefix_tuning(m, num_prompts=4),
         "LoRA": lambda m: minipeft.add_lora(m, ["q_proj", "v_proj"], r=4),
         "DoRA": lambda m: dora(m, ["q_proj", "v_proj"], r=4),
+        "LoHa": lambda m: minipeft.add_loha(m, ["q_proj", "v_proj"], r=2),
         "ALoRA": lambda m: minipeft.add_alora(m, ["q_proj", "v_proj"], r=2),
         "IA3": lambda m: minipeft.add_ia3(m),
         "BitFit": lambda m: minipeft.add_bitfit(m, norms=True),

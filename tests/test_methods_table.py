@@ -17,6 +17,7 @@ def formulas(c) -> dict:
         "LoRA, r = 8": L * 8 * ((d + d) + (d + kv)),  # q: d -> d, v: d -> kv
         "ALoRA, r = 8, 5 rounds": L * (8 + 5 * 2) * ((d + d) + (d + kv)),  # r + rounds x (q, v) slots; 8 open
         "DoRA, r = 8": L * (8 * ((d + d) + (d + kv)) + d + kv),
+        "LoHa, r = 8": L * 2 * 8 * ((d + d) + (d + kv)),  # B1 A1 and B2 A2 on q and v
         "IA3": L * (kv + kv + ff),
         "BitFit": L * (d + kv + kv + d + ff + ff + d) + (2 * L + 1) * d,
     }

@@ -14,6 +14,7 @@ from tests.helpers import write_hf_checkpoint
 ADD = {
     "lora": lambda m, name: minipeft.add_lora(m, ["q", "v", "down"], r=4, name=name),
     "dora": lambda m, name: minipeft.add_dora(m, ["q", "k", "up"], r=4, name=name),
+    "loha": lambda m, name: minipeft.add_loha(m, ["q", "v", "down"], r=2, name=name),
     "ia3": lambda m, name: minipeft.add_ia3(m, name=name),
     "bitfit": lambda m, name: minipeft.add_bitfit(m, norms=True, name=name),
     "bottleneck": lambda m, name: minipeft.add_bottleneck_adapters(m, bottleneck_size=8, name=name),
@@ -88,7 +89,7 @@ def test_each_row_gets_what_it_gets_alone(base, tmp_path, first, second):
         assert generated[row] == minipeft.generate(alone(base, tmp_path, name), [prompts[row]], 5, eos_id=-1)[0]
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "prefix", "prompt", "iapt"])
+@pytest.mark.parametrize("method", ["lora", "dora", "loha", "prefix", "prompt", "iapt"])
 def test_training_gradients_are_the_per_row_gradients_summed(base, tmp_path, method):
     """Right-padded, as train/batches.py pads (a left pad's last position would be scored on the first token)."""
     ids, mask, lengths = batch()

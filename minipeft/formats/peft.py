@@ -19,6 +19,7 @@ from ..errors import BadInput, refuse_unhonoured, require, require_mapping
 from ..methods.bitfit import BitFitSettings, LinearWithLearnedBias, NormWithLearnedGain, add_bitfit
 from ..methods.dora import DoRALayer, add_dora
 from ..methods.ia3 import IA3Layer, IA3Settings, add_ia3
+from ..methods.loha import LoHaLayer, LoHaSettings, add_loha
 from ..methods.lora import LoRALayer, LoRASettings, add_lora
 from ..methods.prefix_tuning import LearnedPast, PrefixTuningSettings, add_prefix_tuning
 from ..methods.prompt_tuning import PromptTuningSettings, WordEmbeddingsWithLearnedPrompts, add_prompt_tuning
@@ -87,9 +88,9 @@ LORA_KEYS = Keys(
 INITS_KEEPING_THE_BASE = (True, False, "gaussian", "eva", "orthogonal", "nora", "mica")
 
 
-def lora_patterns(settings: LoRASettings, layers: dict) -> tuple[dict, dict]:
-    """rank_pattern and alpha_pattern for the file: the first add_lora's, and each layer's own r and alpha by its
-    full name where those patterns do not give it (a later add_lora's)."""
+def lora_patterns(settings, layers: dict) -> tuple[dict, dict]:
+    """rank_pattern and alpha_pattern for the file (LoRA's, LoHa's): the first add_X's, and each layer's own r and
+    alpha by its full name where those patterns do not give it (a later add_X's)."""
     ranks, alphas = dict(settings.rank_pattern), dict(settings.alpha_pattern)
     for slot, layer in layers.items():
         if pattern_value(ranks, slot, settings.r) != layer.r:
@@ -117,13 +118,8 @@ def write_lora(model, settings: LoRASettings, name):
 
 
 def read_lora(model, config, source, name):
-    shape = model.config
-    largest = max(shape.hidden_size, shape.intermediate_size, shape.vocab_size)
-    r = require(config, "r", int, source, 1, largest)
-    alpha = require(config, "lora_alpha", (int, float), source, -1e9, 1e9)
+    r, alpha, ranks, alphas = ranks_and_alphas(model, config, source, "lora_alpha")
     dropout = require(config, "lora_dropout", (int, float), source, 0, 0.999, default=0.0)
-    ranks = require_mapping(config, "rank_pattern", int, source, largest)
-    alphas = require_mapping(config, "alpha_pattern", (int, float), source, 1e9)
     use_rslora = require(config, "use_rslora", bool, source, default=False)
     use_dora = require(config, "use_dora", bool, source, default=False)
     init = config.get("init_lora_weights", True)
@@ -131,14 +127,56 @@ def read_lora(model, config, source, name):
         raise BadInput(f"{source}: key 'init_lora_weights' is {init!r}: this adapter is right only on the base its "
                        "initialisation changed; save it with peft's path_initial_model_for_weight_conversion to "
                        "get a plain LoRA file")
-    targets = require(config, "target_modules", (list, str), source)
-    named_by_list = isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
-    if not (named_by_list or isinstance(targets, str)):
-        raise BadInput(f"{source}: target_modules should be a regex or a list of module names, got {targets!r}")
+    targets = target_modules(config, source)
     reported_against(source, add_dora if use_dora else add_lora, model, targets, r, alpha, dropout, ranks, alphas,
                      use_rslora, name,
                      what=f"target_modules {targets!r} are not all modules of this model (" + "{e})")
     return write_lora(model, settings_of(model, name, LoRASettings), name)[1]
+
+
+def target_modules(config, source):
+    """A config's target_modules: a regex or a list of module names."""
+    targets = require(config, "target_modules", (list, str), source)
+    named_by_list = isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
+    if not (named_by_list or isinstance(targets, str)):
+        raise BadInput(f"{source}: target_modules should be a regex or a list of module names, got {targets!r}")
+    return targets
+
+
+def ranks_and_alphas(model, config, source, alpha_key):
+    """r, alpha (config[alpha_key]), rank_pattern and alpha_pattern of a low-rank method's config."""
+    shape = model.config
+    largest = max(shape.hidden_size, shape.intermediate_size, shape.vocab_size)
+    return (require(config, "r", int, source, 1, largest), require(config, alpha_key, (int, float), source, -1e9, 1e9),
+            require_mapping(config, "rank_pattern", int, source, largest),
+            require_mapping(config, "alpha_pattern", (int, float), source, 1e9))
+
+
+# ---- LoHa -------------------------------------------------------------------------------------------------
+
+LOHA_KEYS = Keys(read=("r", "alpha", "target_modules", "rank_pattern", "alpha_pattern"),
+                 not_math=("init_weights", "use_effective_conv2d"),  # the latter: convolutions only
+                 only_default={"rank_dropout": 0.0, "module_dropout": 0.0, "exclude_modules": None,
+                               "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None})
+
+
+def write_loha(model, settings: LoHaSettings, name):
+    layers = adapters_named(model, name, LoHaLayer)
+    rank_pattern, alpha_pattern = lora_patterns(settings, layers)
+    config = {"peft_type": "LOHA", "task_type": "CAUSAL_LM", "r": settings.r, "alpha": settings.alpha,
+              "target_modules": settings.targets, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+              "rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False, "init_weights": True,
+              "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None}
+    return config, {f"{PREFIX}{slot}.{tensor}": getattr(layer, tensor)
+                    for slot, layer in layers.items() for tensor in LoHaLayer.trainable_names}
+
+
+def read_loha(model, config, source, name):
+    r, alpha, ranks, alphas = ranks_and_alphas(model, config, source, "alpha")
+    targets = target_modules(config, source)
+    reported_against(source, add_loha, model, targets, r, alpha, ranks, alphas, name,
+                     what=f"target_modules {targets!r} are not all modules of this model (" + "{e})")
+    return write_loha(model, settings_of(model, name, LoHaSettings), name)[1]
 
 
 # ---- prompt tuning ----------------------------------------------------------------------------------------
@@ -260,5 +298,6 @@ def read_bitfit(model, config, source, name):
 FORMATS = [Format("LORA", LoRASettings, LORA_KEYS, write_lora, read_lora),
            Format("PROMPT_TUNING", PromptTuningSettings, PROMPT_TUNING_KEYS, write_prompt_tuning, read_prompt_tuning),
            Format("PREFIX_TUNING", PrefixTuningSettings, PREFIX_TUNING_KEYS, write_prefix_tuning, read_prefix_tuning),
+           Format("LOHA", LoHaSettings, LOHA_KEYS, write_loha, read_loha),
            Format("IA3", IA3Settings, IA3_KEYS, write_ia3, read_ia3),
            Format("BEFT", BitFitSettings, BITFIT_KEYS, write_bitfit, read_bitfit)]

@@ -33,13 +33,15 @@ import torch
 import torch.nn as nn
 
 from ..errors import BadInput
+from ..llama.quant import dequantize, is_4bit, requantize_
 from .freezing import freeze_base
 from .merging import disabled
 from .named_adapters import filled_on_own_rows, in_mixed_batch, past_on_own_rows, prepended_on_own_rows, row_mask
 from .placing import (PER_LAYER, SHORT_NAMES, check_free, check_name, in_slot, innermost, joined_settings,
                       linears_named, pattern_value, place, record_settings)
 
-__all__ = ["Wrapper", "Mergeable", "Prepends", "PastWrapper", "LayerPromptsWrapper", "TextOffsetsWrapper",  # inherited
+__all__ = ["Wrapper", "Mergeable", "FoldsIntoWeight", "Prepends", "PastWrapper", "LayerPromptsWrapper",  # inherited
+           "TextOffsetsWrapper",
            "matmul_input",  # what its own matmuls take
            "attach", "linears_named", "SHORT_NAMES", "innermost", "pattern_value", "disabled", "PER_LAYER"]  # its add_X
 
@@ -110,6 +112,27 @@ class Mergeable:
         error = self.fold(-1)
         self.merged = False
         return error
+
+
+class FoldsIntoWeight(Mergeable):
+    """A Mergeable method whose change is a matrix of the wrapped linear's shape, delta_weight() (out, in) (LoRA,
+    LoHa): fold reads W (decoding a 4-bit one), takes folded(W, sign), and writes it back (a 4-bit one rounded to
+    its grid again, so W comes back from unmerge only approximately: the worst rounding error is returned)."""
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def folded(self, weight, sign: int) -> torch.Tensor:
+        """W + delta, or W - delta to take it back out."""
+        return weight + sign * self.delta_weight().float()
+
+    def fold(self, sign: int) -> float:
+        weight = dequantize(self.base_layer).float() if is_4bit(self.base_layer) else self.base_layer.weight.float()
+        weight = self.folded(weight, sign)
+        if is_4bit(self.base_layer):
+            return requantize_(self.base_layer, weight)
+        self.base_layer.weight.copy_(weight.to(self.base_layer.weight.dtype))
+        return 0.0
 
 
 class Prepends(Wrapper):

@@ -25,11 +25,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import BadInput
-from ..llama.quant import dequantize, is_4bit, requantize_
-from .contract import PER_LAYER, Mergeable, Wrapper, attach, innermost, linears_named, matmul_input, pattern_value
+from .contract import PER_LAYER, FoldsIntoWeight, Wrapper, attach, innermost, linears_named, matmul_input, pattern_value
 
 
-class LoRALayer(Wrapper, Mergeable):
+class LoRALayer(Wrapper, FoldsIntoWeight):
     trainable_names = ("lora_A.weight", "lora_B.weight")
     use_dora = False  # DoRA's layer (dora.py) learns each row's magnitude too
 
@@ -52,22 +51,8 @@ class LoRALayer(Wrapper, Mergeable):
         return y + (self.scaling * update).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """(alpha / r) B A: the (out, in) update this adapter adds to W."""
+        """(alpha / r) B A: the (out, in) update this adapter adds to W; merge() folds it in (contract.py)."""
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
-
-    def folded(self, weight, sign: int) -> torch.Tensor:
-        """W + (alpha / r) B A, or W - (alpha / r) B A to take it back out."""
-        return weight + sign * self.delta_weight().float()
-
-    def fold(self, sign: int) -> float:
-        """merge (+1) or unmerge (-1). On a 4-bit base the new W is rounded to the 4-bit grid again: the
-        returned worst rounding error, 0 otherwise; so W comes back from unmerge only approximately."""
-        weight = dequantize(self.base_layer).float() if is_4bit(self.base_layer) else self.base_layer.weight.float()
-        weight = self.folded(weight, sign)
-        if is_4bit(self.base_layer):
-            return requantize_(self.base_layer, weight)
-        self.base_layer.weight.copy_(weight.to(self.base_layer.weight.dtype))
-        return 0.0
 
 
 @dataclass

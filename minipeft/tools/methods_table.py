@@ -18,6 +18,7 @@ from ..methods.dora import add_dora
 from ..methods.ept import add_ept
 from ..methods.iapt import add_iapt
 from ..methods.ia3 import add_ia3
+from ..methods.loha import add_loha
 from ..methods.lopt import add_lopt
 from ..methods.lora import add_lora
 from ..methods.plug_and_play import add_plug_and_play
@@ -53,6 +54,8 @@ ROWS = [
      lambda m: add_alora(m, ["q_proj", "v_proj"], r=8, rounds=5)),
     ("DoRA, r = 8", "q_proj and v_proj of every layer, plus a magnitude per output row",
      lambda m: add_dora(m, ["q_proj", "v_proj"], r=8)),
+    ("LoHa, r = 8", "q_proj and v_proj of every layer, two rank-8 factors multiplied entry by entry",
+     lambda m: add_loha(m, ["q_proj", "v_proj"], r=8)),
     ("IA3", "k_proj and v_proj outputs, down_proj inputs, every layer", lambda m: add_ia3(m)),
     ("BitFit", "a bias on all seven linears of every layer, and every norm's gain",
      lambda m: add_bitfit(m, norms=True)),

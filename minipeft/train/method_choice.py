@@ -18,6 +18,7 @@ from ..methods.dora import add_dora
 from ..methods.ept import add_ept
 from ..methods.ia3 import add_ia3
 from ..methods.iapt import add_iapt
+from ..methods.loha import add_loha
 from ..methods.lopt import add_lopt
 from ..methods.lora import add_lora
 from ..methods.prefix_tuning import add_prefix_tuning
@@ -45,6 +46,8 @@ CHOICES = {  # add(model, settings, seed, name): `name` is the adapter's (named_
     "lora": Choice(lora, LORA_SETTINGS, {"code": 1e-3, "fox": 1e-2}),
     "dora": Choice(lambda m, s, seed, name: lora(m, s, seed, name, add=add_dora), LORA_SETTINGS,
                    {"code": 1e-3, "fox": 1e-2}),
+    "loha": Choice(lambda m, s, seed, name: add_loha(m, s["targets"].split(","), s["r"], s["alpha"], name=name),
+                   {"targets": LORA_TARGETS, "r": 8, "alpha": 16}, {"code": 1e-3, "fox": 1e-2}),
     "ia3": Choice(lambda m, s, seed, name: add_ia3(m, s["targets"].split(","), name=name),
                   {"targets": "k_proj,v_proj,down_proj"}, {"code": 1e-2, "fox": 5e-2}),
     "bitfit": Choice(lambda m, s, seed, name: add_bitfit(m, s["targets"].split(","), norms=True, name=name),
@@ -72,9 +75,9 @@ CHOICES = {  # add(model, settings, seed, name): `name` is the adapter's (named_
                      "realloc_every": 10, "rounds": 4},
                     {"code": 1e-3, "fox": 5e-3}),
 }
-FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoPT's U V, of EPT's A B and projections,"
-                  " IAPT's generators' bottleneck",
-             "alpha": "LoRA alpha; the update is scaled by alpha / r",
+FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoHa's two factors, of LoPT's U V, of EPT's A B"
+                  " and projections, IAPT's generators' bottleneck",
+             "alpha": "LoRA's (and LoHa's) alpha; the update is scaled by alpha / r",
              "dropout": "LoRA dropout", "targets": "comma-separated linears to wrap",
              "num_prompts": "learned positions in front of the text (or of every layer's keys and values)",
              "projection_hidden": "prefix tuning's reparameterisation MLP width (None: no MLP)",
