@@ -31,6 +31,7 @@ def methods() -> dict:
         "ALoRA": lambda m: minipeft.add_alora(m, ["q_proj", "v_proj"], r=2),
         "IA3": lambda m: minipeft.add_ia3(m),
         "BitFit": lambda m: minipeft.add_bitfit(m, norms=True),
+        "LN tuning": lambda m: minipeft.add_ln_tuning(m),
         "bottleneck": lambda m: minipeft.add_bottleneck_adapters(m, 8),
     }
 

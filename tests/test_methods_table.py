@@ -20,6 +20,7 @@ def formulas(c) -> dict:
         "LoHa, r = 8": L * 2 * 8 * ((d + d) + (d + kv)),  # B1 A1 and B2 A2 on q and v
         "IA3": L * (kv + kv + ff),
         "BitFit": L * (d + kv + kv + d + ff + ff + d) + (2 * L + 1) * d,
+        "LN tuning": (2 * L + 1) * d,  # two norms a block, and the last
     }
 
 

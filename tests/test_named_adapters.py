@@ -15,6 +15,8 @@ ADD = {
     "lora": lambda m, name: minipeft.add_lora(m, ["q", "v", "down"], r=4, name=name),
     "dora": lambda m, name: minipeft.add_dora(m, ["q", "k", "up"], r=4, name=name),
     "loha": lambda m, name: minipeft.add_loha(m, ["q", "v", "down"], r=2, name=name),
+    "ln_tuning": lambda m, name: minipeft.add_ln_tuning(m, ["input_layernorm"] if name == "fox" else ["norm"],
+                                                        name=name),
     "ia3": lambda m, name: minipeft.add_ia3(m, name=name),
     "bitfit": lambda m, name: minipeft.add_bitfit(m, norms=True, name=name),
     "bottleneck": lambda m, name: minipeft.add_bottleneck_adapters(m, bottleneck_size=8, name=name),
@@ -70,8 +72,9 @@ def batch():
 
 
 @pytest.mark.parametrize("first, second", [(m, m) for m in ADD] + [("prompt", "lora"), ("prefix", "ia3"),
-                                                                    ("bottleneck", "prompt"), ("lopt", "prompt"),
-                                                                    ("iapt", "prompt"), ("prompt", "iapt")])
+                                                                    ("ln_tuning", "bitfit"), ("bottleneck", "prompt"),
+                                                                    ("lopt", "prompt"), ("iapt", "prompt"),
+                                                                    ("prompt", "iapt")])
 def test_each_row_gets_what_it_gets_alone(base, tmp_path, first, second):
     model = two_adapters(base, first, second)
     save_adapter(model, tmp_path)

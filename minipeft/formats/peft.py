@@ -19,6 +19,7 @@ from ..errors import BadInput, refuse_unhonoured, require, require_mapping
 from ..methods.bitfit import BitFitSettings, LinearWithLearnedBias, NormWithLearnedGain, add_bitfit
 from ..methods.dora import DoRALayer, add_dora
 from ..methods.ia3 import IA3Layer, IA3Settings, add_ia3
+from ..methods.ln_tuning import LNTuningSettings, add_ln_tuning
 from ..methods.loha import LoHaLayer, LoHaSettings, add_loha
 from ..methods.lora import LoRALayer, LoRASettings, add_lora
 from ..methods.prefix_tuning import LearnedPast, PrefixTuningSettings, add_prefix_tuning
@@ -295,9 +296,28 @@ def read_bitfit(model, config, source, name):
     return write_bitfit(model, settings_of(model, name, BitFitSettings), name)[1]
 
 
+# ---- LN tuning --------------------------------------------------------------------------------------------
+
+LN_TUNING_KEYS = Keys(read=("target_modules",), only_default={"exclude_modules": None, "modules_to_save": None})
+
+
+def write_ln_tuning(model, settings: LNTuningSettings, name):
+    config = {"peft_type": "LN_TUNING", "task_type": "CAUSAL_LM", "target_modules": settings.targets,
+              "exclude_modules": None, "modules_to_save": None}
+    gains = adapters_named(model, name, NormWithLearnedGain)
+    return config, {f"{PREFIX}{slot}.ln_tuning_layers.weight": m.weight for slot, m in gains.items()}
+
+
+def read_ln_tuning(model, config, source, name):
+    targets = target_modules(config, source)
+    reported_against(source, add_ln_tuning, model, targets, name)
+    return write_ln_tuning(model, settings_of(model, name, LNTuningSettings), name)[1]
+
+
 FORMATS = [Format("LORA", LoRASettings, LORA_KEYS, write_lora, read_lora),
            Format("PROMPT_TUNING", PromptTuningSettings, PROMPT_TUNING_KEYS, write_prompt_tuning, read_prompt_tuning),
            Format("PREFIX_TUNING", PrefixTuningSettings, PREFIX_TUNING_KEYS, write_prefix_tuning, read_prefix_tuning),
            Format("LOHA", LoHaSettings, LOHA_KEYS, write_loha, read_loha),
            Format("IA3", IA3Settings, IA3_KEYS, write_ia3, read_ia3),
-           Format("BEFT", BitFitSettings, BITFIT_KEYS, write_bitfit, read_bitfit)]
+           Format("BEFT", BitFitSettings, BITFIT_KEYS, write_bitfit, read_bitfit),
+           Format("LN_TUNING", LNTuningSettings, LN_TUNING_KEYS, write_ln_tuning, read_ln_tuning)]

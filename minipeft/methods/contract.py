@@ -38,12 +38,13 @@ from .freezing import freeze_base
 from .merging import disabled
 from .named_adapters import filled_on_own_rows, in_mixed_batch, past_on_own_rows, prepended_on_own_rows, row_mask
 from .placing import (PER_LAYER, SHORT_NAMES, check_free, check_name, in_slot, innermost, joined_settings,
-                      linears_named, pattern_value, place, record_settings)
+                      linears_named, pattern_value, place, record_settings, target_matches)
 
 __all__ = ["Wrapper", "Mergeable", "FoldsIntoWeight", "Prepends", "PastWrapper", "LayerPromptsWrapper",  # inherited
            "TextOffsetsWrapper",
            "matmul_input",  # what its own matmuls take
-           "attach", "linears_named", "SHORT_NAMES", "innermost", "pattern_value", "disabled", "PER_LAYER"]  # its add_X
+           "attach", "linears_named", "target_matches", "SHORT_NAMES", "innermost", "pattern_value", "disabled",
+           "PER_LAYER"]  # its add_X
 
 
 class Wrapper(nn.Module):

@@ -18,6 +18,7 @@ from ..methods.dora import add_dora
 from ..methods.ept import add_ept
 from ..methods.iapt import add_iapt
 from ..methods.ia3 import add_ia3
+from ..methods.ln_tuning import add_ln_tuning
 from ..methods.loha import add_loha
 from ..methods.lopt import add_lopt
 from ..methods.lora import add_lora
@@ -59,6 +60,7 @@ ROWS = [
     ("IA3", "k_proj and v_proj outputs, down_proj inputs, every layer", lambda m: add_ia3(m)),
     ("BitFit", "a bias on all seven linears of every layer, and every norm's gain",
      lambda m: add_bitfit(m, norms=True)),
+    ("LN tuning", "every norm's gain", lambda m: add_ln_tuning(m)),
 ]
 
 

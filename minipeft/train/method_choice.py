@@ -18,6 +18,7 @@ from ..methods.dora import add_dora
 from ..methods.ept import add_ept
 from ..methods.ia3 import add_ia3
 from ..methods.iapt import add_iapt
+from ..methods.ln_tuning import NORMS, add_ln_tuning
 from ..methods.loha import add_loha
 from ..methods.lopt import add_lopt
 from ..methods.lora import add_lora
@@ -52,6 +53,8 @@ CHOICES = {  # add(model, settings, seed, name): `name` is the adapter's (named_
                   {"targets": "k_proj,v_proj,down_proj"}, {"code": 1e-2, "fox": 5e-2}),
     "bitfit": Choice(lambda m, s, seed, name: add_bitfit(m, s["targets"].split(","), norms=True, name=name),
                      {"targets": ",".join(BLOCK_LINEARS)}, {"code": 3e-3, "fox": 1e-2}),
+    "ln_tuning": Choice(lambda m, s, seed, name: add_ln_tuning(m, s["targets"].split(","), name=name),
+                        {"targets": ",".join(NORMS)}, {"code": 3e-3, "fox": 1e-2}),
     "bottleneck": Choice(lambda m, s, seed, name: add_bottleneck_adapters(m, s["bottleneck_size"], s["placement"],
                                                                           name=name),
                          {"bottleneck_size": 64, "placement": "houlsby"}, {"code": 1e-3, "fox": 1e-2}),
@@ -78,7 +81,7 @@ CHOICES = {  # add(model, settings, seed, name): `name` is the adapter's (named_
 FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoHa's two factors, of LoPT's U V, of EPT's A B"
                   " and projections, IAPT's generators' bottleneck",
              "alpha": "LoRA's (and LoHa's) alpha; the update is scaled by alpha / r",
-             "dropout": "LoRA dropout", "targets": "comma-separated linears to wrap",
+             "dropout": "LoRA dropout", "targets": "comma-separated linears to wrap (LN tuning: norms)",
              "num_prompts": "learned positions in front of the text (or of every layer's keys and values)",
              "projection_hidden": "prefix tuning's reparameterisation MLP width (None: no MLP)",
              "bottleneck_size": "bottleneck adapters' width m",
