@@ -21,6 +21,7 @@ def methods() -> dict:
     dora = getattr(minipeft, "add_dora", None) or (lambda m, *a, **k: minipeft.add_lora(m, *a, use_dora=True, **k))
     return {
         "prompt tuning": lambda m: minipeft.add_prompt_tuning(m, num_prompts=4),
+        "P-tuning": lambda m: minipeft.add_p_tuning(m, num_prompts=4, hidden=8),
         "LoPT": lambda m: minipeft.add_lopt(m, num_prompts=4, r=2),
         "EPT": lambda m: minipeft.add_ept(m, num_prompts=4, max_length=8, r=2, spaces=2),
         "IAPT": lambda m: minipeft.add_iapt(m, num_prompts=2, r=4, instruction_tokens=2),

@@ -24,6 +24,7 @@ METHODS = {
     "prefix": lambda m: minipeft.add_prefix_tuning(m, num_prompts=3),
     "prefix_projection": lambda m: minipeft.add_prefix_tuning(m, num_prompts=3, projection_hidden=16, init="random"),
     "prompt": lambda m: minipeft.add_prompt_tuning(m, num_prompts=3),
+    "p_tuning": lambda m: minipeft.add_p_tuning(m, num_prompts=3, encoder="LSTM", hidden=8),
     "lopt": lambda m: minipeft.add_lopt(m, num_prompts=3, r=2),
     "alora": lambda m: minipeft.add_alora(m, ["q", "v", "down"], r=2, capacity=3),
     "ept": lambda m: minipeft.add_ept(m, num_prompts=3, max_length=12, r=2, spaces=2),

@@ -10,6 +10,7 @@ def formulas(c) -> dict:
         "prompt tuning, 20 tokens": 20 * d,
         "LoPT, 20 tokens, r = 4": 4 * (20 + d),  # U (20, 4) and V (4, d)
         "EPT, 10 tokens, s = 256, r = 4, 3 spaces": 10 * d + 256 * 4 + 4 * d + 3 * (d * 4 + 4 * d) + d * 3,
+        "P-tuning, 20 tokens, MLP encoder": 20 * d + 3 * (d * d + d),  # e, then D -> D -> D -> D
         "Plug and Play prompts, 10 tokens": 10 * d,
         "IAPT, 4 tokens, r = 16": L * (d * 16 + 4 * 16 + 10 + 16 * d),  # Down, queries, a and b, Up
         "prefix tuning, 20 tokens": 20 * L * 2 * kv,

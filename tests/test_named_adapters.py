@@ -22,6 +22,7 @@ ADD = {
     "bottleneck": lambda m, name: minipeft.add_bottleneck_adapters(m, bottleneck_size=8, name=name),
     "prefix": lambda m, name: minipeft.add_prefix_tuning(m, num_prompts=3 if name == "fox" else 5, name=name),
     "prompt": lambda m, name: minipeft.add_prompt_tuning(m, num_prompts=4 if name == "fox" else 2, name=name),
+    "p_tuning": lambda m, name: minipeft.add_p_tuning(m, num_prompts=4 if name == "fox" else 2, hidden=8, name=name),
     "lopt": lambda m, name: minipeft.add_lopt(m, num_prompts=4 if name == "fox" else 3, r=2, name=name),
     "ept": lambda m, name: minipeft.add_ept(m, num_prompts=4 if name == "fox" else 2, max_length=12, r=2,
                                             spaces=2, name=name),
@@ -72,9 +73,9 @@ def batch():
 
 
 @pytest.mark.parametrize("first, second", [(m, m) for m in ADD] + [("prompt", "lora"), ("prefix", "ia3"),
-                                                                    ("ln_tuning", "bitfit"), ("bottleneck", "prompt"),
-                                                                    ("lopt", "prompt"), ("iapt", "prompt"),
-                                                                    ("prompt", "iapt")])
+                                                                    ("ln_tuning", "bitfit"), ("p_tuning", "lora"),
+                                                                    ("bottleneck", "prompt"), ("lopt", "prompt"),
+                                                                    ("iapt", "prompt"), ("prompt", "iapt")])
 def test_each_row_gets_what_it_gets_alone(base, tmp_path, first, second):
     model = two_adapters(base, first, second)
     save_adapter(model, tmp_path)

@@ -23,7 +23,9 @@ from ..methods.ln_tuning import LNTuningSettings, add_ln_tuning
 from ..methods.loha import LoHaLayer, LoHaSettings, add_loha
 from ..methods.lora import LoRALayer, LoRASettings, add_lora
 from ..methods.prefix_tuning import LearnedPast, PrefixTuningSettings, add_prefix_tuning
-from ..methods.prompt_tuning import PromptTuningSettings, WordEmbeddingsWithLearnedPrompts, add_prompt_tuning
+from ..methods.p_tuning import ENCODERS, PTuningSettings
+from ..methods.prompt_tuning import (PromptsInFront, PromptTuningSettings, WordEmbeddingsWithLearnedPrompts,
+                                     add_prompt_tuning)
 from ..methods.placing import adapters_named, linear_names, pattern_value, target_matches
 
 PREFIX = "base_model.model."  # in front of every layer name in peft's tensor names
@@ -212,6 +214,46 @@ def read_prompt_tuning(model, config, source, name):
     return {"prompt_embeddings": wrapper.learned_prompts}
 
 
+# ---- P-tuning ---------------------------------------------------------------------------------------------
+
+P_TUNING_KEYS = Keys(
+    read=("num_virtual_tokens", "token_dim", "num_transformer_submodules", "encoder_reparameterization_type",
+          "encoder_hidden_size", "encoder_num_layers", "encoder_dropout"),
+    not_math=("num_attention_heads", "num_layers"),
+    only_default={"modules_to_save": None})
+
+
+def write_p_tuning(model, settings: PTuningSettings, name):
+    """The prompts as the encoder makes them now (or as a file gave them), as peft saves them."""
+    shape = model.config
+    config = {"peft_type": "P_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": settings.num_prompts,
+              "token_dim": shape.hidden_size, "num_transformer_submodules": 1,
+              "num_attention_heads": shape.num_attention_heads, "num_layers": shape.num_hidden_layers,
+              "encoder_reparameterization_type": settings.encoder, "encoder_hidden_size": settings.hidden,
+              "encoder_num_layers": settings.lstm_layers, "encoder_dropout": settings.lstm_dropout}
+    wrapper, = adapters_named(model, name, PromptsInFront).values()
+    return config, {"prompt_embeddings": wrapper.prompts()}
+
+
+def read_p_tuning(model, config, source, name):
+    """A file holds the encoder's output, so it loads as prompts to use directly, as peft loads it."""
+    hidden = model.config.hidden_size
+    require(config, "token_dim", int, source, hidden, hidden, default=hidden)
+    require(config, "num_transformer_submodules", int, source, 1, 1, default=1)
+    num_prompts = require(config, "num_virtual_tokens", int, source, 1, model.config.max_position_embeddings)
+    encoder = require(config, "encoder_reparameterization_type", str, source, default="MLP")
+    if encoder not in ENCODERS:
+        raise BadInput(f"{source}: key 'encoder_reparameterization_type' is {encoder!r}; expected one of {ENCODERS}")
+    settings = PTuningSettings(num_prompts, encoder,
+                               require(config, "encoder_hidden_size", int, source, 1, 1 << 20, default=hidden),
+                               require(config, "encoder_num_layers", int, source, 1, 64, default=2),
+                               require(config, "encoder_dropout", (int, float), source, 0, 0.999, default=0.0))
+    wrapper = add_prompt_tuning(model, num_prompts, init="random", name=name)  # the file's values replace these
+    del model.adapter_settings[name][PromptTuningSettings]  # an adapter of P-tuning, its encoder left behind
+    model.adapter_settings[name][PTuningSettings] = settings
+    return {"prompt_embeddings": wrapper.learned_prompts}
+
+
 # ---- prefix tuning ----------------------------------------------------------------------------------------
 
 PREFIX_TUNING_KEYS = Keys(
@@ -316,6 +358,7 @@ def read_ln_tuning(model, config, source, name):
 
 FORMATS = [Format("LORA", LoRASettings, LORA_KEYS, write_lora, read_lora),
            Format("PROMPT_TUNING", PromptTuningSettings, PROMPT_TUNING_KEYS, write_prompt_tuning, read_prompt_tuning),
+           Format("P_TUNING", PTuningSettings, P_TUNING_KEYS, write_p_tuning, read_p_tuning),
            Format("PREFIX_TUNING", PrefixTuningSettings, PREFIX_TUNING_KEYS, write_prefix_tuning, read_prefix_tuning),
            Format("LOHA", LoHaSettings, LOHA_KEYS, write_loha, read_loha),
            Format("IA3", IA3Settings, IA3_KEYS, write_ia3, read_ia3),

@@ -26,13 +26,13 @@ import torch
 import torch.nn as nn
 
 from ..errors import BadInput
-from .contract import Prepends, attach
-from .prompt_tuning import initial_prompts
+from .contract import attach
+from .prompt_tuning import PromptsInFront, initial_prompts
 
 
-class WordEmbeddingsWithLowRankPrompts(Prepends):
-    """Wraps the frozen token embedding and prepends the P rows of U V to every sequence."""
-    trainable_names, wrapped = ("prompt_U", "prompt_V"), "word_embeddings"
+class WordEmbeddingsWithLowRankPrompts(PromptsInFront):
+    """Prepends the P rows of U V to every sequence (prompt tuning's wrapper, its prompts made otherwise)."""
+    trainable_names = ("prompt_U", "prompt_V")
 
     def __init__(self, word_embeddings: nn.Embedding, U: torch.Tensor, V: torch.Tensor):
         super().__init__()
@@ -40,17 +40,8 @@ class WordEmbeddingsWithLowRankPrompts(Prepends):
         self.prompt_U = nn.Parameter(U.detach().clone().float())  # U: (P, r)
         self.prompt_V = nn.Parameter(V.detach().clone().float())  # V: (r, D)
 
-    @property
-    def weight(self):  # the vocabulary matrix, for lookups that must not prepend (cached decoding)
-        return self.word_embeddings.weight
-
     def prompts(self) -> torch.Tensor:
-        return self.prompt_U @ self.prompt_V  # (P, D), of rank r at most
-
-    def adapt_output(self, input_ids, tokens):
-        """U V, the learned prompts, in front of the tokens' embeddings (B, T, D): (B, P + T, D)."""
-        prompts = self.prompts().to(tokens.dtype).expand(len(tokens), -1, -1)  # (B, P, D)
-        return torch.cat([prompts, tokens], dim=1)
+        return self.prompt_U @ self.prompt_V  # (P, D), of rank r at most: prompt tuning's wrapper puts it in front
 
 
 @dataclass

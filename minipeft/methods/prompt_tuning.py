@@ -26,9 +26,27 @@ from .contract import Prepends, attach
 INITS = ("random", "vocab", "text")  # Lester et al.'s three starting points
 
 
-class WordEmbeddingsWithLearnedPrompts(Prepends):
-    """Wraps the frozen token embedding and prepends `num_prompts` learned vectors to every sequence."""
-    trainable_names, wrapped = ("learned_prompts",), "word_embeddings"
+class PromptsInFront(Prepends):
+    """Wraps the frozen token embedding and puts the P vectors of prompts() in front of every sequence (prompt
+    tuning's; LoPT's and P-tuning's make them otherwise)."""
+    wrapped = "word_embeddings"
+
+    @property
+    def weight(self):  # the vocabulary matrix, for lookups that must not prepend (cached decoding)
+        return self.word_embeddings.weight
+
+    def prompts(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adapt_output(self, input_ids, tokens):
+        """The learned prompts in front of the tokens' embeddings (B, T, D): (B, P + T, D)."""
+        prompts = self.prompts().to(tokens.dtype).expand(len(tokens), -1, -1)  # (B, P, D)
+        return torch.cat([prompts, tokens], dim=1)
+
+
+class WordEmbeddingsWithLearnedPrompts(PromptsInFront):
+    """Prepends `num_prompts` learned vectors to every sequence."""
+    trainable_names = ("learned_prompts",)
 
     def __init__(self, word_embeddings: nn.Embedding, learned_prompts: torch.Tensor):
         super().__init__()
@@ -39,17 +57,8 @@ class WordEmbeddingsWithLearnedPrompts(Prepends):
     def num_prompts(self) -> int:
         return self.learned_prompts.shape[0]
 
-    @property
-    def weight(self):  # the vocabulary matrix, for lookups that must not prepend (cached decoding)
-        return self.word_embeddings.weight
-
     def prompts(self) -> torch.Tensor:
         return self.learned_prompts  # (P, D)
-
-    def adapt_output(self, input_ids, tokens):
-        """The learned prompts in front of the tokens' embeddings (B, T, D): (B, P + T, D)."""
-        prompts = self.prompts().to(tokens.dtype).expand(len(tokens), -1, -1)  # (B, P, D)
-        return torch.cat([prompts, tokens], dim=1)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from ..methods.ln_tuning import add_ln_tuning
 from ..methods.loha import add_loha
 from ..methods.lopt import add_lopt
 from ..methods.lora import add_lora
+from ..methods.p_tuning import add_p_tuning
 from ..methods.plug_and_play import add_plug_and_play
 from ..methods.prefix_tuning import add_prefix_tuning
 from ..methods.prompt_tuning import add_prompt_tuning
@@ -42,6 +43,8 @@ ROWS = [
     ("EPT, 10 tokens, s = 256, r = 4, 3 spaces", "10 vectors in front of the input embeddings, fused with a rank-4 "
      "update of the first 256 text positions' embeddings, projected into 3 gated rank-4 subspaces",
      lambda m: add_ept(m, 10, 256, 4, 3)),
+    ("P-tuning, 20 tokens, MLP encoder", "20 vectors in front of the input embeddings, made by a 3-layer MLP of "
+     "width D (the file keeps only its 20 outputs)", lambda m: add_p_tuning(m, 20)),
     ("Plug and Play prompts, 10 tokens", "10 vectors in front of the input embeddings, trained through a "
      "discriminator", lambda m: add_plug_and_play(m, 10)),
     ("IAPT, 4 tokens, r = 16", "4 positions in every layer, made from the instruction by a rank-16 generator",

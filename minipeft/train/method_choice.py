@@ -22,6 +22,7 @@ from ..methods.ln_tuning import NORMS, add_ln_tuning
 from ..methods.loha import add_loha
 from ..methods.lopt import add_lopt
 from ..methods.lora import add_lora
+from ..methods.p_tuning import add_p_tuning
 from ..methods.prefix_tuning import add_prefix_tuning
 from ..methods.prompt_tuning import add_prompt_tuning
 from .reporting import check_positive
@@ -64,6 +65,9 @@ CHOICES = {  # add(model, settings, seed, name): `name` is the adapter's (named_
     "prompt": Choice(lambda m, s, seed, name: add_prompt_tuning(m, s["num_prompts"], init="vocab", seed=seed,
                                                                 name=name),
                      {"num_prompts": 16}, {"code": 1e-2, "fox": 1e-2}),
+    "p_tuning": Choice(lambda m, s, seed, name: add_p_tuning(m, s["num_prompts"], s["encoder"], s["encoder_hidden"],
+                                                             seed=seed, name=name),
+                       {"num_prompts": 16, "encoder": "MLP", "encoder_hidden": 128}, {"code": 1e-3, "fox": 1e-3}),
     "lopt": Choice(lambda m, s, seed, name: add_lopt(m, s["num_prompts"], s["r"], seed=seed, name=name),
                    {"num_prompts": 16, "r": 4}, {"code": 1e-2, "fox": 1e-2}),
     "ept": Choice(lambda m, s, seed, name: add_ept(m, s["num_prompts"], s["max_length"], s["r"], s["spaces"],
@@ -84,6 +88,8 @@ FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoHa's two fac
              "dropout": "LoRA dropout", "targets": "comma-separated linears to wrap (LN tuning: norms)",
              "num_prompts": "learned positions in front of the text (or of every layer's keys and values)",
              "projection_hidden": "prefix tuning's reparameterisation MLP width (None: no MLP)",
+             "encoder": "P-tuning's prompt encoder: MLP (three linears) or LSTM (a bidirectional LSTM, then an MLP)",
+             "encoder_hidden": "P-tuning's prompt encoder width",
              "bottleneck_size": "bottleneck adapters' width m",
              "placement": "houlsby (after attention and MLP) or pfeiffer (after the MLP)",
              "max_length": "EPT: text positions its low-rank update A B covers (DePT's s); later ones get none",
@@ -97,6 +103,7 @@ FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoHa's two fac
              "instruction_tokens": "IAPT: the first tokens of each row, which its generators read and the loss skips "
                                    "(train_fox.py: the prompt's)"}
 FLAGS = {"r": int, "alpha": float, "dropout": float, "targets": str, "num_prompts": int, "projection_hidden": int,
+         "encoder": str, "encoder_hidden": int,
          "bottleneck_size": int, "placement": str, "capacity": int, "realloc_start": int,
          "realloc_every": int, "rounds": int,
          "max_length": int, "spaces": int, "instruction_tokens": int}
@@ -134,8 +141,8 @@ def method_settings(args, task: str) -> dict:
                        f"{', '.join('--' + f.replace('_', '-') for f in choice.settings)}")
     settings = {flag: getattr(args, flag) if getattr(args, flag) is not None else default
                 for flag, default in choice.settings.items()}
-    positive = ("r", "alpha", "num_prompts", "projection_hidden", "bottleneck_size", "capacity", "realloc_every",
-                "max_length", "spaces", "instruction_tokens")
+    positive = ("r", "alpha", "num_prompts", "projection_hidden", "encoder_hidden", "bottleneck_size", "capacity",
+                "realloc_every", "max_length", "spaces", "instruction_tokens")
     check_positive(**{flag: value for flag, value in settings.items() if flag in positive and value is not None})
     if settings.get("rounds", 0) < 0 or settings.get("realloc_start", 0) < 0:
         raise BadInput(f"--rounds and --realloc-start: expected 0 or more, got {settings['rounds']} and "
