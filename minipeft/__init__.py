@@ -3,7 +3,7 @@
     llama/      weights ─► config ─► loader (4-bit) ─► model ─► loss, generate        (tokenizers beside)
                                                          ▲
     methods/    one file a method (prompt/prefix tuning, P-tuning, LoPT, EPT, IAPT, Plug and Play prompts, LoRA/DoRA,
-                LoHa, ALoRA, IA3, BitFit, LN tuning, bottleneck adapters, a task head), each
+                LoHa, VeRA, ALoRA, IA3, BitFit, LN tuning, bottleneck adapters, a task head), each
                 putting its modules into the model's slots (llama/model.py); what they all keep: contract.py;
                 several adapters and mixed batches: named_adapters.py; placing, freezing, counting,
                 fingerprints and merging ask the modules in the model
@@ -39,6 +39,7 @@ from .methods.lora import LoRALayer, add_lora
 from .methods.loha import add_loha
 from .methods.ln_tuning import add_ln_tuning
 from .methods.p_tuning import add_p_tuning
+from .methods.vera import add_vera
 from .methods.dora import add_dora
 from .methods.named_adapters import adapter_names, delete_adapter, set_adapter
 from .methods.prefix_tuning import add_prefix_tuning
@@ -56,7 +57,7 @@ from .methods.merging import disabled, merge, unmerge
 __all__ = ["BadInput", "KVCache", "Llama", "LlamaConfig", "LoRALayer", "MiniPeftError",
            "WordEmbeddingsWithLearnedPrompts", "adapter_names", "add_bitfit", "add_bottleneck_adapters", "add_ia3",
            "add_alora", "add_dora", "add_ept", "add_iapt", "add_ln_tuning", "add_loha", "add_lopt", "add_lora",
-           "add_p_tuning", "reallocate", "add_prefix_tuning",
+           "add_p_tuning", "add_vera", "reallocate", "add_prefix_tuning",
            "add_plug_and_play", "plug_and_play_loss", "Steering", "save_model",
            "add_prompt_tuning", "add_task_head", "base_fingerprint", "classify", "build_model", "compile_blocks",
            "count_parameters",

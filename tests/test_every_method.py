@@ -17,6 +17,7 @@ METHODS = {
     "lora": lambda m: minipeft.add_lora(m, ["q", "v", "down"], r=4),
     "dora": lambda m: minipeft.add_dora(m, ["q", "k", "up"], r=4),
     "loha": lambda m: minipeft.add_loha(m, ["k", "o", "gate"], r=3),
+    "vera": lambda m: minipeft.add_vera(m, ["q", "v", "down"], r=4),
     "ln_tuning": lambda m: minipeft.add_ln_tuning(m),
     "ia3": lambda m: minipeft.add_ia3(m),
     "bitfit": lambda m: minipeft.add_bitfit(m, norms=True),

@@ -19,6 +19,7 @@ def formulas(c) -> dict:
         "ALoRA, r = 8, 5 rounds": L * (8 + 5 * 2) * ((d + d) + (d + kv)),  # r + rounds x (q, v) slots; 8 open
         "DoRA, r = 8": L * (8 * ((d + d) + (d + kv)) + d + kv),
         "LoHa, r = 8": L * 2 * 8 * ((d + d) + (d + kv)),  # B1 A1 and B2 A2 on q and v
+        "VeRA, r = 256": L * ((d + 256) + (kv + 256)),  # b (out,) and d (r,) on q and v
         "IA3": L * (kv + kv + ff),
         "BitFit": L * (d + kv + kv + d + ff + ff + d) + (2 * L + 1) * d,
         "LN tuning": (2 * L + 1) * d,  # two norms a block, and the last

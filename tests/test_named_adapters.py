@@ -15,6 +15,7 @@ ADD = {
     "lora": lambda m, name: minipeft.add_lora(m, ["q", "v", "down"], r=4, name=name),
     "dora": lambda m, name: minipeft.add_dora(m, ["q", "k", "up"], r=4, name=name),
     "loha": lambda m, name: minipeft.add_loha(m, ["q", "v", "down"], r=2, name=name),
+    "vera": lambda m, name: minipeft.add_vera(m, ["q", "up"], r=4, key=len(name), name=name),
     "ln_tuning": lambda m, name: minipeft.add_ln_tuning(m, ["input_layernorm"] if name == "fox" else ["norm"],
                                                         name=name),
     "ia3": lambda m, name: minipeft.add_ia3(m, name=name),
@@ -93,7 +94,7 @@ def test_each_row_gets_what_it_gets_alone(base, tmp_path, first, second):
         assert generated[row] == minipeft.generate(alone(base, tmp_path, name), [prompts[row]], 5, eos_id=-1)[0]
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "loha", "prefix", "prompt", "iapt"])
+@pytest.mark.parametrize("method", ["lora", "dora", "loha", "vera", "prefix", "prompt", "iapt"])
 def test_training_gradients_are_the_per_row_gradients_summed(base, tmp_path, method):
     """Right-padded, as train/batches.py pads (a left pad's last position would be scored on the first token)."""
     ids, mask, lengths = batch()

@@ -26,6 +26,7 @@ from ..methods.prefix_tuning import LearnedPast, PrefixTuningSettings, add_prefi
 from ..methods.p_tuning import ENCODERS, PTuningSettings
 from ..methods.prompt_tuning import (PromptsInFront, PromptTuningSettings, WordEmbeddingsWithLearnedPrompts,
                                      add_prompt_tuning)
+from ..methods.vera import VeRALayer, VeRASettings, add_vera
 from ..methods.placing import adapters_named, linear_names, pattern_value, target_matches
 
 PREFIX = "base_model.model."  # in front of every layer name in peft's tensor names
@@ -292,6 +293,39 @@ def read_prefix_tuning(model, config, source, name):
     return {"prompt_embeddings": past.embedding.weight}
 
 
+# ---- VeRA -------------------------------------------------------------------------------------------------
+
+VERA_KEYS = Keys(read=("r", "target_modules", "projection_prng_key", "save_projection", "d_initial"),
+                 not_math=("init_weights",),
+                 only_default={"vera_dropout": 0.0, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
+                               "layers_to_transform": None, "layers_pattern": None})
+
+
+def write_vera(model, settings: VeRASettings, name):
+    layers = adapters_named(model, name, VeRALayer)
+    config = {"peft_type": "VERA", "task_type": "CAUSAL_LM", "r": settings.r, "target_modules": settings.targets,
+              "projection_prng_key": settings.key, "save_projection": settings.save_projection,
+              "d_initial": settings.d_initial, "vera_dropout": 0.0, "fan_in_fan_out": False, "bias": "none",
+              "modules_to_save": None, "init_weights": True, "layers_to_transform": None, "layers_pattern": None}
+    tensors = {f"{PREFIX}{slot}.{tensor}": getattr(layer, tensor)
+               for slot, layer in layers.items() for tensor in VeRALayer.trainable_names}
+    if settings.save_projection:  # else the file holds only the seed of the pair
+        tensors["base_model.vera_A"], tensors["base_model.vera_B"] = next(iter(layers.values())).shared_pair
+    return config, tensors
+
+
+def read_vera(model, config, source, name):
+    shape = model.config
+    r = require(config, "r", int, source, 1, max(shape.hidden_size, shape.intermediate_size))
+    key = require(config, "projection_prng_key", int, source, 0, (1 << 63) - 1, default=0)
+    save_projection = require(config, "save_projection", bool, source, default=True)
+    d_initial = require(config, "d_initial", (int, float), source, -1e9, 1e9, default=0.1)
+    targets = target_modules(config, source)
+    reported_against(source, add_vera, model, targets, r, key, d_initial, save_projection, name,
+                     what=f"target_modules {targets!r} do not fit this model (" + "{e})")
+    return write_vera(model, settings_of(model, name, VeRASettings), name)[1]
+
+
 # ---- IA3 --------------------------------------------------------------------------------------------------
 
 IA3_KEYS = Keys(read=("target_modules", "feedforward_modules"), not_math=("init_ia3_weights",),
@@ -361,6 +395,7 @@ FORMATS = [Format("LORA", LoRASettings, LORA_KEYS, write_lora, read_lora),
            Format("P_TUNING", PTuningSettings, P_TUNING_KEYS, write_p_tuning, read_p_tuning),
            Format("PREFIX_TUNING", PrefixTuningSettings, PREFIX_TUNING_KEYS, write_prefix_tuning, read_prefix_tuning),
            Format("LOHA", LoHaSettings, LOHA_KEYS, write_loha, read_loha),
+           Format("VERA", VeRASettings, VERA_KEYS, write_vera, read_vera),
            Format("IA3", IA3Settings, IA3_KEYS, write_ia3, read_ia3),
            Format("BEFT", BitFitSettings, BITFIT_KEYS, write_bitfit, read_bitfit),
            Format("LN_TUNING", LNTuningSettings, LN_TUNING_KEYS, write_ln_tuning, read_ln_tuning)]

@@ -2,7 +2,7 @@
 
 Liu et al. 2021, "GPT Understands, Too" (arXiv 2103.10385): continuous prompt embeddings h_i are not trained
 directly but produced by a prompt encoder from trainable inputs, a bidirectional LSTM and a two-layer MLP
-(its Section 3.2), so that the prompts depend on each other; peft's P-tuning has that encoder and, its default,
+so that the prompts depend on each other; peft's P-tuning has that encoder and, its default,
 an MLP alone:
 
     MLP  (peft's default):   h = W3 relu(W2 relu(W1 e + b1) + b2) + b3             e (P, D) trained, H hidden

@@ -26,6 +26,7 @@ from ..methods.p_tuning import add_p_tuning
 from ..methods.plug_and_play import add_plug_and_play
 from ..methods.prefix_tuning import add_prefix_tuning
 from ..methods.prompt_tuning import add_prompt_tuning
+from ..methods.vera import add_vera
 from ..methods.counting import count_parameters
 
 SHAPES = {
@@ -60,6 +61,8 @@ ROWS = [
      lambda m: add_dora(m, ["q_proj", "v_proj"], r=8)),
     ("LoHa, r = 8", "q_proj and v_proj of every layer, two rank-8 factors multiplied entry by entry",
      lambda m: add_loha(m, ["q_proj", "v_proj"], r=8)),
+    ("VeRA, r = 256", "q_proj and v_proj of every layer: two vectors each, one frozen random pair for all",
+     lambda m: add_vera(m, ["q_proj", "v_proj"], r=256)),
     ("IA3", "k_proj and v_proj outputs, down_proj inputs, every layer", lambda m: add_ia3(m)),
     ("BitFit", "a bias on all seven linears of every layer, and every norm's gain",
      lambda m: add_bitfit(m, norms=True)),
