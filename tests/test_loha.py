@@ -1,5 +1,6 @@
 """LoHa against peft's LoHa on transformers' Llama: logits, gradients, the file both ways, patterns, merge, the
-refusals, on a tiny model and on the default model; and the formula written out from FedPara's product."""
+refusals (the default model: tests/test_peft_methods_on_the_default_model.py); and the formula written out from
+FedPara's product."""
 
 import json
 
@@ -99,16 +100,3 @@ def test_every_loha_config_key_is_accounted_for_and_refused_when_set(tmp_path):
         with pytest.raises(BadInput, match=f"adapter_config.json: key '{key}' is"):
             load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter")
 
-
-def test_the_default_model_gives_peft_logits_and_gradients(tmp_path, default_weights):
-    """The real checkpoint (30 layers, grouped-query heads, tied embeddings), LoHa on every linear kind."""
-    from transformers import AutoModelForCausalLM
-
-    reference = AutoModelForCausalLM.from_pretrained(default_weights, dtype=torch.float32)
-    theirs = their_loha(reference, r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"])
-    theirs.save_pretrained(tmp_path / "adapter")
-    ours = load_model(default_weights)
-    load_adapter(ours, tmp_path / "adapter")
-    layers = {n: m for n, m in ours.named_modules() if isinstance(m, LoHaLayer)}
-    assert len(layers) == 120
-    assert_same_logits_and_gradients(ours, theirs, layers, torch.randint(0, 49152, (1, 24)), 2e-4)
