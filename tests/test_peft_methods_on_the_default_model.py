@@ -11,7 +11,8 @@ from minipeft.methods.freezing import adapter_parameters
 
 LINEARS = ["q_proj", "v_proj", "o_proj", "up_proj"]
 METHODS = {  # name: (peft config, our name of each trained tensor -> peft's)
-    "loha": (lambda peft: peft.LoHaConfig(task_type="CAUSAL_LM", r=4, alpha=8, target_modules=LINEARS, init_weights=False),
+    "loha": (lambda peft: peft.LoHaConfig(task_type="CAUSAL_LM", r=4, alpha=8, target_modules=LINEARS,
+                                          init_weights=False),
              lambda ours: f"base_model.model.{ours}.default"),
     "vera": (lambda peft: peft.VeraConfig(task_type="CAUSAL_LM", r=16, target_modules=LINEARS, projection_prng_key=5),
              lambda ours: f"base_model.model.{ours}.default"),
