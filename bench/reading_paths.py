@@ -29,6 +29,7 @@ def methods() -> dict:
         "LoRA": lambda m: minipeft.add_lora(m, ["q_proj", "v_proj"], r=4),
         "DoRA": lambda m: dora(m, ["q_proj", "v_proj"], r=4),
         "LoHa": lambda m: minipeft.add_loha(m, ["q_proj", "v_proj"], r=2),
+        "LoKr": lambda m: minipeft.add_lokr(m, ["q_proj", "v_proj"], r=2),
         "VeRA": lambda m: minipeft.add_vera(m, ["q_proj", "v_proj"], r=4),
         "ALoRA": lambda m: minipeft.add_alora(m, ["q_proj", "v_proj"], r=2),
         "IA3": lambda m: minipeft.add_ia3(m),

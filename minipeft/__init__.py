@@ -3,7 +3,7 @@
     llama/      weights ─► config ─► loader (4-bit) ─► model ─► loss, generate        (tokenizers beside)
                                                          ▲
     methods/    one file a method (prompt/prefix tuning, P-tuning, LoPT, EPT, IAPT, Plug and Play prompts, LoRA/DoRA,
-                LoHa, VeRA, ALoRA, IA3, BitFit, LN tuning, bottleneck adapters, a task head), each
+                LoHa, LoKr, VeRA, ALoRA, IA3, BitFit, LN tuning, bottleneck adapters, a task head), each
                 putting its modules into the model's slots (llama/model.py); what they all keep: contract.py;
                 several adapters and mixed batches: named_adapters.py; placing, freezing, counting,
                 fingerprints and merging ask the modules in the model
@@ -37,6 +37,7 @@ from .methods.bottleneck import add_bottleneck_adapters
 from .methods.ia3 import add_ia3
 from .methods.lora import LoRALayer, add_lora
 from .methods.loha import add_loha
+from .methods.lokr import add_lokr
 from .methods.ln_tuning import add_ln_tuning
 from .methods.p_tuning import add_p_tuning
 from .methods.vera import add_vera
@@ -56,8 +57,8 @@ from .methods.merging import disabled, merge, unmerge
 
 __all__ = ["BadInput", "KVCache", "Llama", "LlamaConfig", "LoRALayer", "MiniPeftError",
            "WordEmbeddingsWithLearnedPrompts", "adapter_names", "add_bitfit", "add_bottleneck_adapters", "add_ia3",
-           "add_alora", "add_dora", "add_ept", "add_iapt", "add_ln_tuning", "add_loha", "add_lopt", "add_lora",
-           "add_p_tuning", "add_vera", "reallocate", "add_prefix_tuning",
+           "add_alora", "add_dora", "add_ept", "add_iapt", "add_ln_tuning", "add_loha", "add_lokr", "add_lopt",
+           "add_lora", "add_p_tuning", "add_vera", "reallocate", "add_prefix_tuning",
            "add_plug_and_play", "plug_and_play_loss", "Steering", "save_model",
            "add_prompt_tuning", "add_task_head", "base_fingerprint", "classify", "build_model", "compile_blocks",
            "count_parameters",

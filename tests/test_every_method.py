@@ -18,6 +18,7 @@ METHODS = {
     "dora": lambda m: minipeft.add_dora(m, ["q", "k", "up"], r=4),
     "loha": lambda m: minipeft.add_loha(m, ["k", "o", "gate"], r=3),
     "vera": lambda m: minipeft.add_vera(m, ["q", "v", "down"], r=4),
+    "lokr": lambda m: minipeft.add_lokr(m, ["q", "v", "down"], r=2, decompose_both=True),
     "ln_tuning": lambda m: minipeft.add_ln_tuning(m),
     "ia3": lambda m: minipeft.add_ia3(m),
     "bitfit": lambda m: minipeft.add_bitfit(m, norms=True),

@@ -103,7 +103,7 @@ def test_the_loop_check_sees_a_loop(tmp_path):
 
 def test_each_method_file_holds_its_method_and_its_format_is_one_entry():
     """Wrapper, add_ function and settings in one file per method; its file format is one entry in formats/."""
-    assert set(formats.FORMATS) == {"LORA", "LOHA", "VERA", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "IA3",
+    assert set(formats.FORMATS) == {"LORA", "LOHA", "LOKR", "VERA", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "IA3",
                                     "BEFT", "LN_TUNING", "BOTTLENECK", "LOPT", "EPT", "IAPT"}
     assert len(formats.BY_SETTINGS) == len(formats.FORMATS) + 1  # ALoRA is written as a LoRA file
     for peft_type, entry in formats.BY_SETTINGS.items():
@@ -138,8 +138,8 @@ def test_no_shared_list_of_methods_outside_the_one_table():
         assert "isinstance(m, LoRALayer)" not in text or path.name == "lora.py", path
 
 
-METHOD_FILES = ("lora", "dora", "loha", "vera", "ln_tuning", "ia3", "bitfit", "bottleneck", "prompt_tuning", "p_tuning",
-                "prefix_tuning", "lopt", "task_head", "alora", "ept", "iapt", "plug_and_play")
+METHOD_FILES = ("lora", "dora", "loha", "lokr", "vera", "ln_tuning", "ia3", "bitfit", "bottleneck", "prompt_tuning",
+                "p_tuning", "prefix_tuning", "lopt", "task_head", "alora", "ept", "iapt", "plug_and_play")
 
 
 def test_a_method_file_holds_its_method_and_no_routing():
@@ -194,7 +194,7 @@ def test_peft_is_named_in_method_files_only_in_prose():
 METHOD_FILES_OF = {"prompt tuning": ["prompt_tuning"], "P-tuning": ["p_tuning", "prompt_tuning"],
                    "LoPT": ["lopt", "prompt_tuning"],
                    "EPT": ["ept", "prompt_tuning"], "IAPT": ["iapt"], "prefix tuning": ["prefix_tuning"],
-                   "LoRA": ["lora"], "DoRA": ["dora", "lora"], "LoHa": ["loha"], "VeRA": ["vera"],
+                   "LoRA": ["lora"], "DoRA": ["dora", "lora"], "LoHa": ["loha"], "LoKr": ["lokr"], "VeRA": ["vera"],
                    "LN tuning": ["ln_tuning", "bitfit"], "ALoRA": ["alora", "lora"], "IA3": ["ia3"],
                    "BitFit": ["bitfit"], "bottleneck": ["bottleneck"]}
 SHARED = {"add": {"contract", "placing", "freezing", "named_adapters", "merging"},

@@ -1,7 +1,16 @@
 """The PEFT lecture notes' table by arithmetic: count_parameters on the meta device equals each method's formula,
 written out here from the papers, for the seed's 24-layer shape and for Llama-7B."""
 
+import math
+
 from minipeft.tools.methods_table import SHAPES, parameter_table
+
+
+def lokr(out, into, r=8) -> int:
+    """W1 (a, c) whole and W2 = W2a W2b (b, r)(r, d), for square dimensions: a = b = sqrt(out), c = d = sqrt(in)."""
+    a, c = math.isqrt(out), math.isqrt(into)
+    assert a * a == out and c * c == into and r < max(a, c) / 2
+    return a * c + r * (a + c)
 
 
 def formulas(c) -> dict:
@@ -19,6 +28,7 @@ def formulas(c) -> dict:
         "ALoRA, r = 8, 5 rounds": L * (8 + 5 * 2) * ((d + d) + (d + kv)),  # r + rounds x (q, v) slots; 8 open
         "DoRA, r = 8": L * (8 * ((d + d) + (d + kv)) + d + kv),
         "LoHa, r = 8": L * 2 * 8 * ((d + d) + (d + kv)),  # B1 A1 and B2 A2 on q and v
+        "LoKr, r = 8": L * (lokr(d, d) + lokr(kv, d)),  # q and v
         "VeRA, r = 256": L * ((d + 256) + (kv + 256)),  # b (out,) and d (r,) on q and v
         "IA3": L * (kv + kv + ff),
         "BitFit": L * (d + kv + kv + d + ff + ff + d) + (2 * L + 1) * d,

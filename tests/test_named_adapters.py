@@ -16,6 +16,7 @@ ADD = {
     "dora": lambda m, name: minipeft.add_dora(m, ["q", "k", "up"], r=4, name=name),
     "loha": lambda m, name: minipeft.add_loha(m, ["q", "v", "down"], r=2, name=name),
     "vera": lambda m, name: minipeft.add_vera(m, ["q", "up"], r=4, key=len(name), name=name),
+    "lokr": lambda m, name: minipeft.add_lokr(m, ["k", "down"], r=2, name=name),
     "ln_tuning": lambda m, name: minipeft.add_ln_tuning(m, ["input_layernorm"] if name == "fox" else ["norm"],
                                                         name=name),
     "ia3": lambda m, name: minipeft.add_ia3(m, name=name),

@@ -21,6 +21,7 @@ from ..methods.dora import DoRALayer, add_dora
 from ..methods.ia3 import IA3Layer, IA3Settings, add_ia3
 from ..methods.ln_tuning import LNTuningSettings, add_ln_tuning
 from ..methods.loha import LoHaLayer, LoHaSettings, add_loha
+from ..methods.lokr import LoKrLayer, LoKrSettings, add_lokr
 from ..methods.lora import LoRALayer, LoRASettings, add_lora
 from ..methods.prefix_tuning import LearnedPast, PrefixTuningSettings, add_prefix_tuning
 from ..methods.p_tuning import ENCODERS, PTuningSettings
@@ -293,6 +294,38 @@ def read_prefix_tuning(model, config, source, name):
     return {"prompt_embeddings": past.embedding.weight}
 
 
+# ---- LoKr -------------------------------------------------------------------------------------------------
+
+LOKR_KEYS = Keys(read=("r", "alpha", "target_modules", "rank_pattern", "alpha_pattern", "decompose_both",
+                       "decompose_factor"),
+                 not_math=("init_weights", "use_effective_conv2d", "rank_dropout_scale"),  # conv only; dropout's
+                 only_default={"rank_dropout": 0.0, "module_dropout": 0.0, "exclude_modules": None,
+                               "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None})
+
+
+def write_lokr(model, settings: LoKrSettings, name):
+    layers = adapters_named(model, name, LoKrLayer)
+    rank_pattern, alpha_pattern = lora_patterns(settings, layers)
+    config = {"peft_type": "LOKR", "task_type": "CAUSAL_LM", "r": settings.r, "alpha": settings.alpha,
+              "target_modules": settings.targets, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+              "decompose_both": settings.decompose_both, "decompose_factor": settings.decompose_factor,
+              "rank_dropout": 0.0, "module_dropout": 0.0, "rank_dropout_scale": False, "use_effective_conv2d": False,
+              "init_weights": True, "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
+              "modules_to_save": None}
+    return config, {f"{PREFIX}{slot}.{tensor}": getattr(layer, tensor)
+                    for slot, layer in layers.items() for tensor in layer.trainable_names}
+
+
+def read_lokr(model, config, source, name):
+    r, alpha, ranks, alphas = ranks_and_alphas(model, config, source, "alpha")
+    decompose_both = require(config, "decompose_both", bool, source, default=False)
+    factor = require(config, "decompose_factor", int, source, -1, 1 << 20, default=-1)
+    targets = target_modules(config, source)
+    reported_against(source, add_lokr, model, targets, r, alpha, decompose_both, factor, ranks, alphas, True, name,
+                     what=f"target_modules {targets!r} are not all modules of this model (" + "{e})")
+    return write_lokr(model, settings_of(model, name, LoKrSettings), name)[1]
+
+
 # ---- VeRA -------------------------------------------------------------------------------------------------
 
 VERA_KEYS = Keys(read=("r", "target_modules", "projection_prng_key", "save_projection", "d_initial"),
@@ -395,6 +428,7 @@ FORMATS = [Format("LORA", LoRASettings, LORA_KEYS, write_lora, read_lora),
            Format("P_TUNING", PTuningSettings, P_TUNING_KEYS, write_p_tuning, read_p_tuning),
            Format("PREFIX_TUNING", PrefixTuningSettings, PREFIX_TUNING_KEYS, write_prefix_tuning, read_prefix_tuning),
            Format("LOHA", LoHaSettings, LOHA_KEYS, write_loha, read_loha),
+           Format("LOKR", LoKrSettings, LOKR_KEYS, write_lokr, read_lokr),
            Format("VERA", VeRASettings, VERA_KEYS, write_vera, read_vera),
            Format("IA3", IA3Settings, IA3_KEYS, write_ia3, read_ia3),
            Format("BEFT", BitFitSettings, BITFIT_KEYS, write_bitfit, read_bitfit),

@@ -20,6 +20,7 @@ from ..methods.iapt import add_iapt
 from ..methods.ia3 import add_ia3
 from ..methods.ln_tuning import add_ln_tuning
 from ..methods.loha import add_loha
+from ..methods.lokr import add_lokr
 from ..methods.lopt import add_lopt
 from ..methods.lora import add_lora
 from ..methods.p_tuning import add_p_tuning
@@ -61,6 +62,8 @@ ROWS = [
      lambda m: add_dora(m, ["q_proj", "v_proj"], r=8)),
     ("LoHa, r = 8", "q_proj and v_proj of every layer, two rank-8 factors multiplied entry by entry",
      lambda m: add_loha(m, ["q_proj", "v_proj"], r=8)),
+    ("LoKr, r = 8", "q_proj and v_proj of every layer: W1 ⊗ W2, W2 of rank 8",
+     lambda m: add_lokr(m, ["q_proj", "v_proj"], r=8)),
     ("VeRA, r = 256", "q_proj and v_proj of every layer: two vectors each, one frozen random pair for all",
      lambda m: add_vera(m, ["q_proj", "v_proj"], r=256)),
     ("IA3", "k_proj and v_proj outputs, down_proj inputs, every layer", lambda m: add_ia3(m)),

@@ -20,6 +20,7 @@ from ..methods.ia3 import add_ia3
 from ..methods.iapt import add_iapt
 from ..methods.ln_tuning import NORMS, add_ln_tuning
 from ..methods.loha import add_loha
+from ..methods.lokr import add_lokr
 from ..methods.lopt import add_lopt
 from ..methods.lora import add_lora
 from ..methods.p_tuning import add_p_tuning
@@ -50,6 +51,8 @@ CHOICES = {  # add(model, settings, seed, name): `name` is the adapter's (named_
     "dora": Choice(lambda m, s, seed, name: lora(m, s, seed, name, add=add_dora), LORA_SETTINGS,
                    {"code": 1e-3, "fox": 1e-2}),
     "loha": Choice(lambda m, s, seed, name: add_loha(m, s["targets"].split(","), s["r"], s["alpha"], name=name),
+                   {"targets": LORA_TARGETS, "r": 8, "alpha": 16}, {"code": 1e-3, "fox": 1e-2}),
+    "lokr": Choice(lambda m, s, seed, name: add_lokr(m, s["targets"].split(","), s["r"], s["alpha"], name=name),
                    {"targets": LORA_TARGETS, "r": 8, "alpha": 16}, {"code": 1e-3, "fox": 1e-2}),
     "vera": Choice(lambda m, s, seed, name: add_vera(m, s["targets"].split(","), s["r"], name=name),
                    {"targets": "q_proj,v_proj", "r": 256}, {"code": 1e-2, "fox": 1e-2}),
@@ -85,8 +88,8 @@ CHOICES = {  # add(model, settings, seed, name): `name` is the adapter's (named_
                      "realloc_every": 10, "rounds": 4},
                     {"code": 1e-3, "fox": 5e-3}),
 }
-FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoHa's two factors, of VeRA's shared pair, of LoPT's"
-                  " U V, of EPT's A B and projections, IAPT's generators' bottleneck",
+FLAG_HELP = {"r": "rank: of LoRA's B A (ALoRA's at the start), of LoHa's two factors, LoKr's low-rank ones, of VeRA's"
+                  " shared pair, of LoPT's U V, of EPT's A B and projections, IAPT's generators' bottleneck",
              "alpha": "LoRA's (and LoHa's) alpha; the update is scaled by alpha / r",
              "dropout": "LoRA dropout", "targets": "comma-separated linears to wrap (LN tuning: norms)",
              "num_prompts": "learned positions in front of the text (or of every layer's keys and values)",
