@@ -75,7 +75,7 @@ def train(row, out, args, lr, seed=0, extra=()):
                                       "--seq-len", str(args.seq_len), "--batch", "1", "--accum", "4",
                                       "--save-every", str(args.steps), "--heldout-max", str(args.heldout),
                                       "--lr", f"{lr:g}", "--seed", str(seed), "--no-samples",
-                                      "--device", args.device], args.reuse)
+                                      "--device", args.device, "--dtype", args.dtype], args.reuse)
 
 
 def score(out, args, row, trained=None, full=True):
@@ -136,6 +136,9 @@ def main():
     parser.add_argument("--fox-steps", type=int, default=0,
                         help="also the fox task (train_fox.py), up to N steps a method; 0 leaves it out (default)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="training's compute dtype (train_code.py's: auto is bf16 on CUDA and on CPUs with "
+                             "AVX512-BF16 or AMX, fp32 elsewhere); scoring is fp32 (default: %(default)s)")
     parser.add_argument("--weights", default=str(DEFAULT_DIR), help="the base (default: %(default)s)")
     parser.add_argument("--data", nargs="+", help="the code task's JSON-lines files (default: train_code.py's)")
     parser.add_argument("--humaneval", type=int, default=20,
@@ -172,7 +175,8 @@ def main():
                    "--device", args.device], args.reuse) if args.fox_steps and four_bit(row) else None
         records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
         curves[row] = [r["step"] for r in records], [r["loss"] for r in records]
-        rows.append({"method": row, "four_bit": four_bit(row), "trainable": report["trainable_params"],
+        rows.append({"method": row, "four_bit": four_bit(row), "dtype": report["settings"]["dtype"],
+                     "trainable": report["trainable_params"],
                      "percent": report["trainable_percent"], "lr": chosen[row], "sweep": tried,
                      "step_seconds": report["seconds"] / report["steps"], "train_seconds": report["seconds"],
                      "peak_mb": report["peak_memory_mb"], "file_bytes": file_bytes(trained, row),

@@ -22,7 +22,9 @@ def write(out: Path, summary: dict):
              "## The run", "",
              f"- Task: train_code.py, {s['steps']} steps of 4 rows x {s['seq_len']} tokens (the same rows in the same "
              f"order for every method, seed 0), on {Path(s['weights']).name}; held-out loss on {s['heldout']} "
-             f"held-out files.",
+             f"held-out files; training's compute in "
+             f"{' and '.join(sorted({str(r.get('dtype')) for r in rows}))} (autocast; the trained tensors fp32), "
+             f"scoring in fp32.",
              f"- Learning rate: each row's default times {', '.join(f'{f:.3g}' for f in s['lr_factors'])}, the one "
              f"of the lowest held-out loss kept (the sweep column).",
              f"- HumanEval: the canonical solutions' loss a token on all 164 problems; greedy pass@1 on the first "

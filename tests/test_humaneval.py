@@ -97,7 +97,7 @@ def test_the_comparison_runs_end_to_end_and_scores_each_adapter(tmp_path, defaul
                "--methods", "lora", "full", "--steps", "2", "--seq-len", "32", "--heldout", "4",
                "--lr-factors", "1", "3", "--ranks", "2", "8", "--seeds", "1", "--seed-methods", "lora",
                "--humaneval", "2", "--humaneval-tokens", "8", "--general-text", str(text), "--runs", str(runs),
-               "--results", str(results),
+               "--results", str(results), "--dtype", "fp32",
                "--out", str(tmp_path / "METHODS.md")]
     done = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
                           timeout=900)
@@ -105,6 +105,7 @@ def test_the_comparison_runs_end_to_end_and_scores_each_adapter(tmp_path, defaul
     table = (tmp_path / "METHODS.md").read_text()
     assert all(f"| {row} | " in table for row in ("lora", "full", "(bare base, nf4)", "(bare base, fp32)"))
     assert table.count("- **") == 5 and "## Seeds" in table and "## Rank" in table
+    assert "training's compute in fp32 (autocast" in table
     rows = ["Strong winds pushed a bushfire towards the town.", "Banking staff are striking today."]
     for method in ("lora", "full"):
         record = json.loads((results / f"{method}.json").read_text())
