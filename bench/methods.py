@@ -70,12 +70,13 @@ def default_lr(row) -> float:
 def train(row, out, args, lr, seed=0, extra=()):
     """train_code.py: one row's method at `lr`, the same data, steps and order as every other row."""
     data = ["--data", *args.data] if args.data else []
+    dtype = ["--dtype", args.dtype] if args.dtype != "auto" else []  # auto: train_code.py's own default
     return run("train_code.py", out, [*FULL_PRECISION.get(row, ["--method", row]), *extra, "--out", str(out),
                                       "--weights", args.weights, *data, "--max-steps", str(args.steps),
                                       "--seq-len", str(args.seq_len), "--batch", "1", "--accum", "4",
                                       "--save-every", str(args.steps), "--heldout-max", str(args.heldout),
                                       "--lr", f"{lr:g}", "--seed", str(seed), "--no-samples",
-                                      "--device", args.device, "--dtype", args.dtype], args.reuse)
+                                      "--device", args.device, *dtype], args.reuse)
 
 
 def score(out, args, row, trained=None, full=True):
@@ -130,6 +131,8 @@ def main():
                         help="the sweep: each row's default learning rate times these (default: 1/3 1 3)")
     parser.add_argument("--ranks", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64],
                         help=f"the rank sweep of {' and '.join(RANK_METHODS)}, none to skip (default: %(default)s)")
+    parser.add_argument("--rank-methods", nargs="+", default=list(RANK_METHODS), choices=RANK_METHODS,
+                        help="the methods the rank sweep runs (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2],
                         help="seeds besides 0 for --seed-methods, none to skip (default: %(default)s)")
     parser.add_argument("--seed-methods", nargs="*", default=["lora", "ia3", "prompt"], choices=ROWS)
@@ -222,7 +225,7 @@ def rank_runs(args, runs, results, chosen, bases, machine) -> dict:
     learning rate the sweep chose for the method (its default if it was not run). The rank and alpha of the method's
     own row are that row's run, read again."""
     sweep_of = {}
-    for method in RANK_METHODS if args.ranks else ():
+    for method in args.rank_methods if args.ranks else ():
         sweep_of[method] = []
         for r in args.ranks:
             lr = chosen.get(method, default_lr(method))

@@ -95,9 +95,9 @@ def test_the_comparison_runs_end_to_end_and_scores_each_adapter(tmp_path, defaul
     runs, results = tmp_path / "runs", tmp_path / "results"
     command = [sys.executable, "bench/methods.py", "--weights", str(weights), "--data", str(code_data),
                "--methods", "lora", "full", "--steps", "2", "--seq-len", "32", "--heldout", "4",
-               "--lr-factors", "1", "3", "--ranks", "2", "8", "--seeds", "1", "--seed-methods", "lora",
-               "--humaneval", "2", "--humaneval-tokens", "8", "--general-text", str(text), "--runs", str(runs),
-               "--results", str(results), "--dtype", "fp32",
+               "--lr-factors", "1", "3", "--ranks", "2", "8", "--rank-methods", "lora", "--seeds", "1",
+               "--seed-methods", "lora", "--humaneval", "2", "--humaneval-tokens", "8", "--general-text", str(text),
+               "--runs", str(runs), "--results", str(results), "--dtype", "fp32",
                "--out", str(tmp_path / "METHODS.md")]
     done = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
                           timeout=900)
@@ -136,6 +136,7 @@ def test_the_comparison_runs_end_to_end_and_scores_each_adapter(tmp_path, defaul
     own = json.loads((results / "ranks" / "lora_r8.json").read_text())
     assert own["humaneval_loss"] == json.loads((results / "lora.json").read_text())["humaneval"]["solution_loss"]
     assert not (runs / "lora" / "r8").exists() and (runs / "lora" / "r2").is_dir()
+    assert sorted(p.name for p in (results / "ranks").iterdir()) == ["lora_r2.json", "lora_r8.json"]
     seed = json.loads((results / "seeds" / "lora_seed1.json").read_text())
     assert seed["seed"] == 1 and seed["lr"] == json.loads((results / "lora.json").read_text())["lr"]
 

@@ -136,8 +136,8 @@ def test_adapter_config_problems(lora_dir, checkpoint):
     expect_error("adapter_config.json: not valid JSON", load_adapter, load_model(checkpoint), lora_dir)
     (lora_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "lora_alpha": 8}))
     expect_error("key 'r' should be int", load_adapter, load_model(checkpoint), lora_dir)
-    (lora_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "target_modules": ["k_proj"]}))
-    expect_error("peft_type 'LOHA' is not supported", load_adapter, load_model(checkpoint), lora_dir)
+    (lora_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "OFT", "target_modules": ["k_proj"]}))
+    expect_error("peft_type 'OFT' is not supported", load_adapter, load_model(checkpoint), lora_dir)
     (lora_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "target_modules": ["k_proj"]}))
     expect_error("tensors do not fit the base model: missing", load_adapter, load_model(checkpoint), lora_dir)
 
