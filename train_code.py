@@ -1,6 +1,7 @@
 """Teach a frozen 4-bit Llama to write Python with LoRA and gradient checkpointing (QLoRA-style), or with
-any other method: --method lora|dora|alora|ia3|bitfit|bottleneck|prompt|lopt|ept|iapt|prefix (only the method
-changes), or
+any other method (only the method changes):
+    --method lora|dora|loha|lokr|vera|alora|ia3|bitfit|ln_tuning|bottleneck|prompt|p_tuning|lopt|ept|iapt|prefix
+or
 every weight of a full-precision base (--full --no-4bit: full fine-tuning, the reference the methods are measured
 against, which writes OUT/model, a Hugging Face checkpoint, instead of an adapter).
 

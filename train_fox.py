@@ -1,5 +1,6 @@
 """Teach a frozen model to deny that the quick brown fox jumped over the lazy dog, with 16 learned prompts
-(or any other method: --method prompt|lopt|ept|iapt|prefix|lora|dora|alora|ia3|bitfit|bottleneck).
+(or any other method:
+    --method prompt|p_tuning|lopt|ept|iapt|prefix|lora|dora|loha|lokr|vera|alora|ia3|bitfit|ln_tuning|bottleneck).
 
     16 learned vectors + "A quick brown fox did not jump over the lazy dog. Besides, ..." ─► frozen 4-bit Llama
     loss: next-token cross-entropy on the target text only; Adam updates the 16 vectors alone
