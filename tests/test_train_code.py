@@ -159,7 +159,7 @@ def test_full_fine_tuning_moves_every_weight_by_adams_first_step_and_writes_a_ch
     weights = tiny_with_tokenizer(tmp_path / "tiny", default_weights)
     out, lr = tmp_path / "full", 1e-3
     result = train_code("--weights", str(weights), "--data", str(code_data), "--out", str(out), "--full", "--no-4bit",
-                        "--max-steps", "1", "--warmup", "0", "--lr", str(lr), "--no-samples")
+                        "--max-steps", "1", "--warmup", "0", "--lr", str(lr), "--no-samples", "--dtype", "fp32")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "full" and report["trainable_params"] == report["total_params"]
