@@ -75,6 +75,17 @@ def walk(peft_config_class, keys):
         assert theirs == ours or theirs in (None, {}, []) and ours is None, (key, theirs, ours)
 
 
+def assert_each_set_key_refused(directory, base, keys, more=(), said="is"):
+    """The adapter in `directory` with each of keys.only_default set, then a key peft may add later (and `more`,
+    (key, value) pairs): each refused by its key, in a line naming the config file."""
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key, value in [*((k, unset_to_set(v)) for k, v in keys.only_default.items()), ("a_future_key", 3), *more]:
+        path.write_text(json.dumps({**config, key: value}))
+        with pytest.raises(BadInput, match=f"adapter_config.json: key '{key}' {said}"):
+            load_adapter(load_model(base), directory)
+
+
 def test_every_lora_config_key_is_accounted_for_and_refused_when_set(pair):
     from peft import LoraConfig
 

@@ -11,7 +11,7 @@ from minipeft import BadInput, add_vera, load_adapter, load_model, save_adapter,
 from minipeft.formats.peft import VERA_KEYS
 from minipeft.methods.vera import VeRALayer
 from tests.helpers import assert_merges_as_peft_merges, trained_looking, write_hf_checkpoint
-from tests.test_peft_configs import unset_to_set, walk
+from tests.test_peft_configs import assert_each_set_key_refused, walk
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # (64, 64), (32, 64), (64, 128): the pair is A (r, 128), B (64, r)
 
@@ -92,11 +92,6 @@ def test_every_vera_config_key_is_accounted_for_and_refused_when_set(tmp_path):
     model = load_model(tmp_path / "base")
     add_vera(model, r=2)
     save_adapter(model, tmp_path / "adapter")
-    path = tmp_path / "adapter" / "adapter_config.json"
-    config = json.loads(path.read_text())
-    for key, value in [*((k, unset_to_set(v)) for k, v in VERA_KEYS.only_default.items()), ("a_future_key", 3)]:
-        path.write_text(json.dumps({**config, key: value}))
-        with pytest.raises(BadInput, match=f"adapter_config.json: key '{key}' is"):
-            load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter")
+    assert_each_set_key_refused(tmp_path / "adapter", tmp_path / "base", VERA_KEYS)
     with pytest.raises(BadInput, match="add_vera: adapter 'default' has VeRA already"):
         add_vera(model, ["o_proj"], r=2)
